@@ -1,0 +1,425 @@
+"""NumPy reference implementations of scaled dot-product attention.
+
+This module is the ground truth that the CUDA kernels of ``cuflash`` are
+tested against.  Everything here is plain NumPy and all arithmetic is done
+in float64, whatever the input dtype (float16, float32, float64 or
+``ml_dtypes.bfloat16``).
+
+Three implementations are provided:
+
+``attention_naive``
+    Materialises the full score matrix, applies the mask, takes a softmax and
+    multiplies by ``v``.  This is the definition of the contract.
+
+``attention_tiled_fa2``
+    The loop structure of FlashAttention-2 (Dao, 2023): the outer loop runs
+    over tiles of ``block_m`` query rows, the inner loop over tiles of
+    ``block_n`` keys/values.  Each query tile keeps its running statistics
+    ``m_i`` (row maximum of the scores seen so far), ``l_i`` (row sum of
+    ``exp(s - m_i)``) and ``o_acc`` (the unnormalised output accumulator) "in
+    registers" for the whole inner loop and divides by ``l_i`` once at the
+    end.  Key tiles that are fully masked for the whole query tile are not
+    visited.
+
+``attention_tiled_fa1``
+    The loop order of FlashAttention (Dao et al., 2022): the outer loop runs
+    over key/value tiles and the inner loop over query tiles, so ``m_i``,
+    ``l_i`` and ``o_acc`` of every query row live "in HBM" between outer
+    iterations.  Each (query tile, key tile) block computes its own local
+    statistics which are then merged into the running ones.
+
+Both tiled versions rely on the *online softmax* (Milakov & Gimelshein, 2018;
+Rabe & Staats, 2021): when the running maximum moves from ``m_old`` to
+``m_new`` the previously accumulated ``l_i`` and ``o_acc`` are rescaled by
+``alpha = exp(m_old - m_new)``.  A running maximum of ``-inf`` (no visible key
+yet) is replaced by a reference of 0 in those exponents, so that
+``(-inf) - (-inf)`` and therefore NaN never appears.
+
+Semantics
+---------
+* ``q``: ``(..., Hq, Lq, D)``, ``k``: ``(..., Hk, Lk, D)``,
+  ``v``: ``(..., Hk, Lk, Dv)``; or 2-D ``(Lq, D)``, ``(Lk, D)``, ``(Lk, Dv)``
+  without a head axis.  Leading dimensions must be equal.  ``Hq % Hk == 0``
+  and query head ``h`` attends with kv head ``h // (Hq // Hk)``
+  (grouped-query attention).
+* ``s_ij = scale * q_i . k_j`` with ``scale = 1 / sqrt(D)`` by default.
+* Query ``i`` sees key ``j`` iff ``visible_mask(Lq, Lk, causal,
+  window=window)[i, j]``.  Causal masking is aligned to the bottom-right
+  corner: ``j <= i + Lk - Lq``.
+* ``lse_i = log(sum_{visible j} exp(s_ij))`` and
+  ``out_i = sum_j softmax(s_i)_j v_j``.  A row that sees no key gets
+  ``out_i = 0`` and ``lse_i = -inf`` (never NaN, and no NumPy warnings).
+
+References
+----------
+.. [1] T. Dao, D. Y. Fu, S. Ermon, A. Rudra, C. Re, "FlashAttention: Fast and
+   Memory-Efficient Exact Attention with IO-Awareness", NeurIPS 2022.
+   arXiv:2205.14135.
+.. [2] T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism
+   and Work Partitioning", 2023. arXiv:2307.08691.
+.. [3] M. N. Rabe, C. Staats, "Self-attention Does Not Need O(n^2) Memory",
+   2021. arXiv:2112.05682.
+.. [4] M. Milakov, N. Gimelshein, "Online normalizer calculation for
+   softmax", 2018. arXiv:1805.02867.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "visible_mask",
+    "attention_naive",
+    "attention_tiled_fa2",
+    "attention_tiled_fa1",
+]
+
+
+# ---------------------------------------------------------------------------
+# Masking
+# ---------------------------------------------------------------------------
+
+
+def _resolve_window(causal, window):
+    """Return the effective ``(left, right)`` window; negative = unbounded.
+
+    ``causal`` is the window ``(-1, 0)``; when both are given the result is
+    their intersection.
+    """
+    if window is None:
+        left, right = -1, -1
+    else:
+        left, right = (int(w) for w in window)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def visible_mask(Lq, Lk, causal=False, *, window=None):
+    """Boolean visibility mask between queries and keys.
+
+    Query ``i`` sees key ``j`` iff
+    ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, where a bound equal
+    to -1 is dropped.  ``causal=True`` is the window ``(-1, 0)``, i.e.
+    ``j <= i + Lk - Lq`` (bottom-right aligned causal mask).  If both
+    ``causal`` and ``window`` are given, their intersection is used.
+
+    Parameters
+    ----------
+    Lq, Lk : int
+        Number of queries and keys (may be 0).
+    causal : bool, optional
+        Apply the bottom-right aligned causal mask.
+    window : tuple of (int, int) or None, optional
+        Sliding window ``(left, right)``; -1 means unbounded on that side.
+        ``None`` means ``(-1, -1)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Bool array of shape ``(Lq, Lk)``; ``True`` where the key is visible.
+    """
+    left, right = _resolve_window(causal, window)
+    # diagonal index of (i, j) relative to the bottom-right aligned diagonal
+    rel = np.arange(Lk)[None, :] - (np.arange(Lq)[:, None] + (Lk - Lq))
+    mask = np.ones((Lq, Lk), dtype=bool)
+    if left >= 0:
+        mask &= rel >= -left
+    if right >= 0:
+        mask &= rel <= right
+    return mask
+
+
+def _key_range(r0, r1, Lq, Lk, left, right):
+    """Half-open key range ``[lo, hi)`` that query rows ``[r0, r1)`` may see.
+
+    Derived from the mask rule the way a kernel would: the first row's
+    leftmost visible key and the last row's rightmost visible key.  Keys
+    outside the range are masked for every row of the tile.
+    """
+    off = Lk - Lq
+    lo = 0 if left < 0 else max(0, r0 + off - left)
+    hi = Lk if right < 0 else min(Lk, (r1 - 1) + off + right + 1)
+    return lo, max(lo, hi)
+
+
+# ---------------------------------------------------------------------------
+# Input normalisation
+# ---------------------------------------------------------------------------
+
+
+def _split_heads(q, k, v):
+    """Upcast to float64, add a head axis to 2-D inputs, expand kv heads.
+
+    Returns
+    -------
+    q, k, v : numpy.ndarray
+        float64 arrays ``(..., Hq, Lq, D)``, ``(..., Hq, Lk, D)``,
+        ``(..., Hq, Lk, Dv)`` (k and v repeated to ``Hq`` heads).
+    squeeze : bool
+        True if the inputs were 2-D and the head axis must be removed from
+        the results.
+    """
+    q = np.asarray(q).astype(np.float64)
+    k = np.asarray(k).astype(np.float64)
+    v = np.asarray(v).astype(np.float64)
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(
+            f"q, k, v must have the same number of dimensions, got "
+            f"{q.ndim}, {k.ndim}, {v.ndim}"
+        )
+    if q.ndim < 2:
+        raise ValueError(f"q, k, v must be at least 2-D, got {q.ndim}-D")
+    squeeze = q.ndim == 2
+    if squeeze:
+        q, k, v = q[None], k[None], v[None]
+    if not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
+        raise ValueError(
+            f"leading dimensions differ: q {q.shape[:-3]}, k {k.shape[:-3]}, "
+            f"v {v.shape[:-3]}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"head dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"sequence length of k ({k.shape[-2]}) and v ({v.shape[-2]}) differ"
+        )
+    hq, hk = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != hk:
+        raise ValueError(
+            f"number of heads of k ({hk}) and v ({v.shape[-3]}) differ"
+        )
+    if hk == 0 or hq % hk != 0:
+        if not (hk == 0 and hq == 0):
+            raise ValueError(
+                f"number of query heads ({hq}) must be a multiple of the "
+                f"number of kv heads ({hk})"
+            )
+    elif hq != hk:
+        group = hq // hk
+        k = np.repeat(k, group, axis=-3)
+        v = np.repeat(v, group, axis=-3)
+    return q, k, v, squeeze
+
+
+def _default_scale(scale, d):
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    return float(scale)
+
+
+def _check_blocks(block_m, block_n):
+    if int(block_m) < 1 or int(block_n) < 1:
+        raise ValueError(
+            f"block sizes must be positive, got block_m={block_m}, "
+            f"block_n={block_n}"
+        )
+    return int(block_m), int(block_n)
+
+
+def _safe_ref(m):
+    """Replace a running max of -inf by 0 so ``x - ref`` never is NaN."""
+    return np.where(np.isneginf(m), 0.0, m)
+
+
+def _finalise(m_i, l_i, o_acc, squeeze):
+    """``out = o_acc / l_i`` and ``lse = m_i + log(l_i)``; empty rows -> 0, -inf."""
+    seen = l_i > 0
+    out = np.zeros_like(o_acc)
+    np.divide(o_acc, l_i[..., None], out=out, where=seen[..., None])
+    log_l = np.zeros_like(l_i)
+    np.log(l_i, out=log_l, where=seen)
+    lse = np.where(seen, m_i + log_l, -np.inf)
+    if squeeze:
+        out, lse = out[0], lse[0]
+    return np.ascontiguousarray(out), np.ascontiguousarray(lse)
+
+
+# ---------------------------------------------------------------------------
+# Implementations
+# ---------------------------------------------------------------------------
+
+
+def attention_naive(q, k, v, *, causal=False, scale=None, window=None):
+    """Attention by materialising the full score matrix (ground truth).
+
+    Parameters
+    ----------
+    q : array_like
+        Queries, ``(..., Hq, Lq, D)`` or ``(Lq, D)``.
+    k : array_like
+        Keys, ``(..., Hk, Lk, D)`` or ``(Lk, D)``; ``Hq % Hk == 0``.
+    v : array_like
+        Values, ``(..., Hk, Lk, Dv)`` or ``(Lk, Dv)``.
+    causal : bool, optional
+        Bottom-right aligned causal mask (see :func:`visible_mask`).
+    scale : float or None, optional
+        Score scale; ``1 / sqrt(D)`` if None.
+    window : tuple of (int, int) or None, optional
+        Sliding window ``(left, right)``, -1 = unbounded.
+
+    Returns
+    -------
+    out : numpy.ndarray
+        float64, ``(..., Hq, Lq, Dv)`` (``(Lq, Dv)`` for 2-D inputs).
+    lse : numpy.ndarray
+        float64, ``(..., Hq, Lq)`` (``(Lq,)`` for 2-D inputs): natural-log
+        sum of exp of the visible scores; ``-inf`` for rows that see no key.
+    """
+    q, k, v, squeeze = _split_heads(q, k, v)
+    scale = _default_scale(scale, q.shape[-1])
+    lq, lk = q.shape[-2], k.shape[-2]
+    mask = visible_mask(lq, lk, causal, window=window)
+
+    s = scale * (q @ np.swapaxes(k, -1, -2))
+    s = np.where(mask, s, -np.inf)
+    m_i = np.max(s, axis=-1, initial=-np.inf)
+    p = np.exp(s - _safe_ref(m_i)[..., None])
+    l_i = p.sum(axis=-1)
+    o_acc = p @ v
+    return _finalise(m_i, l_i, o_acc, squeeze)
+
+
+def attention_tiled_fa2(
+    q, k, v, *, causal=False, scale=None, window=None, block_m=64, block_n=64
+):
+    """Tiled attention with the FlashAttention-2 loop order.
+
+    Outer loop over query tiles of ``block_m`` rows, inner loop over key/value
+    tiles of ``block_n`` columns.  Per query tile the running statistics
+    ``m_i``, ``l_i`` and ``o_acc`` are kept for the whole inner loop; when the
+    running max moves, ``l_i`` and ``o_acc`` are rescaled by
+    ``alpha = exp(m_old - m_new)``.  Key tiles entirely masked for the query
+    tile are skipped.  The output is divided by ``l_i`` once at the end and
+    ``lse = m_i + log(l_i)``.  All leading dims and heads are processed
+    together per tile.
+
+    Parameters
+    ----------
+    q, k, v, causal, scale, window
+        As in :func:`attention_naive`.
+    block_m : int, optional
+        Query rows per tile.
+    block_n : int, optional
+        Keys per tile.
+
+    Returns
+    -------
+    out, lse : numpy.ndarray
+        As in :func:`attention_naive`.
+    """
+    block_m, block_n = _check_blocks(block_m, block_n)
+    q, k, v, squeeze = _split_heads(q, k, v)
+    scale = _default_scale(scale, q.shape[-1])
+    lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    batch = q.shape[:-2]
+    left, right = _resolve_window(causal, window)
+    mask = visible_mask(lq, lk, causal, window=window)
+
+    out_m = np.full(batch + (lq,), -np.inf)
+    out_l = np.zeros(batch + (lq,))
+    out_o = np.zeros(batch + (lq, dv))
+
+    for r0 in range(0, lq, block_m):
+        r1 = min(r0 + block_m, lq)
+        q_t = q[..., r0:r1, :]
+        m_i = np.full(batch + (r1 - r0,), -np.inf)
+        l_i = np.zeros(batch + (r1 - r0,))
+        o_acc = np.zeros(batch + (r1 - r0, dv))
+
+        lo, hi = _key_range(r0, r1, lq, lk, left, right)
+        for c0 in range((lo // block_n) * block_n, hi, block_n):
+            c1 = min(c0 + block_n, lk)
+            s = scale * (q_t @ np.swapaxes(k[..., c0:c1, :], -1, -2))
+            s = np.where(mask[r0:r1, c0:c1], s, -np.inf)
+
+            m_new = np.maximum(m_i, np.max(s, axis=-1, initial=-np.inf))
+            ref = _safe_ref(m_new)
+            alpha = np.exp(m_i - ref)            # 0 while m_i == -inf
+            p = np.exp(s - ref[..., None])        # masked entries -> 0
+            l_i = alpha * l_i + p.sum(axis=-1)
+            o_acc = alpha[..., None] * o_acc + p @ v[..., c0:c1, :]
+            m_i = m_new
+
+        out_m[..., r0:r1] = m_i
+        out_l[..., r0:r1] = l_i
+        out_o[..., r0:r1, :] = o_acc
+
+    return _finalise(out_m, out_l, out_o, squeeze)
+
+
+def attention_tiled_fa1(
+    q, k, v, *, causal=False, scale=None, window=None, block_m=64, block_n=64
+):
+    """Tiled attention with the FlashAttention(-1) loop order.
+
+    Outer loop over key/value tiles of ``block_n``, inner loop over query
+    tiles of ``block_m``.  The per-row statistics ``m_i``, ``l_i`` and the
+    unnormalised ``o_acc`` are stored for all query rows between outer
+    iterations (as FlashAttention-1 keeps them in HBM).  Each block computes
+    its local max ``m_ij``, ``p_ij = exp(s_ij - m_ij)`` and ``l_ij``, which
+    are merged into the stored statistics with factors
+    ``exp(m_i - m_new)`` and ``exp(m_ij - m_new)``.  Unlike the original
+    algorithm, which renormalises ``O`` at every step, the division by
+    ``l_i`` is done once at the end.  Blocks entirely masked are skipped.
+
+    Parameters
+    ----------
+    q, k, v, causal, scale, window
+        As in :func:`attention_naive`.
+    block_m : int, optional
+        Query rows per tile.
+    block_n : int, optional
+        Keys per tile.
+
+    Returns
+    -------
+    out, lse : numpy.ndarray
+        As in :func:`attention_naive`.
+    """
+    block_m, block_n = _check_blocks(block_m, block_n)
+    q, k, v, squeeze = _split_heads(q, k, v)
+    scale = _default_scale(scale, q.shape[-1])
+    lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    batch = q.shape[:-2]
+    left, right = _resolve_window(causal, window)
+    mask = visible_mask(lq, lk, causal, window=window)
+
+    # "HBM" state for every query row
+    m_hbm = np.full(batch + (lq,), -np.inf)
+    l_hbm = np.zeros(batch + (lq,))
+    o_hbm = np.zeros(batch + (lq, dv))
+
+    for c0 in range(0, lk, block_n):
+        c1 = min(c0 + block_n, lk)
+        k_t = k[..., c0:c1, :]
+        v_t = v[..., c0:c1, :]
+        for r0 in range(0, lq, block_m):
+            r1 = min(r0 + block_m, lq)
+            lo, hi = _key_range(r0, r1, lq, lk, left, right)
+            if c1 <= lo or c0 >= hi:
+                continue  # block fully masked
+
+            s = scale * (q[..., r0:r1, :] @ np.swapaxes(k_t, -1, -2))
+            s = np.where(mask[r0:r1, c0:c1], s, -np.inf)
+            m_ij = np.max(s, axis=-1, initial=-np.inf)
+            p_ij = np.exp(s - _safe_ref(m_ij)[..., None])
+            l_ij = p_ij.sum(axis=-1)
+
+            m_i = m_hbm[..., r0:r1]
+            m_new = np.maximum(m_i, m_ij)
+            ref = _safe_ref(m_new)
+            alpha = np.exp(m_i - ref)
+            beta = np.exp(m_ij - ref)
+            l_hbm[..., r0:r1] = alpha * l_hbm[..., r0:r1] + beta * l_ij
+            o_hbm[..., r0:r1, :] = (
+                alpha[..., None] * o_hbm[..., r0:r1, :]
+                + beta[..., None] * (p_ij @ v_t)
+            )
+            m_hbm[..., r0:r1] = m_new
+
+    return _finalise(m_hbm, l_hbm, o_hbm, squeeze)
