@@ -1,0 +1,173 @@
+// cuflash: shared device helpers for the attention kernels.
+//
+// The kernels include no CUDA header at all: NVRTC from pip ships without
+// cuda_fp16.h, so 16-bit values travel as raw bits (uint16_t / packed uint32_t)
+// and every conversion, matrix instruction and async copy is inline PTX.
+// Requires sm_80 or newer (mma.sync m16n8k16, ldmatrix, cp.async).
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define CUFLASH_DEVICE __device__ __forceinline__
+
+namespace cuflash {
+
+// Element type tags: raw 16-bit storage with the matching PTX type names.
+struct f16_t {
+  static constexpr bool kIsBf16 = false;
+};
+struct bf16_t {
+  static constexpr bool kIsBf16 = true;
+};
+
+template <bool kValue>
+struct BoolConst {
+  static constexpr bool value = kValue;
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+CUFLASH_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+
+// ---------------------------------------------------------------------------
+// Conversions.
+// ---------------------------------------------------------------------------
+
+// Packs (lo, hi) into two 16-bit values, rounded to nearest; `lo` in bits 0..15.
+template <bool kIsBf16>
+CUFLASH_DEVICE u32 pack2(float lo, float hi) {
+  u32 r;
+  if (kIsBf16) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
+template <bool kIsBf16>
+CUFLASH_DEVICE float to_float(u16 x) {
+  if (kIsBf16) {
+    return __uint_as_float(u32(x) << 16);
+  } else {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+  }
+}
+
+template <bool kIsBf16>
+CUFLASH_DEVICE u16 from_float(float f) {
+  u16 r;
+  if (kIsBf16) {
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  }
+  return r;
+}
+
+// 2^x on the special-function unit (the online softmax works in base 2).
+CUFLASH_DEVICE float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+CUFLASH_DEVICE float log2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------
+// Tensor cores: D = A * B + D, m16n8k16, fp32 accumulation.
+// A: 4 regs (16x16, row major), B: 2 regs (16x8, "col" = n-major), C/D: 4 floats.
+// ---------------------------------------------------------------------------
+template <bool kIsBf16>
+CUFLASH_DEVICE void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if (kIsBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Shared memory: addresses, ldmatrix, plain stores.
+// ---------------------------------------------------------------------------
+CUFLASH_DEVICE u32 smem_addr(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+CUFLASH_DEVICE void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+CUFLASH_DEVICE void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+CUFLASH_DEVICE void st_shared_b32(u32 addr, u32 v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v));
+}
+
+CUFLASH_DEVICE void st_shared_v4(u32 addr, const u32 (&v)[4]) {
+  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(v[0]), "r"(v[1]),
+               "r"(v[2]), "r"(v[3]));
+}
+
+CUFLASH_DEVICE void ld_shared_v4(u32 (&v)[4], u32 addr) {
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+               : "r"(addr));
+}
+
+// ---------------------------------------------------------------------------
+// Asynchronous global -> shared copies (16 bytes, zero-filled when !pred).
+// ---------------------------------------------------------------------------
+CUFLASH_DEVICE void cp_async_16(u32 dst, const void* src, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+CUFLASH_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+CUFLASH_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// ---------------------------------------------------------------------------
+// Quad reductions: the four lanes that share an mma row (lane / 4 equal).
+// ---------------------------------------------------------------------------
+CUFLASH_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+
+CUFLASH_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+}  // namespace cuflash

@@ -1,0 +1,91 @@
+// cuflash: the online softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021;
+// FlashAttention-2, Dao 2023). docs/algorithm.md derives why the rescale is exact.
+//
+// Scores arrive already multiplied by scale * log2(e), so every exponential is a single
+// exp2 (ex2.approx) and m_i, the running row max, is kept in the same base-2 units.
+// Each thread owns two rows per 16-row slab (lane/4 and lane/4 + 8); the four lanes of a
+// quad share those rows, so a row max is a quad reduction. The row sum l_i stays a
+// per-thread partial sum until finalize(): it is only needed once, at the end.
+#pragma once
+#include "common.cuh"
+
+namespace cuflash {
+
+template <int kMRep>
+struct OnlineSoftmax {
+  float m_i[kMRep][2];  // running row max (log2 units), -inf until the row sees a key
+  float l_i[kMRep][2];  // this thread's part of the running row sum
+
+  CUFLASH_DEVICE void init() {
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        m_i[r][h] = neg_inf();
+        l_i[r][h] = 0.f;
+      }
+    }
+  }
+
+  // One key tile: m_new = max(m_i, rowmax(s)); alpha = exp2(m_i - m_new) rescales l_i and
+  // o_acc; s becomes p = exp2(s - m_new) and is added to l_i.
+  template <int kNTiles, int kDTiles>
+  CUFLASH_DEVICE void update(float (&s)[kMRep][kNTiles][4], float (&o_acc)[kMRep][kDTiles][4]) {
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m_new = m_i[r][h];
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) {
+          m_new = fmaxf(m_new, fmaxf(s[r][n][2 * h], s[r][n][2 * h + 1]));
+        }
+        m_new = quad_max(m_new);
+        // A row that has seen only masked keys has m_new = -inf; measuring from 0 instead
+        // keeps exp2(-inf - (-inf)) = NaN out: its p and alpha are then exactly 0.
+        const float m_ref = m_new == neg_inf() ? 0.f : m_new;
+        const float alpha = exp2_approx(m_i[r][h] - m_ref);
+        m_i[r][h] = m_new;
+        float row_sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2_approx(s[r][n][2 * h + e] - m_ref);
+            s[r][n][2 * h + e] = p;
+            row_sum += p;
+          }
+        }
+        l_i[r][h] = l_i[r][h] * alpha + row_sum;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          o_acc[r][d][2 * h] *= alpha;
+          o_acc[r][d][2 * h + 1] *= alpha;
+        }
+      }
+    }
+  }
+
+  // Ends the row: o_acc /= l_i, and lse = ln(sum exp(s)) in natural-log units.
+  // A row that saw no key (l_i == 0) gets output 0 and lse = -inf.
+  template <int kDTiles>
+  CUFLASH_DEVICE void finalize(float (&o_acc)[kMRep][kDTiles][4], float (&lse)[kMRep][2]) {
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float l = quad_sum(l_i[r][h]);
+        const bool empty = !(l > 0.f);
+        const float inv_l = empty ? 0.f : 1.f / l;
+        lse[r][h] = empty ? neg_inf() : (m_i[r][h] + log2_approx(l)) * kLn2;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          o_acc[r][d][2 * h] *= inv_l;
+          o_acc[r][d][2 * h + 1] *= inv_l;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace cuflash
