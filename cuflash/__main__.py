@@ -1,0 +1,173 @@
+"""``python -m cuflash [demo|bench|compile|compile-time]``.
+
+demo (default)  check the kernel against the float64 reference, then time it next to
+                plain CuPy and torch SDPA; without a GPU, run the NumPy path instead.
+bench           the standard forward benchmark table (needs a GPU).
+compile         compile every shipped specialisation with NVRTC (no GPU needed) and
+                print registers, shared memory and spills.
+compile-time    cold NVRTC compile, disk-cache load and in-memory hit of one kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _gpu() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _device_name() -> str:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def demo_cpu() -> int:
+    import cuflash
+    from cuflash import _reference
+
+    print("No CUDA GPU found (or CuPy is not installed): running the NumPy reference path.")
+    rng = np.random.default_rng(0)
+    B, H, L, D = 1, 4, 256, 64
+    q, k, v = (rng.standard_normal((B, H, L, D)).astype(np.float16) for _ in range(3))
+    t0 = time.perf_counter()
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dt = time.perf_counter() - t0
+    ref, ref_lse = _reference.attention_naive(q, k, v, causal=True)
+    err = float(np.abs(out.astype(np.float64) - ref).max())
+    print(f"cuflash.attention on NumPy float16 {q.shape}, causal: {dt * 1e3:.1f} ms, "
+          f"max |out - float64 naive| = {err:.2e}, "
+          f"max |lse - ref| = {float(np.abs(lse - ref_lse).max()):.2e}")
+    ok = err < 1e-2
+    print("reference check:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def demo_gpu() -> int:
+    import cupy as cp
+
+    import cuflash
+    from cuflash import _bench, _reference
+
+    print(f"device: {_device_name()}  (CuPy {cp.__version__})")
+    case = _bench.Case("float16", 64, True, 512, 2, 4)
+    q, k, v = _bench.make_inputs(case)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = _reference.attention_naive(q.get(), k.get(), v.get(), causal=True)
+    err = float(np.abs(out.get().astype(np.float64) - ref).max())
+    err_lse = float(np.abs(lse.get() - ref_lse).max())
+    ok = err < 1e-2 and err_lse < 1e-3 and not bool(cp.isnan(out).any())
+    print(f"check vs float64 reference {q.shape} causal: max|out err| = {err:.2e}, "
+          f"max|lse err| = {err_lse:.2e}: {'OK' if ok else 'FAILED'}")
+    cases = [_bench.Case("float16", 64, False, 2048, 4, 16),
+             _bench.Case("float16", 128, True, 4096, 2, 16)]
+    rows = _bench.run(cases, progress=False)
+    print()
+    print(_bench.format_table(rows))
+    return 0 if ok else 1
+
+
+def cmd_bench(args) -> int:
+    from cuflash import _bench
+
+    if not _gpu():
+        print("bench needs CuPy and a CUDA GPU", file=sys.stderr)
+        return 2
+    seqlens = tuple(int(s) for s in args.seqlens.split(","))
+    head_dims = tuple(int(d) for d in args.head_dims.split(","))
+    cases = _bench.standard_cases(seqlens=seqlens, head_dims=head_dims)
+    print(f"device: {_device_name()}", file=sys.stderr)
+    rows = _bench.run(cases)
+    print(_bench.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": _device_name(), "rows": _bench.rows_to_records(rows)}, f,
+                      indent=1)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from cuflash import _kernels, _nvrtc
+
+    archs = tuple(int(a) for a in args.archs.split(","))
+    specs = _kernels.shipped_fwd_specs(archs)
+    print(f"NVRTC {'.'.join(map(str, _nvrtc.version()))}: {len(specs)} specialisations")
+    bad = 0
+    for spec in specs:
+        r = _nvrtc.compile_spec(spec)
+        flag = "SPILL" if r.spills else ""
+        bad += r.spills
+        print(f"{spec.label}  regs {r.registers:3d}  smem {spec.smem_bytes // 1024:3d} KiB  "
+              f"stack {r.stack_bytes:3d}  {r.seconds:5.2f} s  {flag}")
+    return 1 if bad else 0
+
+
+def cmd_compile_time(args) -> int:
+    """Cold compile (empty CuPy disk cache), disk-cache load, in-memory hit."""
+    if not _gpu():
+        print("compile-time needs CuPy and a CUDA GPU", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CUPY_CACHE_DIR"] = cache
+        import cupy as cp
+
+        from cuflash import _dispatch, _kernels
+
+        spec = _kernels.fwd_spec("bfloat16", 128, 128, True, True, _dispatch.device_arch())
+        t0 = time.perf_counter()
+        _dispatch.get_kernel(spec)
+        cold = time.perf_counter() - t0
+        _dispatch.clear_kernel_cache()
+        t0 = time.perf_counter()
+        _dispatch.get_kernel(spec)
+        disk = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            _dispatch.get_kernel(spec)
+        hit = (time.perf_counter() - t0) / 1000
+        cp.cuda.runtime.deviceSynchronize()
+    print(f"{spec.label}: cold compile {cold * 1e3:.0f} ms, disk-cache load {disk * 1e3:.2f} ms, "
+          f"in-memory hit {hit * 1e6:.1f} us")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cuflash", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("demo", help="check and time on a GPU; NumPy path without one")
+    b = sub.add_parser("bench", help="forward benchmark against torch SDPA and CuPy")
+    b.add_argument("--seqlens", default="1024,4096,16384")
+    b.add_argument("--head-dims", default="64,128")
+    b.add_argument("--json", help="also write the rows to this JSON file")
+    c = sub.add_parser("compile", help="compile every specialisation with NVRTC (no GPU)")
+    c.add_argument("--archs", default="80,90")
+    sub.add_parser("compile-time", help="cold and warm compile time of one kernel")
+    args = p.parse_args(argv)
+    if args.cmd == "bench":
+        return cmd_bench(args)
+    if args.cmd == "compile":
+        return cmd_compile(args)
+    if args.cmd == "compile-time":
+        return cmd_compile_time(args)
+    return demo_gpu() if _gpu() else demo_cpu()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Public functions of cuflash, with argument checking.
+
+The contract is the project's API document: names, shapes, causal alignment and
+error rules. CuPy arrays run the fused GPU kernels (:mod:`cuflash._dispatch`);
+NumPy arrays run the float64 reference (:mod:`cuflash._reference`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+
+import numpy as np
+
+from . import _reference
+
+try:  # bfloat16 for NumPy (and CuPy, which reuses NumPy's dtype objects)
+    import ml_dtypes
+
+    _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BFLOAT16 = None
+
+_SUPPORTED = tuple(d for d in (np.dtype(np.float16), _BFLOAT16) if d is not None)
+_MAX_HEAD_DIM = 256
+
+
+def _array_module(**arrays):
+    """numpy or cupy, from the arrays' type; a TypeError names any odd one out."""
+    kinds = {}
+    for name, x in arrays.items():
+        if isinstance(x, np.ndarray):
+            kinds[name] = "numpy"
+        elif type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__"):
+            kinds[name] = "cupy"
+        else:
+            raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, "
+                            f"got {type(x).__module__}.{type(x).__name__}")
+    if len(set(kinds.values())) > 1:
+        detail = ", ".join(f"{n}: {k}" for n, k in kinds.items())
+        raise TypeError(f"q, k and v (and out) must all be NumPy or all be CuPy arrays ({detail})")
+    if "cupy" in kinds.values():
+        import cupy
+
+        return cupy
+    return np
+
+
+def _check_dtypes(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in _SUPPORTED:
+            raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _check_last_dim_contiguous(name: str, x) -> None:
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+        raise ValueError(
+            f"{name} must have a contiguous last dimension (stride {x.itemsize} bytes), "
+            f"got strides {x.strides}; pass a view whose last axis is the head dim")
+
+
+def _check_shapes(q, k, v) -> tuple:
+    """Returns (lead, Hq, Hk, Lq, Lk, D, Dv); lead excludes the head axis."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., L, D), got shape {x.shape}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"q, k and v must have the same number of dimensions, "
+                         f"got shapes {q.shape}, {k.shape}, {v.shape}")
+    D, Dv = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"q and k head_dim differ: {D} != {k.shape[-1]}")
+    for name, d in (("q/k head_dim", D), ("v head_dim", Dv)):
+        if not 1 <= d <= _MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be between 1 and {_MAX_HEAD_DIM}, got {d}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v sequence lengths differ: {k.shape[-2]} != {v.shape[-2]}")
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if q.ndim == 2:
+        return (), 1, 1, Lq, Lk, D, Dv
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"k and v leading dims differ: {k.shape[:-2]} != {v.shape[:-2]}")
+    if q.shape[:-3] != k.shape[:-3]:
+        raise ValueError(f"q and k leading (batch) dims differ: {q.shape[:-3]} != {k.shape[:-3]}")
+    Hq, Hk = q.shape[-3], k.shape[-3]
+    if Hk == 0 and Hq != 0 or Hk and Hq % Hk:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hk})")
+    return q.shape[:-3], Hq, Hk, Lq, Lk, D, Dv
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_out(out, xp, shape, dtype):
+    if out is None:
+        return None
+    if not isinstance(out, xp.ndarray):
+        raise TypeError(f"out must be a {xp.__name__}.ndarray like q, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out.dtype must be {dtype} (the dtype of q), got {out.dtype}")
+    _check_last_dim_contiguous("out", out)
+    return out
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_options(options: dict) -> None:
+    if options:
+        names = ", ".join(sorted(options))
+        raise NotImplementedError(f"options not supported yet: {names}")
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, **options):
+    r"""Exact scaled dot-product attention, fused (FlashAttention-2 forward).
+
+    ``out = softmax(scale * q @ k^T + mask) @ v``, computed tile by tile: the score matrix
+    never exists in memory.
+
+    Parameters
+    ----------
+    q : cupy.ndarray or numpy.ndarray, shape ``(..., Hq, Lq, D)`` or ``(Lq, D)``
+        Queries. float16 or bfloat16 (``ml_dtypes.bfloat16``).
+    k : array, shape ``(..., Hk, Lk, D)`` or ``(Lk, D)``
+        Keys. ``Hq`` must be a multiple of ``Hk``: query head ``h`` reads key/value head
+        ``h // (Hq // Hk)`` (grouped-query attention; ``Hk == 1`` is multi-query).
+    v : array, shape ``(..., Hk, Lk, Dv)`` or ``(Lk, Dv)``
+        Values, same dtype as q and k.
+    causal : bool, default False
+        Bottom-right aligned causal mask: query ``i`` sees key ``j`` iff
+        ``j <= i + Lk - Lq``. For ``Lq = 2, Lk = 5``::
+
+            1 1 1 1 0
+            1 1 1 1 1
+
+        This equals PyTorch's ``is_causal`` only when ``Lq == Lk``.
+    scale : float, optional
+        Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
+    return_lse : bool, default False
+        Also return ``lse[..., i] = log(sum_j exp(s_ij))`` (natural log, float32), which
+        the backward pass needs.
+    out : array, optional
+        Where to write the output: shape ``(..., Hq, Lq, Dv)``, dtype of q, any strides
+        with a contiguous last dimension.
+
+    Returns
+    -------
+    out : array, shape ``(..., Hq, Lq, Dv)``, dtype of q
+    lse : array, shape ``(..., Hq, Lq)``, float32
+        Only with ``return_lse=True``. A query row that sees no key gets ``out = 0`` and
+        ``lse = -inf``.
+
+    Notes
+    -----
+    Any strides are accepted as long as the last dimension is contiguous, so a
+    ``(B, L, H, D)`` buffer is passed with no copy as ``x.transpose(0, 2, 1, 3)``.
+    CuPy inputs run on the current device and stream; each specialisation (dtype,
+    head-dim bucket, causal, alignment, arch) is compiled by NVRTC on first use and
+    cached. Cost: ``4 * Hq * Lq * Lk * D`` FLOPs per batch element (about half when
+    causal); memory traffic is one read of q, k, v and one write of out.
+
+    See Also
+    --------
+    cuflash._reference.attention_naive : the float64 definition this matches.
+
+    References
+    ----------
+    T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+    Partitioning", 2023. M. Rabe and C. Staats, "Self-attention Does Not Need O(n^2)
+    Memory", 2021.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 128, 64)).astype(np.float16) for _ in range(3))
+    >>> o, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    >>> o.shape, o.dtype, lse.shape, lse.dtype
+    ((2, 4, 128, 64), dtype('float16'), (2, 4, 128), dtype('float32'))
+    """
+    xp = _array_module(q=q, k=k, v=v, **({} if out is None else {"out": out}))
+    _check_options(options)
+    causal = _check_bool("causal", causal)
+    return_lse = _check_bool("return_lse", return_lse)
+    _check_dtypes(q, k, v)
+    lead, Hq, Hk, Lq, Lk, D, Dv = _check_shapes(q, k, v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(name, x)
+    scale = _check_scale(scale, D)
+    out_shape = q.shape[:-1] + (Dv,)
+    out = _check_out(out, xp, out_shape, q.dtype)
+
+    if xp is np:
+        ref_out, ref_lse = _reference.attention_tiled_fa2(q, k, v, causal=causal, scale=scale,
+                                                          block_m=128, block_n=128)
+        if out is None:
+            out = ref_out.astype(q.dtype)
+        else:
+            out[...] = ref_out.astype(q.dtype)
+        lse = ref_lse.astype(np.float32)
+    else:
+        out, lse = _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def _gpu_forward(cp, q, k, v, out, *, causal, scale):
+    from . import _dispatch
+
+    dev = cp.cuda.Device().id
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if x is not None and x.device.id != dev:
+            raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
+    if out is None:
+        out = cp.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+    lse = cp.empty(q.shape[:-1], dtype=cp.float32)
+    if out.size == 0:
+        return out, lse
+    for qv, kv, vv, ov, lv in _batched_views(q, k, v, out, lse):
+        _dispatch.forward(qv, kv, vv, ov, lv, causal=causal, scale=scale)
+    return out, lse
+
+
+def _batched_views(q, k, v, out, lse):
+    """Yield 4-D ``(B, H, L, D)`` views (lse: ``(B, H, L)``) that cover the inputs.
+
+    Leading dims are merged into B when their strides allow it (no copy); otherwise
+    the unmergeable outer dims are walked one index at a time.
+    """
+    if q.ndim == 2:
+        yield q[None, None], k[None, None], v[None, None], out[None, None], lse[None, None]
+        return
+    lead = q.shape[:-3]
+    arrays = (q, k, v, out, lse)
+    ndims_tail = (3, 3, 3, 3, 2)  # dims after the leading ones
+    split = len(lead)
+    # smallest split such that lead[split:] merges into one stride for every array
+    while split > 0 and all(
+            _mergeable(x.shape[:len(lead)][split - 1:], x.strides[:len(lead)][split - 1:])
+            for x in arrays):
+        split -= 1
+    for idx in itertools.product(*(range(n) for n in lead[:split])):
+        views = []
+        for x, nt in zip(arrays, ndims_tail):
+            y = x[idx]
+            batch = int(np.prod(y.shape[:-nt], dtype=np.int64)) if y.ndim > nt else 1
+            views.append(y.reshape((batch,) + y.shape[y.ndim - nt:]))
+        yield tuple(views)
+
+
+def _mergeable(shape, strides) -> bool:
+    """Whether these dims can be viewed as one dim with a single stride."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))

@@ -1,0 +1,246 @@
+"""Side-by-side forward timing of cuflash and the attention a user would pick instead.
+
+Peers: PyTorch ``scaled_dot_product_attention`` with its flash backend (FlashAttention-2)
+and its cuDNN backend, when torch is importable, and plain CuPy (matmul, softmax,
+matmul). Every implementation reads the same device buffers (shared through DLPack).
+Times are medians of CUDA-event-timed rounds after a warm-up, on random data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+
+FLASH = "torch_flash"
+CUDNN = "torch_cudnn"
+CUPY = "cupy_naive"
+CUFLASH = "cuflash"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: str
+    head_dim: int
+    causal: bool
+    seqlen: int
+    batch: int
+    heads: int
+
+    @property
+    def flops(self) -> float:
+        f = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
+        return f / 2 if self.causal else f
+
+    @property
+    def label(self) -> str:
+        return (f"{self.dtype:8s} d{self.head_dim:<3d} {'causal' if self.causal else 'full  '} "
+                f"L{self.seqlen:<5d} b{self.batch:<2d} h{self.heads}")
+
+
+def standard_cases(seqlens=(1024, 4096, 16384), head_dims=(64, 128),
+                   dtypes=("bfloat16", "float16"), tokens=16384) -> list[Case]:
+    """The issue's grid: batch * seqlen = tokens, heads = 2048 / head_dim."""
+    return [Case(dt, d, c, L, max(1, tokens // L), 2048 // d)
+            for dt in dtypes for d in head_dims for c in (False, True) for L in seqlens]
+
+
+class Skip(Exception):
+    """This implementation does not run this case (missing package, memory, backend)."""
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def random_array(shape, dtype: str, rs):
+    """Standard-normal values rounded to float16 or bfloat16, as a CuPy array."""
+    cp = _cupy()
+    x = rs.standard_normal(shape, dtype=cp.float32)
+    if dtype == "float16":
+        return x.astype(cp.float16)
+    import ml_dtypes
+
+    u = x.view(cp.uint32)
+    u = (u + (cp.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16  # round to nearest even
+    return u.astype(cp.uint16).view(np.dtype(ml_dtypes.bfloat16))
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """Random q, k, v as CuPy arrays (B, H, L, D) of the case's dtype."""
+    rs = _cupy().random.RandomState(seed)
+    shape = (case.batch, case.heads, case.seqlen, case.head_dim)
+    return [random_array(shape, case.dtype, rs) for _ in range(3)]
+
+
+def _to_torch(x):
+    import torch
+
+    if x.dtype == np.float16:
+        return torch.from_dlpack(x)
+    return torch.from_dlpack(x.view(_cupy().uint16)).view(torch.bfloat16)
+
+
+def impl_cuflash(q, k, v, causal, spec=None):
+    from . import _api, _dispatch
+
+    if spec is None:
+        return lambda: _api.attention(q, k, v, causal=causal)
+    cp = _cupy()
+    out = cp.empty_like(q)
+    lse = cp.empty(q.shape[:-1], dtype=cp.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return lambda: _dispatch.forward(q, k, v, out, lse, causal=causal, scale=scale, spec=spec)
+
+
+def _torch_sdpa(backend_name):
+    def make(q, k, v, causal):
+        try:
+            import torch
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError as e:
+            raise Skip("torch not importable") from e
+        backend = getattr(SDPBackend, backend_name)
+        tq, tk, tv = (_to_torch(x) for x in (q, k, v))
+
+        def run():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv,
+                                                                        is_causal=causal)
+
+        try:
+            run()
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            raise Skip(f"{backend_name} backend refused: {str(e).splitlines()[0][:80]}") from e
+        return run
+
+    return make
+
+
+def impl_cupy_naive(q, k, v, causal, max_bytes=8 << 30):
+    """What a CuPy user writes by hand: matmul, softmax in float32, matmul."""
+    cp = _cupy()
+    B, H, L, D = q.shape
+    if B * H * L * k.shape[-2] * 4 * 3 > max_bytes:
+        raise Skip("score matrix too large")
+    if q.dtype != np.float16:
+        raise Skip("CuPy matmul has no bfloat16")
+    scale = 1.0 / math.sqrt(D)
+    mask = None
+    if causal:
+        Lk = k.shape[-2]
+        mask = cp.arange(Lk)[None, :] > cp.arange(L)[:, None] + Lk - L
+
+    def run():
+        s = cp.matmul(q, k.swapaxes(-1, -2)).astype(cp.float32) * scale
+        if mask is not None:
+            s[..., mask] = -cp.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = cp.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        return cp.matmul(p.astype(q.dtype), v)
+
+    return run
+
+
+PEERS = {
+    CUFLASH: impl_cuflash,
+    FLASH: _torch_sdpa("FLASH_ATTENTION"),
+    CUDNN: _torch_sdpa("CUDNN_ATTENTION"),
+    CUPY: impl_cupy_naive,
+}
+
+
+def time_fn(fn, *, warmup_ms=50.0, rounds=7, min_round_ms=40.0) -> float:
+    """Median milliseconds per call, from CUDA events around rounds of calls."""
+    cp = _cupy()
+    fn()
+    cp.cuda.runtime.deviceSynchronize()
+    t0 = time.perf_counter()
+    n = 0
+    while (time.perf_counter() - t0) * 1e3 < warmup_ms or n < 2:
+        fn()
+        n += 1
+        cp.cuda.runtime.deviceSynchronize()
+    per_call = max((time.perf_counter() - t0) * 1e3 / n, 1e-3)
+    reps = max(1, int(min_round_ms / per_call))
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
+    return float(np.median(times))
+
+
+def run(cases, impls=None, *, progress=True, extra=None):
+    """Time every implementation on every case; returns one dict per (case, impl).
+
+    ``extra`` maps more names to factories ``(q, k, v, causal) -> callable`` (tile sweeps).
+    """
+    impls = dict(PEERS if impls is None else {n: PEERS[n] for n in impls})
+    impls.update(extra or {})
+    rows = []
+    total = len(cases) * len(impls)
+    done = 0
+    for case in cases:
+        q, k, v = make_inputs(case)
+        for name, make in impls.items():
+            done += 1
+            row = {"case": case, "impl": name, "ms": None, "tflops": None, "note": ""}
+            try:
+                fn = make(q, k, v, case.causal)
+                ms = time_fn(fn)
+                row.update(ms=ms, tflops=case.flops / ms / 1e9)
+            except Skip as e:
+                row["note"] = str(e)
+            except Exception as e:  # a failing peer must not stop the table
+                row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            rows.append(row)
+            if progress:
+                t = f"{row['tflops']:7.1f} TFLOP/s" if row["tflops"] else row["note"][:40]
+                print(f"[{done:3d}/{total}] {case.label}  {name:14s} {t}", file=sys.stderr,
+                      flush=True)
+        del q, k, v
+        _cupy().get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def format_table(rows, baseline=FLASH, ours=CUFLASH) -> str:
+    """One line per case: TFLOP/s of each implementation, and ours over the baseline."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["impl"]] = r
+    head = f"{'case':40s} " + " ".join(f"{n:>13s}" for n in impls)
+    head += f" {ours + '/' + baseline:>20s}"
+    lines = [head, "-" * len(head)]
+    for case, rs in by_case.items():
+        cells = []
+        for n in impls:
+            r = rs.get(n)
+            cells.append(f"{r['tflops']:13.1f}" if r and r["tflops"] else f"{'-':>13s}")
+        a, b = rs.get(ours), rs.get(baseline)
+        ratio = (a["tflops"] / b["tflops"]) if a and b and a["tflops"] and b["tflops"] else None
+        lines.append(f"{case.label:40s} " + " ".join(cells) +
+                     (f" {ratio:20.2f}" if ratio else f" {'-':>20s}"))
+    return "\n".join(lines)
+
+
+def rows_to_records(rows):
+    """Plain dicts (for JSON)."""
+    out = []
+    for r in rows:
+        c = r["case"]
+        out.append({**dataclasses.asdict(c), "impl": r["impl"], "ms": r["ms"],
+                    "tflops": r["tflops"], "note": r["note"]})
+    return out

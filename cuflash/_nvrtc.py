@@ -1,0 +1,105 @@
+"""Driverless NVRTC: compile a specialisation to a cubin and read ptxas' resource report.
+
+CuPy's ``RawModule`` compiles at run time on a GPU machine. This module compiles the
+same source with the same options on any machine, GPU or not: NVRTC needs no driver to
+produce a cubin. It loads ``libnvrtc`` through ``cuda-pathfinder`` (pip's
+``nvidia-cuda-nvrtc`` wheel, or a CUDA toolkit), and is used by CI
+(``tests/test_compile_all.py``) and by ``python -m cuflash compile``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import re
+import time
+
+from . import _kernels
+
+
+class NvrtcError(RuntimeError):
+    """NVRTC failed to compile a kernel; the message carries its log."""
+
+
+@functools.lru_cache(maxsize=None)
+def _lib() -> ctypes.CDLL:
+    try:
+        from cuda import pathfinder
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "compiling without CuPy needs cuda-pathfinder and an NVRTC library: "
+            "pip install 'cuflash[test]'") from e
+    lib = ctypes.CDLL(pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path)
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def version() -> tuple[int, int]:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(_lib().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return major.value, minor.value
+
+
+def _check(status: int, what: str, log: str = "") -> None:
+    if status != 0:
+        msg = _lib().nvrtcGetErrorString(status).decode()
+        raise NvrtcError(f"{what} failed: {msg}\n{log}")
+
+
+@dataclasses.dataclass
+class CompileResult:
+    spec: object
+    cubin_bytes: int
+    log: str
+    seconds: float
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    warnings: list[str]
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0 or self.spill_stores > 0 or self.spill_loads > 0
+
+
+_RE_REGS = re.compile(r"Used (\d+) registers")
+_RE_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_spec(spec, *, source: str | None = None) -> CompileResult:
+    """Compile one specialisation to a cubin for ``spec.arch`` and parse ``ptxas -v``."""
+    lib = _lib()
+    src = (source or _kernels.source_text()).encode()
+    prog = ctypes.c_void_p()
+    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"flash_fwd.cu", 0, None, None),
+           "nvrtcCreateProgram")
+    try:
+        _check(lib.nvrtcAddNameExpression(prog, spec.name_expression.encode()),
+               "nvrtcAddNameExpression")
+        opts = [f"-arch=sm_{spec.arch}", "--ptxas-options=-v", "-ftz=true",
+                *_kernels.compile_options()]
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        t0 = time.perf_counter()
+        status = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        seconds = time.perf_counter() - t0
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        log = buf.value.decode(errors="replace")
+        _check(status, f"compiling {spec.name_expression}", log)
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin_bytes = size.value
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+    regs = _RE_REGS.search(log)
+    stack = _RE_STACK.search(log)
+    if regs is None or stack is None:
+        raise NvrtcError(f"no ptxas resource report for {spec.name_expression}:\n{log}")
+    warnings = [ln for ln in log.splitlines() if "warning" in ln.lower()]
+    return CompileResult(spec, cubin_bytes, log, seconds, int(regs.group(1)),
+                         int(stack.group(1)), int(stack.group(2)), int(stack.group(3)),
+                         warnings)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one script for the GPU machine: run it from the source tree, in one device call.
+#   bash tools/device_run.sh [tests] [sanitize] [compile-time] [bench] [tune]   (default: all)
+# Full logs and tables go under $OUT (./.out when unset); a short summary is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+stages=${*:-tests sanitize compile-time bench tune}
+summary=()
+
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  python3 -c "import cupy, numpy, sys; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'python', sys.version.split()[0])"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  echo "tree: $(cat .git-commit 2>/dev/null || echo unknown)"; } > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+for s in $stages; do
+  case $s in
+    tests)
+      python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -n 25
+      summary+=("tests: $(tail -n 1 "$OUT/pytest.txt")") ;;
+    sanitize)
+      compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+        python3 tools/sanitize_cases.py > "$OUT/sanitizer.txt" 2>&1
+      rc=$?; tail -n 5 "$OUT/sanitizer.txt"
+      summary+=("memcheck: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.txt" | tail -n 1)") ;;
+    compile-time)
+      python3 -m cuflash compile-time 2>&1 | tee "$OUT/compile_time.txt"
+      summary+=("compile: $(tail -n 1 "$OUT/compile_time.txt")") ;;
+    bench)
+      python3 -m cuflash bench --json "$OUT/bench.json" > "$OUT/bench.txt" 2> "$OUT/bench_progress.txt"
+      summary+=("bench: rc=$?") ;;
+    tune)
+      python3 tools/tune_fwd.py > "$OUT/tune.txt" 2>/dev/null
+      cat "$OUT/tune.txt" ;;
+  esac
+done
+
+echo
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}"
+[ -f "$OUT/bench.txt" ] && cat "$OUT/bench.txt"
+exit 0
