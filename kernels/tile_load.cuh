@@ -99,15 +99,11 @@ CUFLASH_DEVICE void load_tile(u32 smem, const u16* __restrict__ gmem, i64 row_st
       st_shared_v4(dst, packed);
     }
   };
-  if (kVec) {
-#pragma unroll
-    for (int it = 0; it < Walk::kSteps; ++it) copy_step(it);
-  } else {
-    // The element-wise fallback is bound by its loads, not by registers: keep one
-    // chunk in flight per thread rather than the whole tile.
+  // A rolled loop: unrolled, ptxas keeps every step's address live across the whole
+  // main loop, which costs the registers that the accumulators need (spills at d128).
+  // For the element-wise fallback it also keeps one chunk in flight, not the whole tile.
 #pragma unroll 1
-    for (int it = 0; it < Walk::kSteps; ++it) copy_step(it);
-  }
+  for (int it = 0; it < Walk::kSteps; ++it) copy_step(it);
 }
 
 // Shared -> global copy of one tile, rows < rows_valid and columns < cols_valid only.

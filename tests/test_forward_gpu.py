@@ -90,7 +90,7 @@ def reference(cp, q, k, v, causal, scale, plain_dtype=None):
     """float64 attention (plain_dtype None), or the plain same-precision version."""
     f = (lambda x: x.astype(cp.float64)) if plain_dtype is None else (lambda x: x)
     q, k, v = f(q), f(k), f(v)
-    rep = q.shape[-3] // k.shape[-3]
+    rep = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1
     if rep > 1:
         k = cp.repeat(k, rep, axis=-3)
         v = cp.repeat(v, rep, axis=-3)
