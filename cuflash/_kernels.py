@@ -45,9 +45,9 @@ class FwdTile:
 # without local-memory spills (tests/test_compile_all.py checks this).
 FWD_TILES = {
     32: FwdTile(128, 64, 4, 2, 2),
-    64: FwdTile(128, 64, 8, 2, 1),
-    96: FwdTile(128, 64, 8, 2, 1),
-    128: FwdTile(128, 64, 8, 2, 1),
+    64: FwdTile(128, 64, 4, 1, 2),
+    96: FwdTile(128, 32, 4, 1, 2),
+    128: FwdTile(128, 32, 4, 1, 2),
     160: FwdTile(128, 32, 8, 2, 1),
     192: FwdTile(128, 32, 8, 2, 1),
     224: FwdTile(128, 16, 8, 2, 1),

@@ -28,6 +28,9 @@ struct FwdTraits {
   static constexpr int kMRep = kBlockM / (16 * kNWarps);  // 16-row slabs per warp
   static constexpr int kNTiles = kBlockN / 8;             // n8 tiles of S
   static constexpr int kDTiles = kHeadDimV / 8;           // n8 tiles of O
+  // Accumulator registers per thread (S and O); above 128, tile copies run rolled.
+  static constexpr int kAccRegs = kMRep * (kNTiles + kDTiles) * 4;
+  static constexpr bool kUnrollCopies = kAccRegs <= 128;
 
   static_assert(kBlockM % (16 * kNWarps) == 0, "kBlockM must be a multiple of 16 * kNWarps");
   static_assert(kBlockN % 16 == 0, "kBlockN must be a multiple of 16");
@@ -137,12 +140,12 @@ struct FwdMainloop {
   CUFLASH_DEVICE u32 sV(int st) const { return sK(st) + T::TileK::kBytes; }
 
   CUFLASH_DEVICE void load_k(int n, int st) const {
-    load_tile<T::kBlockN, T::kHeadDim, T::kThreads, kVec>(
+    load_tile<T::kBlockN, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
         sK(st), k_head + i64(n) * T::kBlockN * k_row_stride, k_row_stride,
         seqlen_k - n * T::kBlockN, head_dim, tid);
   }
   CUFLASH_DEVICE void load_v(int n, int st) const {
-    load_tile<T::kBlockN, T::kHeadDimV, T::kThreads, kVec>(
+    load_tile<T::kBlockN, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
         sV(st), v_head + i64(n) * T::kBlockN * v_row_stride, v_row_stride,
         seqlen_k - n * T::kBlockN, head_dim_v, tid);
   }

@@ -69,7 +69,10 @@ struct TileWalk {
 // zero-filled, so padded keys and values contribute exactly nothing.
 // kVec: 16-byte cp.async copies (needs cols_valid % 8 == 0, 16-byte aligned rows);
 // otherwise element-wise loads and a synchronous shared store.
-template <int kRows, int kCols, int kThreads, bool kVec>
+// kUnroll: unrolled, ptxas keeps every step's address live across the whole main loop;
+// that is fastest while registers are plentiful, but costs the registers that large
+// accumulators need (spills at d128 with 32 rows a warp), so big tiles use a rolled loop.
+template <int kRows, int kCols, int kThreads, bool kVec, bool kUnroll = true>
 CUFLASH_DEVICE void load_tile(u32 smem, const u16* __restrict__ gmem, i64 row_stride,
                               int rows_valid, int cols_valid, int tid) {
   using Walk = TileWalk<kRows, kCols, kThreads>;
@@ -99,11 +102,14 @@ CUFLASH_DEVICE void load_tile(u32 smem, const u16* __restrict__ gmem, i64 row_st
       st_shared_v4(dst, packed);
     }
   };
-  // A rolled loop: unrolled, ptxas keeps every step's address live across the whole
-  // main loop, which costs the registers that the accumulators need (spills at d128).
-  // For the element-wise fallback it also keeps one chunk in flight, not the whole tile.
+  if (kVec && kUnroll) {
+#pragma unroll
+    for (int it = 0; it < Walk::kSteps; ++it) copy_step(it);
+  } else {
+    // The element-wise fallback is bound by its loads: one chunk in flight is enough.
 #pragma unroll 1
-  for (int it = 0; it < Walk::kSteps; ++it) copy_step(it);
+    for (int it = 0; it < Walk::kSteps; ++it) copy_step(it);
+  }
 }
 
 // Shared -> global copy of one tile, rows < rows_valid and columns < cols_valid only.
