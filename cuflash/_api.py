@@ -56,7 +56,7 @@ def _check_dtypes(q, k, v) -> None:
 
 
 def _check_last_dim_contiguous(name: str, x) -> None:
-    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+    if x.size and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
         raise ValueError(
             f"{name} must have a contiguous last dimension (stride {x.itemsize} bytes), "
             f"got strides {x.strides}; pass a view whose last axis is the head dim")
