@@ -284,6 +284,15 @@ def attention_naive(q, k, v, *, causal=False, scale=None, window=None):
     return _finalise(m_i, l_i, o_acc, squeeze)
 
 
+def _tiled_setup(q, k, v, causal, scale, window):
+    """Shared set-up of the tiled versions: float64 heads, scale, window and mask."""
+    q, k, v, squeeze = _split_heads(q, k, v)
+    scale = _default_scale(scale, q.shape[-1])
+    bounds = _resolve_window(causal, window)
+    mask = visible_mask(q.shape[-2], k.shape[-2], causal, window=window)
+    return q, k, v, squeeze, scale, bounds, mask
+
+
 def attention_tiled_fa2(
     q, k, v, *, causal=False, scale=None, window=None, block_m=64, block_n=64
 ):
@@ -313,12 +322,9 @@ def attention_tiled_fa2(
         As in :func:`attention_naive`.
     """
     block_m, block_n = _check_blocks(block_m, block_n)
-    q, k, v, squeeze = _split_heads(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
+    q, k, v, squeeze, scale, (left, right), mask = _tiled_setup(q, k, v, causal, scale, window)
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     batch = q.shape[:-2]
-    left, right = _resolve_window(causal, window)
-    mask = visible_mask(lq, lk, causal, window=window)
 
     out_m = np.full(batch + (lq,), -np.inf)
     out_l = np.zeros(batch + (lq,))
@@ -382,12 +388,9 @@ def attention_tiled_fa1(
         As in :func:`attention_naive`.
     """
     block_m, block_n = _check_blocks(block_m, block_n)
-    q, k, v, squeeze = _split_heads(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
+    q, k, v, squeeze, scale, (left, right), mask = _tiled_setup(q, k, v, causal, scale, window)
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     batch = q.shape[:-2]
-    left, right = _resolve_window(causal, window)
-    mask = visible_mask(lq, lk, causal, window=window)
 
     # "HBM" state for every query row
     m_hbm = np.full(batch + (lq,), -np.inf)
