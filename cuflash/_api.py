@@ -62,8 +62,8 @@ def _check_last_dim_contiguous(name: str, x) -> None:
             f"got strides {x.strides}; pass a view whose last axis is the head dim")
 
 
-def _check_shapes(q, k, v) -> tuple:
-    """Returns (lead, Hq, Hk, Lq, Lk, D, Dv); lead excludes the head axis."""
+def _check_shapes(q, k, v) -> tuple[int, int]:
+    """Checks the shapes against each other; returns the head dims (D, Dv)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (..., L, D), got shape {x.shape}")
@@ -78,9 +78,8 @@ def _check_shapes(q, k, v) -> tuple:
             raise ValueError(f"{name} must be between 1 and {_MAX_HEAD_DIM}, got {d}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v sequence lengths differ: {k.shape[-2]} != {v.shape[-2]}")
-    Lq, Lk = q.shape[-2], k.shape[-2]
     if q.ndim == 2:
-        return (), 1, 1, Lq, Lk, D, Dv
+        return D, Dv
     if k.shape[:-2] != v.shape[:-2]:
         raise ValueError(f"k and v leading dims differ: {k.shape[:-2]} != {v.shape[:-2]}")
     if q.shape[:-3] != k.shape[:-3]:
@@ -88,7 +87,7 @@ def _check_shapes(q, k, v) -> tuple:
     Hq, Hk = q.shape[-3], k.shape[-3]
     if Hk == 0 and Hq != 0 or Hk and Hq % Hk:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hk})")
-    return q.shape[:-3], Hq, Hk, Lq, Lk, D, Dv
+    return D, Dv
 
 
 def _check_scale(scale, head_dim: int) -> float:
@@ -199,7 +198,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     causal = _check_bool("causal", causal)
     return_lse = _check_bool("return_lse", return_lse)
     _check_dtypes(q, k, v)
-    lead, Hq, Hk, Lq, Lk, D, Dv = _check_shapes(q, k, v)
+    D, Dv = _check_shapes(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_last_dim_contiguous(name, x)
     scale = _check_scale(scale, D)

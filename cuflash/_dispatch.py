@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import numpy as np
 
@@ -18,7 +17,6 @@ _ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 # (spec, device id) -> cupy.RawKernel. One RawModule per specialisation.
 _kernel_cache: dict = {}
-_last_compile_seconds: dict = {}
 
 
 def _cupy():
@@ -39,13 +37,11 @@ def get_kernel(spec: _kernels.FwdSpec):
     key = (spec, dev)
     kern = _kernel_cache.get(key)
     if kern is None:
-        t0 = time.perf_counter()
         mod = cp.RawModule(code=_kernels.source_text(), options=_kernels.compile_options(),
                            name_expressions=[spec.name_expression])
         kern = mod.get_function(spec.name_expression)
         if spec.smem_bytes > 48 * 1024:
             kern.max_dynamic_shared_size_bytes = spec.smem_bytes
-        _last_compile_seconds[key] = time.perf_counter() - t0
         _kernel_cache[key] = kern
     return kern
 
