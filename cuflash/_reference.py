@@ -5,7 +5,7 @@ tested against.  Everything here is plain NumPy and all arithmetic is done
 in float64, whatever the input dtype (float16, float32, float64 or
 ``ml_dtypes.bfloat16``).
 
-Three implementations are provided:
+Three implementations of the forward pass are provided:
 
 ``attention_naive``
     Materialises the full score matrix, applies the mask, takes a softmax and
@@ -35,6 +35,25 @@ Rabe & Staats, 2021): when the running maximum moves from ``m_old`` to
 yet) is replaced by a reference of 0 in those exponents, so that
 ``(-inf) - (-inf)`` and therefore NaN never appears.
 
+Two implementations of the backward pass return ``(dq, dk, dv)``, the
+gradients of ``sum(dout * out)``:
+
+``attention_backward_naive``
+    The closed form on the full matrices.  With ``P = softmax(S)`` and
+    ``O = P V``: ``dV = P^T dO``, ``dP = dO V^T``,
+    ``delta_i = sum_c dO_ic O_ic``, ``dS = P * (dP - delta)``,
+    ``dQ = scale dS K`` and ``dK = scale dS^T Q``.
+
+``attention_backward_tiled``
+    The loop structure of the FlashAttention-2 backward kernel: a
+    preprocess computes ``delta`` from the given ``out``; the outer loop runs
+    over tiles of ``block_n`` keys/values, each of which keeps its ``dK_j``
+    and ``dV_j`` accumulators for the whole inner loop over tiles of
+    ``block_m`` query rows.  ``P`` is recomputed from the saved ``lse`` as
+    ``exp(S - lse)`` and ``dQ_i`` is accumulated across outer iterations (the
+    kernel's atomic adds to HBM).  Query tiles that see no key of the key
+    tile are not visited.
+
 Semantics
 ---------
 * ``q``: ``(..., Hq, Lq, D)``, ``k``: ``(..., Hk, Lk, D)``,
@@ -49,6 +68,10 @@ Semantics
 * ``lse_i = log(sum_{visible j} exp(s_ij))`` and
   ``out_i = sum_j softmax(s_i)_j v_j``.  A row that sees no key gets
   ``out_i = 0`` and ``lse_i = -inf`` (never NaN, and no NumPy warnings).
+* ``dq``, ``dk``, ``dv`` have the shapes of ``q``, ``k``, ``v``; with
+  grouped-query attention ``dk`` and ``dv`` are summed over the query heads
+  that share a kv head.  A row that sees no key contributes nothing: its
+  ``dq`` row is exactly 0.
 
 References
 ----------
@@ -74,6 +97,8 @@ __all__ = [
     "attention_naive",
     "attention_tiled_fa2",
     "attention_tiled_fa1",
+    "attention_backward_naive",
+    "attention_backward_tiled",
 ]
 
 
@@ -143,6 +168,20 @@ def _key_range(r0, r1, Lq, Lk, left, right):
     lo = 0 if left < 0 else max(0, r0 + off - left)
     hi = Lk if right < 0 else min(Lk, (r1 - 1) + off + right + 1)
     return lo, max(lo, hi)
+
+
+def _query_range(c0, c1, Lq, Lk, left, right):
+    """Half-open query range ``[lo, hi)`` that may see a key of ``[c0, c1)``.
+
+    The transpose of :func:`_key_range`, as used by the backward kernel's
+    outer loop over key tiles: row ``i`` sees key ``j`` only if
+    ``j - off - right <= i <= j - off + left`` with ``off = Lk - Lq``.  Rows
+    outside the range see no key of the tile.  ``(0, 0)`` if none does.
+    """
+    off = Lk - Lq
+    lo = 0 if right < 0 else max(0, c0 - off - right)
+    hi = Lq if left < 0 else min(Lq, (c1 - 1) - off + left + 1)
+    return (lo, hi) if lo < hi else (0, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -426,3 +465,178 @@ def attention_tiled_fa1(
             m_hbm[..., r0:r1] = m_new
 
     return _finalise(m_hbm, l_hbm, o_hbm, squeeze)
+
+
+# ---------------------------------------------------------------------------
+# Backward pass
+# ---------------------------------------------------------------------------
+
+
+def _as_float64(x, name, shape, squeeze):
+    """Upcast ``x`` to float64, add the head axis of 2-D inputs, check its shape."""
+    x = np.asarray(x).astype(np.float64)
+    if squeeze:
+        x = x[None]
+    if x.shape != shape:
+        n = int(squeeze)
+        raise ValueError(f"{name} must have shape {shape[n:]}, got {x.shape[n:]}")
+    return x
+
+
+def _backward_setup(dout, q, k, v, causal, scale, window):
+    """:func:`_tiled_setup` plus a float64 ``dout`` and the number of kv heads.
+
+    ``hk`` is counted before :func:`_split_heads` repeats k and v to ``Hq``
+    heads; :func:`_finalise_grads` sums the gradients back to it.
+    """
+    hk = np.shape(k)[-3] if np.ndim(k) > 2 else 1
+    q, k, v, squeeze, scale, bounds, mask = _tiled_setup(q, k, v, causal, scale, window)
+    dout = _as_float64(dout, "dout", q.shape[:-1] + v.shape[-1:], squeeze)
+    return dout, q, k, v, squeeze, scale, bounds, mask, hk
+
+
+def _finalise_grads(dq, dk, dv, hk, squeeze):
+    """Sum ``dk``, ``dv`` over each group of query heads; drop the 2-D head axis."""
+    hq = dk.shape[-3]
+    if hk and hq != hk:
+        dk, dv = (
+            g.reshape(g.shape[:-3] + (hk, hq // hk) + g.shape[-2:]).sum(axis=-3)
+            for g in (dk, dv)
+        )
+    if squeeze:
+        dq, dk, dv = dq[0], dk[0], dv[0]
+    return tuple(np.ascontiguousarray(g) for g in (dq, dk, dv))
+
+
+def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=None):
+    """Gradients of attention by the closed form on the full matrices.
+
+    With ``P = softmax(S)`` over the visible keys (``S = scale q k^T``) and
+    ``O = P V``, the gradients of ``sum(dout * O)`` are ``dV = P^T dO``,
+    ``dQ = scale dS K`` and ``dK = scale dS^T Q``, where
+    ``dS = P * (dO V^T - delta)`` and ``delta_i = sum_c dO_ic O_ic`` (the
+    softmax Jacobian applied to ``dP = dO V^T``).  ``P`` and ``O`` are
+    recomputed here; rows that see no key have ``P = 0`` and therefore
+    contribute nothing.
+
+    Parameters
+    ----------
+    dout : array_like
+        Gradient of the loss with respect to the output, ``(..., Hq, Lq, Dv)``
+        or ``(Lq, Dv)``.
+    q, k, v, causal, scale, window
+        As in :func:`attention_naive`.
+
+    Returns
+    -------
+    dq, dk, dv : numpy.ndarray
+        float64, the shapes of ``q``, ``k`` and ``v``.  With grouped-query
+        attention ``dk`` and ``dv`` are summed over the query heads that
+        share a kv head.
+    """
+    dout, q, k, v, squeeze, scale, _, mask, hk = _backward_setup(
+        dout, q, k, v, causal, scale, window
+    )
+    s = np.where(mask, scale * (q @ np.swapaxes(k, -1, -2)), -np.inf)
+    m_i = np.max(s, axis=-1, initial=-np.inf)
+    p = np.exp(s - _safe_ref(m_i)[..., None])    # masked entries -> 0
+    l_i = p.sum(axis=-1, keepdims=True)
+    np.divide(p, l_i, out=p, where=l_i > 0)     # empty rows stay 0
+    o = p @ v
+
+    dv = np.swapaxes(p, -1, -2) @ dout
+    dp = dout @ np.swapaxes(v, -1, -2)
+    delta = np.sum(dout * o, axis=-1, keepdims=True)
+    ds = p * (dp - delta)
+    dq = scale * (ds @ k)
+    dk = scale * (np.swapaxes(ds, -1, -2) @ q)
+    return _finalise_grads(dq, dk, dv, hk, squeeze)
+
+
+def attention_backward_tiled(
+    dout, q, k, v, out, lse, *, causal=False, scale=None, window=None,
+    block_m=64, block_n=128,
+):
+    """Tiled attention backward with the FlashAttention-2 loop order.
+
+    A preprocess computes ``delta_i = sum_c dO_ic O_ic`` from the given
+    ``out``.  The outer loop runs over key/value tiles of ``block_n`` keys,
+    each keeping its ``dK_j`` and ``dV_j`` accumulators for the whole inner
+    loop over query tiles of ``block_m`` rows; query tiles that see no key of
+    the tile are skipped.  Per block, ``P = exp(S - lse)`` is recomputed from
+    the saved ``lse`` (0 where masked and in rows with ``lse = -inf``), then
+    ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - delta_i)``,
+    ``dK_j += scale dS^T Q_i`` and ``dQ_i += scale dS K_j`` (``dQ`` lives in
+    HBM across outer iterations, as the kernel's atomic adds).  ``out`` and
+    ``lse`` are used as given, not recomputed.
+
+    Parameters
+    ----------
+    dout : array_like
+        As in :func:`attention_backward_naive`.
+    q, k, v, causal, scale, window
+        As in :func:`attention_naive`.
+    out, lse : array_like
+        The forward results, ``(..., Hq, Lq, Dv)`` and ``(..., Hq, Lq)``, as
+        returned by :func:`attention_naive`.
+    block_m : int, optional
+        Query rows per tile.
+    block_n : int, optional
+        Keys per tile.
+
+    Returns
+    -------
+    dq, dk, dv : numpy.ndarray
+        As in :func:`attention_backward_naive`.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v, dout = (rng.standard_normal((2, 9, 4)) for _ in range(4))
+    >>> out, lse = attention_naive(q, k[:1], v[:1], causal=True)
+    >>> grads = attention_backward_tiled(dout, q, k[:1], v[:1], out, lse,
+    ...                                  causal=True, block_m=4, block_n=3)
+    >>> [g.shape for g in grads]
+    [(2, 9, 4), (1, 9, 4), (1, 9, 4)]
+    >>> want = attention_backward_naive(dout, q, k[:1], v[:1], causal=True)
+    >>> all(np.allclose(g, w) for g, w in zip(grads, want))
+    True
+    """
+    block_m, block_n = _check_blocks(block_m, block_n)
+    dout, q, k, v, squeeze, scale, (left, right), mask, hk = _backward_setup(
+        dout, q, k, v, causal, scale, window
+    )
+    out = _as_float64(out, "out", dout.shape, squeeze)
+    lse = _as_float64(lse, "lse", dout.shape[:-1], squeeze)
+    lq, lk = q.shape[-2], k.shape[-2]
+
+    delta = np.sum(dout * out, axis=-1)          # preprocess
+    live = ~np.isneginf(lse)                     # rows that see some key
+    lse_ref = _safe_ref(lse)
+    dq = np.zeros_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+
+    for c0 in range(0, lk, block_n):
+        c1 = min(c0 + block_n, lk)
+        k_t, v_t = k[..., c0:c1, :], v[..., c0:c1, :]
+        dk_t, dv_t = np.zeros_like(k_t), np.zeros_like(v_t)
+
+        lo, hi = _query_range(c0, c1, lq, lk, left, right)
+        for r0 in range((lo // block_m) * block_m, hi, block_m):
+            r1 = min(r0 + block_m, lq)
+            q_i, do_i = q[..., r0:r1, :], dout[..., r0:r1, :]
+            s = scale * (q_i @ np.swapaxes(k_t, -1, -2))
+            vis = mask[r0:r1, c0:c1] & live[..., r0:r1, None]
+            p = np.exp(np.where(vis, s - lse_ref[..., r0:r1, None], -np.inf))
+
+            dv_t += np.swapaxes(p, -1, -2) @ do_i
+            dp = do_i @ np.swapaxes(v_t, -1, -2)
+            ds = p * (dp - delta[..., r0:r1, None])
+            dk_t += scale * (np.swapaxes(ds, -1, -2) @ q_i)
+            dq[..., r0:r1, :] += scale * (ds @ k_t)
+
+        dk[..., c0:c1, :] = dk_t
+        dv[..., c0:c1, :] = dv_t
+
+    return _finalise_grads(dq, dk, dv, hk, squeeze)

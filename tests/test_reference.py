@@ -321,3 +321,267 @@ def test_shape_errors(impl):
         fn(q, k, v[..., :3, :])
     with pytest.raises(ValueError, match="leading"):
         fn(q, k[:1], v[:1])
+
+
+# ---------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------
+
+BWD_LENGTHS = [(1, 1), (1, 7), (13, 29), (29, 13), (64, 64), (37, 100)]
+BWD_BLOCKS = [(1, 1), (7, 5), (16, 32), (64, 128)]
+BWD_WINDOWS = [None, (7, 3), (0, 0)]
+
+
+def _dout(seed, q, v):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(q.shape[:-1] + v.shape[-1:])
+
+
+def _bwd(impl, dout, q, k, v, block_m=16, block_n=32, **kw):
+    """Gradients by ``impl``; the tiled one gets out, lse from attention_naive."""
+    if impl == "naive":
+        return ref.attention_backward_naive(dout, q, k, v, **kw)
+    out, lse = ref.attention_naive(q, k, v, **kw)
+    return ref.attention_backward_tiled(
+        dout, q, k, v, out, lse, block_m=block_m, block_n=block_n, **kw
+    )
+
+
+def _assert_grads(got, want, rtol=1e-10, atol=1e-12):
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert g.dtype == np.float64
+        assert g.shape == np.shape(w)
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("blocks", BWD_BLOCKS, ids=lambda b: f"bm{b[0]}bn{b[1]}")
+@pytest.mark.parametrize("dims", [(8, 8), (16, 24)], ids=lambda d: f"d{d[0]}dv{d[1]}")
+@pytest.mark.parametrize("lengths", BWD_LENGTHS, ids=lambda l: f"lq{l[0]}lk{l[1]}")
+@pytest.mark.parametrize("window", BWD_WINDOWS, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_tiled_matches_naive(blocks, dims, lengths, window, causal):
+    lq, lk = lengths
+    d, dv = dims
+    bm, bn = blocks
+    q, k, v = _qkv(1013 * lq + 37 * lk + 5 * d + dv, (2,), 3, 3, lq, lk, d, dv)
+    dout = _dout(lq + lk, q, v)
+    kw = dict(causal=causal, window=window)
+    want = ref.attention_backward_naive(dout, q, k, v, **kw)
+    assert [w.shape for w in want] == [q.shape, k.shape, v.shape]
+    _assert_grads(_bwd("tiled", dout, q, k, v, bm, bn, **kw), want)
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)], ids=str)
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1), (3, 3)], ids=lambda h: f"hq{h[0]}hk{h[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_gqa_and_leading_dims(lead, heads, causal):
+    hq, hk = heads
+    q, k, v = _qkv(21, lead, hq, hk, 19, 27, 8, 12)
+    dout = _dout(22, q, v)
+    got = ref.attention_backward_naive(dout, q, k, v, causal=causal)
+    # explicit per-head computation: query head h uses kv head h // (hq // hk),
+    # dk and dv collect the contributions of every query head of the group
+    want = (np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape))
+    for h in range(hq):
+        g = h // (hq // hk)
+        dq_h, dk_h, dv_h = ref.attention_backward_naive(
+            dout[..., h, :, :], q[..., h, :, :], k[..., g, :, :], v[..., g, :, :],
+            causal=causal,
+        )
+        want[0][..., h, :, :] = dq_h
+        want[1][..., g, :, :] += dk_h
+        want[2][..., g, :, :] += dv_h
+    _assert_grads(got, want, rtol=1e-12, atol=1e-13)
+    _assert_grads(_bwd("tiled", dout, q, k, v, 8, 5, causal=causal), got)
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_2d_inputs(impl, causal):
+    q, k, v = _qkv(23, (), 1, 1, 21, 34, 8, 12)
+    dout = _dout(24, q, v)
+    want = ref.attention_backward_naive(dout, q, k, v, causal=causal)
+    got = _bwd(impl, dout[0], q[0], k[0], v[0], 8, 16, causal=causal)
+    assert [g.shape for g in got] == [(21, 8), (34, 8), (34, 12)]
+    _assert_grads(got, [w[0] for w in want], rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(causal=True),
+        dict(hk=1),
+        dict(causal=True, hk=1, scale=0.7),
+        dict(window=(2, 1)),
+        dict(causal=True, window=(3, -1)),
+        dict(causal=True, lq=9),  # rows 0, 1 see no key
+    ],
+    ids=lambda c: "-".join(f"{a}{b}" for a, b in c.items()) or "full",
+)
+def test_backward_finite_differences(impl, case):
+    """Gradients of L = sum(dout * out) against central differences."""
+    case = dict(case)
+    hk, lq = case.pop("hk", 2), case.pop("lq", 5)
+    q, k, v = _qkv(25, (1,), 2, hk, lq, 7, 3, 4)
+    dout = _dout(26, q, v)
+
+    def loss():
+        return np.sum(dout * ref.attention_naive(q, k, v, **case)[0])
+
+    eps = 1e-6
+    want = []
+    for x in (q, k, v):
+        g = np.zeros(x.shape)
+        for idx in np.ndindex(x.shape):
+            x0 = x[idx]
+            x[idx] = x0 + eps
+            up = loss()
+            x[idx] = x0 - eps
+            down = loss()
+            x[idx] = x0
+            g[idx] = (up - down) / (2 * eps)
+        want.append(g)
+    got = _bwd(impl, dout, q, k, v, 2, 3, **case)
+    _assert_grads(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (5, 2, dict(causal=True), 3),    # row i sees keys j <= i - 3
+        (10, 4, dict(window=(0, 0)), 6),  # row i sees key i - 6 only
+        (9, 9, dict(causal=True, window=(1, -1)), 0),  # a band, no empty row
+    ],
+    ids=["causal", "window", "band"],
+)
+def test_backward_empty_rows(impl, case):
+    lq, lk, kw, n_empty = case
+    q, k, v = _qkv(27, (2,), 4, 2, lq, lk, 8, 6)
+    dout = _dout(28, q, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            dq, dk, dv = _bwd(impl, dout, q, k, v, 3, 2, **kw)
+    assert all(np.isfinite(g).all() for g in (dq, dk, dv))
+    assert np.array_equal(dq[..., :n_empty, :], np.zeros((2, 4, n_empty, 8)))
+    # empty rows contribute nothing: changing their q and dout changes nothing
+    rng = np.random.default_rng(29)
+    q2, dout2 = q.copy(), dout.copy()
+    q2[..., :n_empty, :] = rng.standard_normal((2, 4, n_empty, 8))
+    dout2[..., :n_empty, :] = rng.standard_normal((2, 4, n_empty, 6))
+    dq2, dk2, dv2 = _bwd(impl, dout2, q2, k, v, 3, 2, **kw)
+    np.testing.assert_array_equal(dq2, dq)
+    np.testing.assert_allclose(dk2, dk, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(dv2, dv, rtol=1e-14, atol=1e-15)
+    _assert_grads((dq, dk, dv), ref.attention_backward_naive(dout, q, k, v, **kw))
+
+
+def test_backward_tiled_uses_given_out_and_lse():
+    """out only enters through delta, lse only through P = exp(S - lse)."""
+    q, k, v = _qkv(30, (2,), 2, 2, 11, 17, 8, 8)
+    dout = _dout(31, q, v)
+    out, lse = ref.attention_naive(q, k, v, causal=True)
+    grads = ref.attention_backward_tiled(dout, q, k, v, out, lse, causal=True)
+    # lse + log 2 halves P, hence dS and all three gradients
+    half = ref.attention_backward_tiled(
+        dout, q, k, v, out, lse + math.log(2.0), causal=True
+    )
+    _assert_grads(half, [g / 2 for g in grads], rtol=1e-13, atol=1e-15)
+    # another out changes delta: dq and dk move, dv does not
+    dq, dk, dv = ref.attention_backward_tiled(
+        dout, q, k, v, np.zeros_like(out), lse, causal=True
+    )
+    np.testing.assert_array_equal(dv, grads[2])
+    assert not np.allclose(dq, grads[0]) and not np.allclose(dk, grads[1])
+    # a row with lse = -inf has P = 0 even where keys are visible
+    lse_inf = lse.copy()
+    lse_inf[..., 6] = -np.inf
+    dq, dk, dv = ref.attention_backward_tiled(dout, q, k, v, out, lse_inf, causal=True)
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+    assert np.array_equal(dq[..., 6, :], np.zeros((2, 2, 8)))
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+@pytest.mark.parametrize(
+    "shape", [(0, 5), (5, 0), (0, 0)], ids=lambda s: f"lq{s[0]}lk{s[1]}"
+)
+def test_backward_zero_size(impl, shape):
+    lq, lk = shape
+    for lead in [(2,), (0,)]:
+        q, k, v = _qkv(32, lead, 4, 2, lq, lk, 8, 6)
+        dout = _dout(33, q, v)
+        for causal in (False, True):
+            got = _bwd(impl, dout, q, k, v, causal=causal)
+            for g, x in zip(got, (q, k, v)):
+                assert g.dtype == np.float64 and g.shape == x.shape
+                assert np.array_equal(g, np.zeros_like(x))
+    q, k, v = _qkv(34, (0,), 2, 2, 3, 4, 8, 6)  # empty batch only
+    got = _bwd(impl, _dout(35, q, v), q, k, v)
+    assert [g.shape for g in got] == [(0, 2, 3, 8), (0, 2, 4, 8), (0, 2, 4, 6)]
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+@pytest.mark.parametrize(
+    "dtype", [np.float16, np.float32, ml_dtypes.bfloat16], ids=lambda t: np.dtype(t).name
+)
+def test_backward_low_precision_inputs(impl, dtype):
+    q, k, v = _qkv(36, (2,), 4, 2, 33, 47, 16, 16)
+    dout = _dout(37, q, v)
+    low = [x.astype(dtype) for x in (dout, q, k, v)]
+    got = _bwd(impl, *low, causal=True)
+    want = ref.attention_backward_naive(
+        *(x.astype(np.float64) for x in low), causal=True
+    )
+    _assert_grads(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+def test_backward_default_scale(impl):
+    q, k, v = _qkv(38, (2,), 2, 2, 17, 23, 40, 8)
+    dout = _dout(39, q, v)
+    a = _bwd(impl, dout, q, k, v)
+    b = _bwd(impl, dout, q, k, v, scale=1.0 / math.sqrt(40))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("impl", ["naive", "tiled"])
+def test_backward_shape_errors(impl):
+    q, k, v = _qkv(40, (2,), 2, 2, 4, 6, 8, 5)
+    dout = _dout(41, q, v)
+    with pytest.raises(ValueError, match="dout"):
+        _bwd(impl, dout[..., :4], q, k, v)
+    with pytest.raises(ValueError, match="dout"):
+        _bwd(impl, dout[..., :3, :], q, k, v)
+    with pytest.raises(ValueError, match="multiple"):
+        _bwd(impl, dout, q, k[:, :1].repeat(3, axis=1), v[:, :1].repeat(3, axis=1))
+    if impl == "tiled":
+        out, lse = ref.attention_naive(q, k, v)
+        with pytest.raises(ValueError, match="out"):
+            ref.attention_backward_tiled(dout, q, k, v, out[..., :1], lse)
+        with pytest.raises(ValueError, match="lse"):
+            ref.attention_backward_tiled(dout, q, k, v, out, lse[..., None])
+        with pytest.raises(ValueError, match="block"):
+            ref.attention_backward_tiled(dout, q, k, v, out, lse, block_n=0)
+
+
+def test_query_range_covers_all_visible_rows():
+    """The query range of a key tile (used to skip tiles) never drops a row."""
+    for lq, lk, causal, window, bn in itertools.product(
+        [0, 1, 7, 33, 64], [1, 9, 40, 64], [False, True],
+        [None, (7, 3), (0, 0), (-1, 5), (4, -1)], [1, 16, 64],
+    ):
+        left, right = ref._resolve_window(causal, window)
+        m = ref.visible_mask(lq, lk, causal, window=window)
+        for c0 in range(0, lk, bn):
+            c1 = min(c0 + bn, lk)
+            lo, hi = ref._query_range(c0, c1, lq, lk, left, right)
+            assert 0 <= lo <= hi <= lq
+            assert not m[:lo, c0:c1].any()
+            assert not m[hi:, c0:c1].any()
+            assert (lo < hi) == m[:, c0:c1].any()  # tiles skipped only if unseen
