@@ -4,10 +4,11 @@ Fused, exact attention kernels written in CUDA C++ and compiled at run time by N
 (through CuPy), with a NumPy reference path that runs the same call on any CPU.
 
 >>> import cuflash
->>> out = cuflash.attention(q, k, v, causal=True)          # doctest: +SKIP
+>>> out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)   # doctest: +SKIP
+>>> dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)  # doctest: +SKIP
 """
 
-from ._api import attention
+from ._api import attention, attention_backward
 
 __version__ = "0.1.0"
-__all__ = ["attention", "__version__"]
+__all__ = ["attention", "attention_backward", "__version__"]

@@ -1,8 +1,9 @@
 """``python -m cuflash [demo|bench|compile|compile-time]``.
 
-demo (default)  check the kernel against the float64 reference, then time it next to
-                plain CuPy and torch SDPA; without a GPU, run the NumPy path instead.
-bench           the standard forward benchmark table (needs a GPU).
+demo (default)  check the forward and backward kernels against the float64 reference,
+                then time them next to plain CuPy and torch SDPA; without a GPU, run the
+                NumPy path instead.
+bench           the standard forward and backward benchmark tables (needs a GPU).
 compile         compile every shipped specialisation with NVRTC (no GPU needed) and
                 print registers, shared memory and spills.
 compile-time    cold NVRTC compile, disk-cache load and in-memory hit of one kernel.
@@ -11,6 +12,7 @@ compile-time    cold NVRTC compile, disk-cache load and in-memory hit of one ker
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,7 +55,15 @@ def demo_cpu() -> int:
     print(f"cuflash.attention on NumPy float16 {q.shape}, causal: {dt * 1e3:.1f} ms, "
           f"max |out - float64 naive| = {err:.2e}, "
           f"max |lse - ref| = {float(np.abs(lse - ref_lse).max()):.2e}")
-    ok = err < 1e-2
+    dout = rng.standard_normal(out.shape).astype(np.float16)
+    t0 = time.perf_counter()
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    dt = time.perf_counter() - t0
+    ref_grads = _reference.attention_backward_naive(dout, q, k, v, causal=True)
+    gerr = max(float(np.abs(g.astype(np.float64) - r).max()) for g, r in zip(grads, ref_grads))
+    print(f"cuflash.attention_backward on NumPy: {dt * 1e3:.1f} ms, "
+          f"max |d(q,k,v) - float64 naive| = {gerr:.2e}")
+    ok = err < 1e-2 and gerr < 2e-2
     print("reference check:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
@@ -72,14 +82,25 @@ def demo_gpu() -> int:
     err = float(np.abs(out.get().astype(np.float64) - ref).max())
     err_lse = float(np.abs(lse.get() - ref_lse).max())
     ok = err < 1e-2 and err_lse < 1e-3 and not bool(cp.isnan(out).any())
-    print(f"check vs float64 reference {q.shape} causal: max|out err| = {err:.2e}, "
+    print(f"forward vs float64 reference {q.shape} causal: max|out err| = {err:.2e}, "
           f"max|lse err| = {err_lse:.2e}: {'OK' if ok else 'FAILED'}")
+    dout = _bench.random_array(q.shape, "float16", cp.random.RandomState(1))
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    ref_grads = _reference.attention_backward_naive(dout.get(), q.get(), k.get(), v.get(),
+                                                    causal=True)
+    gerr = max(float(np.abs(g.get().astype(np.float64) - r).max())
+               for g, r in zip(grads, ref_grads))
+    gok = gerr < 2e-2 and not any(bool(cp.isnan(g).any()) for g in grads)
+    print(f"backward vs float64 reference: max|d(q,k,v) err| = {gerr:.2e}: "
+          f"{'OK' if gok else 'FAILED'}")
     cases = [_bench.Case("float16", 64, False, 2048, 4, 16),
              _bench.Case("float16", 128, True, 4096, 2, 16)]
+    cases += [dataclasses.replace(c, direction="bwd") for c in cases]
     rows = _bench.run(cases, progress=False)
-    print()
-    print(_bench.format_table(rows))
-    return 0 if ok else 1
+    for d in ("fwd", "bwd"):
+        print()
+        print(_bench.format_table([r for r in rows if r["case"].direction == d]))
+    return 0 if ok and gok else 1
 
 
 def cmd_bench(args) -> int:
@@ -90,10 +111,14 @@ def cmd_bench(args) -> int:
         return 2
     seqlens = tuple(int(s) for s in args.seqlens.split(","))
     head_dims = tuple(int(d) for d in args.head_dims.split(","))
-    cases = _bench.standard_cases(seqlens=seqlens, head_dims=head_dims)
+    directions = args.direction.split(",")
+    cases = [c for d in directions
+             for c in _bench.standard_cases(seqlens=seqlens, head_dims=head_dims, direction=d)]
     print(f"device: {_device_name()}", file=sys.stderr)
     rows = _bench.run(cases)
-    print(_bench.format_table(rows))
+    for d in directions:
+        print(_bench.format_table([r for r in rows if r["case"].direction == d]))
+        print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_name(), "rows": _bench.rows_to_records(rows)}, f,
@@ -105,7 +130,7 @@ def cmd_compile(args) -> int:
     from cuflash import _kernels, _nvrtc
 
     archs = tuple(int(a) for a in args.archs.split(","))
-    specs = _kernels.shipped_fwd_specs(archs)
+    specs = _kernels.shipped_specs(archs)
     print(f"NVRTC {'.'.join(map(str, _nvrtc.version()))}: {len(specs)} specialisations")
     bad = 0
     for spec in specs:
@@ -160,6 +185,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="forward benchmark against torch SDPA and CuPy")
     b.add_argument("--seqlens", default="1024,4096,16384")
     b.add_argument("--head-dims", default="64,128")
+    b.add_argument("--direction", default="fwd,bwd", help="fwd, bwd or fwd,bwd")
     b.add_argument("--json", help="also write the rows to this JSON file")
     c = sub.add_parser("compile", help="compile every specialisation with NVRTC (no GPU)")
     c.add_argument("--archs", default="80,90")

@@ -39,7 +39,8 @@ def _array_module(**arrays):
                             f"got {type(x).__module__}.{type(x).__name__}")
     if len(set(kinds.values())) > 1:
         detail = ", ".join(f"{n}: {k}" for n, k in kinds.items())
-        raise TypeError(f"q, k and v (and out) must all be NumPy or all be CuPy arrays ({detail})")
+        names = ", ".join(kinds)
+        raise TypeError(f"{names} must all be NumPy or all be CuPy arrays ({detail})")
     if "cupy" in kinds.values():
         import cupy
 
@@ -101,17 +102,48 @@ def _check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def _check_out(out, xp, shape, dtype):
-    if out is None:
+def _check_output(name, x, xp, shape, dtype):
+    """A caller's output array (out, dq, dk or dv): None, or the exact shape and dtype."""
+    if x is None:
         return None
-    if not isinstance(out, xp.ndarray):
-        raise TypeError(f"out must be a {xp.__name__}.ndarray like q, got {type(out).__name__}")
-    if out.shape != shape:
-        raise ValueError(f"out must have shape {shape}, got {out.shape}")
-    if out.dtype != dtype:
-        raise TypeError(f"out.dtype must be {dtype} (the dtype of q), got {out.dtype}")
-    _check_last_dim_contiguous("out", out)
-    return out
+    if not isinstance(x, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {type(x).__name__}")
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name}.dtype must be {dtype} (the dtype of q), got {x.dtype}")
+    _check_last_dim_contiguous(name, x)
+    return x
+
+
+def _extent(x) -> tuple[int, int]:
+    """[first, last) byte addresses that array x can touch."""
+    if isinstance(x, np.ndarray):
+        ptr = x.__array_interface__["data"][0]
+    else:
+        ptr = x.data.ptr
+    if x.size == 0:
+        return ptr, ptr
+    lo = ptr + sum(s * (n - 1) for n, s in zip(x.shape, x.strides) if s < 0)
+    hi = ptr + sum(s * (n - 1) for n, s in zip(x.shape, x.strides) if s > 0) + x.itemsize
+    return lo, hi
+
+
+def _check_no_overlap(outputs: dict, inputs: dict) -> None:
+    """Outputs may not share memory with the inputs or with each other: a kernel that
+    writes one while another reads the other would give wrong results."""
+    seen = dict(inputs)
+    for name, x in outputs.items():
+        if x is None:
+            continue
+        lo, hi = _extent(x)
+        for other, y in seen.items():
+            if y is None or not x.size or not y.size:
+                continue
+            ylo, yhi = _extent(y)
+            if lo < yhi and ylo < hi:
+                raise ValueError(f"{name} overlaps {other} in memory; pass separate arrays")
+        seen[name] = x
 
 
 def _check_bool(name: str, value) -> bool:
@@ -203,7 +235,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
         _check_last_dim_contiguous(name, x)
     scale = _check_scale(scale, D)
     out_shape = q.shape[:-1] + (Dv,)
-    out = _check_out(out, xp, out_shape, q.dtype)
+    out = _check_output("out", out, xp, out_shape, q.dtype)
 
     if xp is np:
         ref_out, ref_lse = _reference.attention_tiled_fa2(q, k, v, causal=causal, scale=scale,
@@ -230,35 +262,35 @@ def _gpu_forward(cp, q, k, v, out, *, causal, scale):
     lse = cp.empty(q.shape[:-1], dtype=cp.float32)
     if out.size == 0:
         return out, lse
-    for qv, kv, vv, ov, lv in _batched_views(q, k, v, out, lse):
+    lead = None if q.ndim == 2 else q.shape[:-3]
+    for qv, kv, vv, ov, lv in _batched_views(lead, ((q, 3), (k, 3), (v, 3), (out, 3), (lse, 2))):
         _dispatch.forward(qv, kv, vv, ov, lv, causal=causal, scale=scale)
     return out, lse
 
 
-def _batched_views(q, k, v, out, lse):
-    """Yield 4-D ``(B, H, L, D)`` views (lse: ``(B, H, L)``) that cover the inputs.
+def _batched_views(lead, arrays):
+    """Yield 4-D ``(B, H, L, D)`` views (3-D for lse-like arrays) that cover the arrays.
 
-    Leading dims are merged into B when their strides allow it (no copy); otherwise
-    the unmergeable outer dims are walked one index at a time.
+    ``lead`` is the shape of the shared leading dims; ``arrays`` holds ``(array, tail)``
+    pairs, ``tail`` being the number of dims after them. Leading dims are merged into B
+    when every array's strides allow it (no copy); otherwise the unmergeable outer dims
+    are walked one index at a time.
     """
-    if q.ndim == 2:
-        yield q[None, None], k[None, None], v[None, None], out[None, None], lse[None, None]
+    if lead is None:  # 2-D inputs (L, D): one batch element, one head
+        yield tuple(x[(None,) * (tail + 1 - x.ndim)] for x, tail in arrays)
         return
-    lead = q.shape[:-3]
-    arrays = (q, k, v, out, lse)
-    ndims_tail = (3, 3, 3, 3, 2)  # dims after the leading ones
     split = len(lead)
     # smallest split such that lead[split:] merges into one stride for every array
     while split > 0 and all(
             _mergeable(x.shape[:len(lead)][split - 1:], x.strides[:len(lead)][split - 1:])
-            for x in arrays):
+            for x, _ in arrays):
         split -= 1
     for idx in itertools.product(*(range(n) for n in lead[:split])):
         views = []
-        for x, nt in zip(arrays, ndims_tail):
+        for x, tail in arrays:
             y = x[idx]
-            batch = int(np.prod(y.shape[:-nt], dtype=np.int64)) if y.ndim > nt else 1
-            views.append(y.reshape((batch,) + y.shape[y.ndim - nt:]))
+            batch = int(np.prod(y.shape[:-tail], dtype=np.int64)) if y.ndim > tail else 1
+            views.append(y.reshape((batch,) + y.shape[y.ndim - tail:]))
         yield tuple(views)
 
 
@@ -266,3 +298,120 @@ def _mergeable(shape, strides) -> bool:
     """Whether these dims can be viewed as one dim with a single stride."""
     dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
     return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
+                       deterministic=False, dq=None, dk=None, dv=None, **options):
+    r"""Gradients of :func:`attention` (FlashAttention-2 backward), fused.
+
+    Given ``dout = dL/d(out)``, returns ``dL/dq, dL/dk, dL/dv``. The probabilities are
+    recomputed tile by tile from the forward pass's ``lse``; the score matrix is never
+    stored. ``q, k, v, causal, scale`` must be those of the forward call that produced
+    ``out`` and ``lse``.
+
+    Parameters
+    ----------
+    dout : array, shape ``(..., Hq, Lq, Dv)``, dtype of q
+        Gradient of the loss with respect to ``out``.
+    q, k, v : arrays
+        The forward inputs (see :func:`attention`).
+    out : array, shape ``(..., Hq, Lq, Dv)``, dtype of q
+        The forward output.
+    lse : array, shape ``(..., Hq, Lq)``, float32
+        The forward log-sum-exp (``attention(..., return_lse=True)``), any strides.
+    causal : bool, default False
+        Bottom-right aligned causal mask, as in the forward call.
+    scale : float, optional
+        As in the forward call; defaults to ``1 / sqrt(D)``.
+    deterministic : bool, default False
+        Bit-identical results on every run. The default accumulates dq with float32
+        atomics, whose order varies between runs; deterministic mode computes dq in a
+        separate pass over the key tiles in a fixed order instead, which recomputes
+        the scores (about 1.4x the matrix work: seven products per tile pair, not five).
+    dq, dk, dv : arrays, optional
+        Where to write the gradients: shapes of q, k and v, dtype of q, any strides with
+        a contiguous last dimension.
+
+    Returns
+    -------
+    dq, dk, dv : arrays with the shapes of q, k and v, dtype of q
+        For grouped-query attention, dk and dv are summed over the query heads of each
+        group. A query row that sees no key gets a zero dq row.
+
+    Notes
+    -----
+    Cost: about 2.5 times the forward pass's FLOPs (five matrix products instead of
+    two), plus a small preprocess (``delta = rowsum(dout * out)``) and, by default, a
+    float32 buffer of ``4 * Hq * Lq * D`` bytes per batch element for dq.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 96, 64)).astype(np.float16) for _ in range(3))
+    >>> o, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    >>> dout = rng.standard_normal(o.shape).astype(np.float16)
+    >>> dq, dk, dv = cuflash.attention_backward(dout, q, k, v, o, lse, causal=True)
+    >>> dq.shape, dk.dtype
+    ((2, 4, 96, 64), dtype('float16'))
+    """
+    grads = {n: x for n, x in (("dq", dq), ("dk", dk), ("dv", dv)) if x is not None}
+    xp = _array_module(dout=dout, q=q, k=k, v=v, out=out, lse=lse, **grads)
+    _check_options(options)
+    causal = _check_bool("causal", causal)
+    deterministic = _check_bool("deterministic", deterministic)
+    _check_dtypes(q, k, v)
+    D, Dv = _check_shapes(q, k, v)
+    out_shape = q.shape[:-1] + (Dv,)
+    for name, x in (("dout", dout), ("out", out)):
+        if x.shape != out_shape:
+            raise ValueError(f"{name} must have shape {out_shape} (q's with v's head dim), "
+                             f"got {x.shape}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must be {q.dtype} (the dtype of q), got {x.dtype}")
+    if lse.shape != q.shape[:-1]:
+        raise ValueError(f"lse must have shape {q.shape[:-1]}, got {lse.shape}")
+    if lse.dtype != np.float32:
+        raise TypeError(f"lse.dtype must be float32, got {lse.dtype}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out)):
+        _check_last_dim_contiguous(name, x)
+    scale = _check_scale(scale, D)
+    dq = _check_output("dq", dq, xp, q.shape, q.dtype)
+    dk = _check_output("dk", dk, xp, k.shape, q.dtype)
+    dv = _check_output("dv", dv, xp, v.shape, q.dtype)
+    _check_no_overlap({"dq": dq, "dk": dk, "dv": dv},
+                      {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse})
+
+    if xp is np:
+        grads = _reference.attention_backward_tiled(dout, q, k, v, out, lse, causal=causal,
+                                                    scale=scale)
+        result = []
+        for given, g in zip((dq, dk, dv), grads):
+            if given is None:
+                result.append(g.astype(q.dtype))
+            else:
+                given[...] = g.astype(q.dtype)
+                result.append(given)
+        return tuple(result)
+    return _gpu_backward(xp, dout, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale,
+                         deterministic=deterministic)
+
+
+def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, deterministic):
+    from . import _dispatch
+
+    dev = cp.cuda.Device().id
+    for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
+                    ("dq", dq), ("dk", dk), ("dv", dv)):
+        if x is not None and x.device.id != dev:
+            raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
+    dq = cp.empty(q.shape, q.dtype) if dq is None else dq
+    dk = cp.empty(k.shape, q.dtype) if dk is None else dk
+    dv = cp.empty(v.shape, q.dtype) if dv is None else dv
+    if dq.size + dk.size + dv.size == 0:
+        return dq, dk, dv
+    lead = None if q.ndim == 2 else q.shape[:-3]
+    arrays = ((dout, 3), (q, 3), (k, 3), (v, 3), (out, 3), (lse, 2), (dq, 3), (dk, 3), (dv, 3))
+    for views in _batched_views(lead, arrays):
+        _dispatch.backward(*views, causal=causal, scale=scale, deterministic=deterministic)
+    return dq, dk, dv

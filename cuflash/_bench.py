@@ -1,9 +1,12 @@
-"""Side-by-side forward timing of cuflash and the attention a user would pick instead.
+"""Side-by-side timing of cuflash and the attention a user would pick instead, forward
+and backward.
 
 Peers: PyTorch ``scaled_dot_product_attention`` with its flash backend (FlashAttention-2)
 and its cuDNN backend, when torch is importable, and plain CuPy (matmul, softmax,
 matmul). Every implementation reads the same device buffers (shared through DLPack).
-Times are medians of CUDA-event-timed rounds after a warm-up, on random data.
+Times are medians of CUDA-event-timed rounds after a warm-up, on random data. A
+backward case times the backward pass alone (its forward runs once, untimed), and
+counts 2.5 times the forward FLOPs, as FlashAttention's benchmarks do.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ FLASH = "torch_flash"
 CUDNN = "torch_cudnn"
 CUPY = "cupy_naive"
 CUFLASH = "cuflash"
+CUFLASH_DET = "cuflash_det"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,22 +33,26 @@ class Case:
     seqlen: int
     batch: int
     heads: int
+    direction: str = "fwd"  # or "bwd"
 
     @property
     def flops(self) -> float:
         f = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
+        f = f * 2.5 if self.direction == "bwd" else f
         return f / 2 if self.causal else f
 
     @property
     def label(self) -> str:
-        return (f"{self.dtype:8s} d{self.head_dim:<3d} {'causal' if self.causal else 'full  '} "
+        return (f"{self.direction} {self.dtype:8s} d{self.head_dim:<3d} "
+                f"{'causal' if self.causal else 'full  '} "
                 f"L{self.seqlen:<5d} b{self.batch:<2d} h{self.heads}")
 
 
 def standard_cases(seqlens=(1024, 4096, 16384), head_dims=(64, 128),
-                   dtypes=("bfloat16", "float16"), tokens=16384) -> list[Case]:
+                   dtypes=("bfloat16", "float16"), tokens=16384,
+                   direction="fwd") -> list[Case]:
     """The issue's grid: batch * seqlen = tokens, heads = 2048 / head_dim."""
-    return [Case(dt, d, c, L, max(1, tokens // L), 2048 // d)
+    return [Case(dt, d, c, L, max(1, tokens // L), 2048 // d, direction)
             for dt in dtypes for d in head_dims for c in (False, True) for L in seqlens]
 
 
@@ -98,7 +106,10 @@ def impl_cuflash(q, k, v, causal, spec=None):
     return lambda: _dispatch.forward(q, k, v, out, lse, causal=causal, scale=scale, spec=spec)
 
 
-def _torch_sdpa(backend_name):
+def _torch_sdpa(backend_name, backward=False):
+    """Factory for torch SDPA with one backend: the forward call, or (backward) the
+    backward pass alone, from one forward run outside the timed function."""
+
     def make(q, k, v, causal):
         try:
             import torch
@@ -106,14 +117,21 @@ def _torch_sdpa(backend_name):
         except ImportError as e:
             raise Skip("torch not importable") from e
         backend = getattr(SDPBackend, backend_name)
-        tq, tk, tv = (_to_torch(x) for x in (q, k, v))
+        tq, tk, tv = (_to_torch(x).detach().requires_grad_(backward) for x in (q, k, v))
 
-        def run():
+        def forward():
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv,
                                                                         is_causal=causal)
 
         try:
+            run = forward
+            if backward:
+                out, tdo = forward(), _to_torch(_dout_like(q))
+
+                def run():
+                    return torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True)
+
             run()
             torch.cuda.synchronize()
         except RuntimeError as e:
@@ -149,11 +167,79 @@ def impl_cupy_naive(q, k, v, causal, max_bytes=8 << 30):
     return run
 
 
+# ----------------------------------------------------------------------------- backward
+
+
+def _dout_like(q):
+    return random_array(q.shape, np.dtype(q.dtype).name, _cupy().random.RandomState(1))
+
+
+def impl_cuflash_bwd(q, k, v, causal, *, deterministic=False, spec=None, dq_spec=None):
+    from . import _api, _dispatch
+
+    out, lse = _api.attention(q, k, v, causal=causal, return_lse=True)
+    dout = _dout_like(q)
+    if spec is None and dq_spec is None:
+        return lambda: _api.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                               deterministic=deterministic)
+    cp = _cupy()
+    grads = [cp.empty_like(x) for x in (q, k, v)]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    det = deterministic if spec is None else not spec.atomic_dq
+    return lambda: _dispatch.backward(dout, q, k, v, out, lse, *grads, causal=causal,
+                                      scale=scale, deterministic=det, main_spec=spec,
+                                      dq_spec=dq_spec)
+
+
+def impl_cuflash_bwd_det(q, k, v, causal):
+    return impl_cuflash_bwd(q, k, v, causal, deterministic=True)
+
+
+def impl_cupy_naive_bwd(q, k, v, causal, max_bytes=8 << 30):
+    """The hand-written backward of impl_cupy_naive, from its saved probabilities."""
+    cp = _cupy()
+    B, H, L, D = q.shape
+    if B * H * L * k.shape[-2] * 4 * 4 > max_bytes:
+        raise Skip("score matrix too large")
+    if q.dtype != np.float16:
+        raise Skip("CuPy matmul has no bfloat16")
+    scale = 1.0 / math.sqrt(D)
+    s = cp.matmul(q, k.swapaxes(-1, -2)).astype(cp.float32) * scale
+    if causal:
+        Lk = k.shape[-2]
+        s[..., cp.arange(Lk)[None, :] > cp.arange(L)[:, None] + Lk - L] = -cp.inf
+    s -= s.max(axis=-1, keepdims=True)
+    p = cp.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    p = p.astype(q.dtype)
+    del s
+    dout = _dout_like(q)
+
+    def run():
+        dv = cp.matmul(p.swapaxes(-1, -2), dout)
+        dp = cp.matmul(dout, v.swapaxes(-1, -2)).astype(cp.float32)
+        dp -= (dp * p).sum(axis=-1, keepdims=True)
+        ds = (dp * p).astype(q.dtype)
+        dq = cp.matmul(ds, k) * scale
+        dk = cp.matmul(ds.swapaxes(-1, -2), q) * scale
+        return dq, dk, dv
+
+    return run
+
+
 PEERS = {
     CUFLASH: impl_cuflash,
     FLASH: _torch_sdpa("FLASH_ATTENTION"),
     CUDNN: _torch_sdpa("CUDNN_ATTENTION"),
     CUPY: impl_cupy_naive,
+}
+
+PEERS_BWD = {
+    CUFLASH: impl_cuflash_bwd,
+    CUFLASH_DET: impl_cuflash_bwd_det,
+    FLASH: _torch_sdpa("FLASH_ATTENTION", backward=True),
+    CUDNN: _torch_sdpa("CUDNN_ATTENTION", backward=True),
+    CUPY: impl_cupy_naive_bwd,
 }
 
 
@@ -187,14 +273,18 @@ def run(cases, impls=None, *, progress=True, extra=None):
 
     ``extra`` maps more names to factories ``(q, k, v, causal) -> callable`` (tile sweeps).
     """
-    impls = dict(PEERS if impls is None else {n: PEERS[n] for n in impls})
-    impls.update(extra or {})
+    def peers(case):
+        table = PEERS_BWD if case.direction == "bwd" else PEERS
+        chosen = dict(table if impls is None else {n: table[n] for n in impls if n in table})
+        chosen.update(extra or {})
+        return chosen
+
     rows = []
-    total = len(cases) * len(impls)
+    total = sum(len(peers(c)) for c in cases)
     done = 0
     for case in cases:
         q, k, v = make_inputs(case)
-        for name, make in impls.items():
+        for name, make in peers(case).items():
             done += 1
             row = {"case": case, "impl": name, "ms": None, "tflops": None, "note": ""}
             try:
@@ -216,23 +306,27 @@ def run(cases, impls=None, *, progress=True, extra=None):
 
 
 def format_table(rows, baseline=FLASH, ours=CUFLASH) -> str:
-    """One line per case: TFLOP/s of each implementation, and ours over the baseline."""
+    """One line per case: TFLOP/s of each implementation, and ratios of ours (and of the
+    deterministic variant, when present) over the baseline."""
     impls = list(dict.fromkeys(r["impl"] for r in rows))
+    ratios = [(n, baseline) for n in (ours, CUFLASH_DET) if n in impls]
     by_case: dict = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["impl"]] = r
-    head = f"{'case':40s} " + " ".join(f"{n:>13s}" for n in impls)
-    head += f" {ours + '/' + baseline:>20s}"
+    head = f"{'case':44s} " + " ".join(f"{n:>12s}" for n in impls)
+    head += "".join(f" {a + '/' + b:>24s}" for a, b in ratios)
     lines = [head, "-" * len(head)]
     for case, rs in by_case.items():
         cells = []
         for n in impls:
             r = rs.get(n)
-            cells.append(f"{r['tflops']:13.1f}" if r and r["tflops"] else f"{'-':>13s}")
-        a, b = rs.get(ours), rs.get(baseline)
-        ratio = (a["tflops"] / b["tflops"]) if a and b and a["tflops"] and b["tflops"] else None
-        lines.append(f"{case.label:40s} " + " ".join(cells) +
-                     (f" {ratio:20.2f}" if ratio else f" {'-':>20s}"))
+            cells.append(f"{r['tflops']:12.1f}" if r and r["tflops"] else f"{'-':>12s}")
+        line = f"{case.label:44s} " + " ".join(cells)
+        for a_name, b_name in ratios:
+            a, b = rs.get(a_name), rs.get(b_name)
+            ok = a and b and a["tflops"] and b["tflops"]
+            line += f" {a['tflops'] / b['tflops']:24.2f}" if ok else f" {'-':>24s}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -30,19 +30,24 @@ def device_arch() -> int:
     return int(_cupy().cuda.Device().compute_capability)
 
 
-def get_kernel(spec: _kernels.FwdSpec):
-    """The compiled kernel for ``spec`` on the current device (compiled on first use)."""
+def get_kernel(spec, name: str | None = None):
+    """The compiled kernel ``name`` (default: the spec's main one) of ``spec`` on the
+    current device; the spec's module is compiled on first use."""
     cp = _cupy()
     dev = cp.cuda.Device().id
-    key = (spec, dev)
+    name = name or spec.name_expression
+    key = (spec, name, dev)
     kern = _kernel_cache.get(key)
     if kern is None:
-        mod = cp.RawModule(code=_kernels.source_text(), options=_kernels.compile_options(),
-                           name_expressions=[spec.name_expression])
-        kern = mod.get_function(spec.name_expression)
-        if spec.smem_bytes > 48 * 1024:
-            kern.max_dynamic_shared_size_bytes = spec.smem_bytes
-        _kernel_cache[key] = kern
+        names = list(getattr(spec, "name_expressions", (spec.name_expression,)))
+        mod = cp.RawModule(code=_kernels.source_text(spec.source),
+                           options=_kernels.compile_options(), name_expressions=names)
+        for n in names:
+            k = mod.get_function(n)
+            if spec.smem_bytes > 48 * 1024:
+                k.max_dynamic_shared_size_bytes = spec.smem_bytes
+            _kernel_cache[(spec, n, dev)] = k
+        kern = _kernel_cache[key]
     return kern
 
 
@@ -131,3 +136,107 @@ def _dtype_name(dtype) -> str:
     if name not in _kernels.DTYPES:
         raise TypeError(f"no GPU kernel for dtype {name}")
     return name
+
+
+def _first_fitting(specs):
+    """The first spec whose shared memory fits this device."""
+    limit = max_smem_per_block()
+    for spec in specs:
+        if spec.smem_bytes <= limit:
+            return spec
+    raise RuntimeError(f"{specs[-1].label} needs {specs[-1].smem_bytes} bytes of shared "
+                       f"memory; this device allows {limit}")
+
+
+def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
+                     arch: int, deterministic: bool):
+    """(preprocess spec, main spec, dQ-pass spec or None) for one backward call.
+
+    Where no atomic-dQ tile fits the device's shared memory (head dims above 224 on
+    sm_86/sm_89 parts, 99 KB a block), the deterministic pair of kernels is used instead:
+    the same gradients, summed in a fixed order.
+    """
+    bucket = max(_kernels.head_dim_bucket(head_dim), _kernels.head_dim_bucket(head_dim_v))
+
+    def main_specs(atomic):
+        return [_kernels.bwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, atomic, tile=t)
+                for t in _kernels.bwd_tiles(bucket, atomic)]
+
+    limit = max_smem_per_block()
+    if not deterministic and all(s.smem_bytes > limit for s in main_specs(True)):
+        deterministic = True
+    main = _first_fitting(main_specs(not deterministic))
+    dq = None
+    if deterministic:
+        dq = _first_fitting([
+            _kernels.bwd_dq_spec(dtype, head_dim, head_dim_v, causal, vec, arch, tile=t)
+            for t in _kernels.bwd_dq_tiles(bucket)])
+    return _kernels.BwdPrepSpec(dtype, arch), main, dq
+
+
+def _i64(*xs):
+    return tuple(np.int64(x) for x in xs)
+
+
+def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
+             deterministic: bool, main_spec=None, dq_spec=None) -> None:
+    """Launch the backward pass on 4-D views ``(B, H, L, D)`` (lse: ``(B, Hq, Lq)``).
+
+    dq, dk and dv are written in full. Launches: preprocess (delta, lse in log2 units),
+    the main kernel over key tiles (dK, dV and, unless deterministic, dQ by float
+    atomics), then the dQ conversion, or the deterministic dQ pass.
+    """
+    cp = _cupy()
+    B, Hq, Lq, D = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if B == 0 or Hk == 0:
+        return
+    vec = is_vec_aligned((q, k, v, dout, dq, dk, dv), D, Dv)
+    prep, main, dq_pass = select_bwd_specs(_dtype_name(q.dtype), D, Dv, causal, vec,
+                                           device_arch(), deterministic)
+    if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
+        main = main_spec
+    if dq_spec is not None and deterministic:
+        dq_pass = dq_spec
+    pad = _kernels.BWD_ROW_PAD
+    lq_pad = -(-Lq // pad) * pad
+    lse_log2 = cp.empty((B, Hq, lq_pad), dtype=cp.float32)
+    delta = cp.empty((B, Hq, lq_pad), dtype=cp.float32)
+    dq_accum = None if deterministic else cp.zeros((B, Hq, lq_pad, main.head_dim), cp.float32)
+    qs, ks, vs, dos, os_, dqs, dks, dvs = (
+        _elem_strides(x) for x in (q, k, v, dout, out, dq, dk, dv))
+    ls = tuple(s // 4 for s in lse.strides)
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    for b0 in range(0, B, _MAX_GRID_YZ):
+        nb = min(_MAX_GRID_YZ, B - b0)
+        sl = slice(b0, b0 + nb)
+        if lq_pad and Hq:
+            get_kernel(prep, prep.name_expressions[0])(
+                (lq_pad // prep.rows_per_block, Hq, nb), (prep.threads, 1, 1),
+                (out[sl], dout[sl], lse[sl], lse_log2[sl], delta[sl], *_i64(*os_[:3]),
+                 *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(lq_pad), np.int32(Dv)))
+        if Lk:
+            accum = dq_accum[sl] if dq_accum is not None else delta[sl]  # unused if None
+            get_kernel(main)(
+                (-(-Lk // main.tile.block_n), Hk, nb), (main.threads, 1, 1),
+                (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], accum, dk[sl], dv[sl],
+                 *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dks[:3], *dvs[:3]),
+                 np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(Hq), np.int32(D),
+                 np.int32(Dv), np.int32(Hq // Hk), scale_log2, np.float32(scale)),
+                shared_mem=main.smem_bytes)
+        if Lq == 0 or Hq == 0:
+            continue
+        if dq_pass is not None:
+            get_kernel(dq_pass)(
+                (-(-Lq // dq_pass.tile.block_m), Hq, nb), (dq_pass.threads, 1, 1),
+                (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], dq[sl],
+                 *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dqs[:3]),
+                 np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(D), np.int32(Dv),
+                 np.int32(Hq // Hk), scale_log2, np.float32(scale)),
+                shared_mem=dq_pass.smem_bytes)
+        else:
+            get_kernel(prep, prep.name_expressions[1])(
+                (-(-Lq * D // 256), Hq, nb), (256, 1, 1),
+                (dq_accum[sl], dq[sl], *_i64(*dqs[:3]), np.int32(Lq), np.int32(lq_pad),
+                 np.int32(D), np.int32(main.head_dim),
+                 *(np.int32(x) for x in main.dq_layout), np.float32(scale)))

@@ -64,8 +64,10 @@ def head_dim_bucket(d: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class FwdSpec:
-    """One compiled forward kernel: everything that is a template argument, plus arch."""
+class _KernelSpec:
+    """What every attention kernel specialisation has: element type, head-dim buckets,
+    causal, 16-byte copies (vec), arch and a tile. Subclasses name the source, the
+    template and the tile's template arguments."""
 
     dtype: str
     head_dim: int
@@ -73,31 +75,53 @@ class FwdSpec:
     causal: bool
     vec: bool
     arch: int
-    tile: FwdTile
+    tile: object
+
+    kind = ""
+    template = ""
 
     @property
     def threads(self) -> int:
         return self.tile.num_warps * 32
 
+    def _tile_args(self) -> list:
+        raise NotImplementedError
+
+    def _extra_args(self) -> list:
+        return []
+
+    @property
+    def name_expression(self) -> str:
+        args = [_ELEM_TAG[self.dtype], self.head_dim, self.head_dim_v, *self._tile_args(),
+                _cbool(self.causal), _cbool(self.vec), *self._extra_args()]
+        return f"cuflash::{self.template}<" + ", ".join(str(a) for a in args) + ">"
+
+    @property
+    def label(self) -> str:
+        return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} dv{self.head_dim_v:<3d} "
+                f"{'causal' if self.causal else 'full  '} {'vec' if self.vec else 'scl'} "
+                f"sm_{self.arch} {self.tile.block_m}x{self.tile.block_n} "
+                f"w{self.tile.num_warps}{self._label_tail()}")
+
+    def _label_tail(self) -> str:
+        return f" s{self.tile.stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdSpec(_KernelSpec):
+    """One compiled forward kernel: everything that is a template argument, plus arch."""
+
+    source = "flash_fwd.cu"
+    kind = "fwd"
+    template = "flash_fwd_kernel"
+
     @property
     def smem_bytes(self) -> int:
         return self.tile.smem_bytes(self.head_dim, self.head_dim_v)
 
-    @property
-    def name_expression(self) -> str:
+    def _tile_args(self) -> list:
         t = self.tile
-        args = [
-            _ELEM_TAG[self.dtype], self.head_dim, self.head_dim_v, t.block_m, t.block_n,
-            t.num_warps, t.stages, t.min_blocks, _cbool(self.causal), _cbool(self.vec),
-        ]
-        return "cuflash::flash_fwd_kernel<" + ", ".join(str(a) for a in args) + ">"
-
-    @property
-    def label(self) -> str:
-        t = self.tile
-        return (f"fwd {self.dtype:8s} d{self.head_dim:<3d} dv{self.head_dim_v:<3d} "
-                f"{'causal' if self.causal else 'full  '} {'vec' if self.vec else 'scl'} "
-                f"sm_{self.arch} {t.block_m}x{t.block_n} w{t.num_warps} s{t.stages}")
+        return [t.block_m, t.block_n, t.num_warps, t.stages, t.min_blocks]
 
 
 def _cbool(b: bool) -> str:
@@ -120,6 +144,203 @@ def shipped_fwd_specs(archs=SHIPPED_ARCHS) -> list[FwdSpec]:
         for arch, dtype, d, causal, vec in itertools.product(
             archs, DTYPES, HEAD_DIM_BUCKETS, (False, True), (True, False))
     ]
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdTile:
+    """Main backward tiling: queries per step, keys per block, warps, warps sharing a key
+    slab (each with part of the dK/dV columns), query-tile buffers, blocks per SM."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    d_split: int
+    stages: int
+    min_blocks: int
+
+    def smem_bytes(self, head_dim: int, head_dim_v: int, atomic_dq: bool) -> int:
+        kv_bytes = self.block_n * (head_dim + head_dim_v) * 2
+        ds_bytes = self.block_n * self.block_m * 2 * (2 if atomic_dq else 0)
+        stage_bytes = self.block_m * (head_dim + head_dim_v) * 2 + 2 * self.block_m * 4
+        return kv_bytes + ds_bytes + self.stages * stage_bytes
+
+
+# Keyed by head-dim bucket: (tile with atomic dQ, tile for dK/dV only). Each must compile
+# without spills (tests/test_compile_all.py); the atomic dQ product needs more registers.
+BWD_TILES = {
+    32: (BwdTile(32, 128, 4, 1, 2, 1), BwdTile(32, 128, 4, 1, 2, 1)),
+    64: (BwdTile(32, 128, 4, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
+    96: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
+    128: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
+    160: (BwdTile(64, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),
+    192: (BwdTile(64, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),
+    224: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(32, 64, 8, 2, 2, 1)),
+    256: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(32, 64, 8, 2, 2, 1)),
+}
+
+# The deterministic dQ pass: (block_m, block_n, warps, K/V stages, blocks per SM).
+BWD_DQ_TILES = {
+    32: FwdTile(128, 32, 4, 2, 1),
+    64: FwdTile(128, 32, 4, 2, 1),
+    96: FwdTile(128, 32, 4, 2, 1),
+    128: FwdTile(64, 64, 4, 2, 1),
+    160: FwdTile(64, 32, 4, 2, 1),
+    192: FwdTile(64, 32, 4, 2, 1),
+    224: FwdTile(64, 32, 4, 2, 1),
+    256: FwdTile(64, 32, 4, 2, 1),
+}
+
+#: Row statistics and the float32 dQ buffer are padded to a multiple of this many rows,
+#: which every query tile (forward, backward, dQ pass) divides.
+BWD_ROW_PAD = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdSpec(_KernelSpec):
+    """One compiled main backward kernel (dK, dV; and dQ by atomics when atomic_dq)."""
+
+    atomic_dq: bool = True
+
+    source = "flash_bwd.cu"
+    kind = "bwd"
+    template = "flash_bwd_kernel"
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.tile.smem_bytes(self.head_dim, self.head_dim_v, self.atomic_dq)
+
+    @property
+    def dq_layout(self) -> tuple[int, int, int, int]:
+        """(block_m, mrep, cols, warps_m) of the dQ warp tiles, as BwdTraits computes them:
+        the fragment order of the float32 dQ buffer (kernels/flash_bwd_prep.cu)."""
+        t = self.tile
+        warps_m = min(t.block_m // 32, t.num_warps)
+        warps_n = t.num_warps // warps_m
+        while warps_n > 1 and self.head_dim % (16 * warps_n):
+            warps_n -= 1
+        return t.block_m, t.block_m // 16 // warps_m, self.head_dim // warps_n, warps_m
+
+    def _tile_args(self) -> list:
+        t = self.tile
+        return [t.block_m, t.block_n, t.num_warps, t.d_split, t.stages, t.min_blocks]
+
+    def _extra_args(self) -> list:
+        return [_cbool(self.atomic_dq)]
+
+    def _label_tail(self) -> str:
+        return (f" x{self.tile.d_split} s{self.tile.stages} "
+                f"{'atomic-dq' if self.atomic_dq else 'dk-dv'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdDqSpec(_KernelSpec):
+    """One compiled deterministic dQ kernel."""
+
+    source = "flash_bwd_dq.cu"
+    kind = "bwd-dq"
+    template = "flash_bwd_dq_kernel"
+
+    @property
+    def smem_bytes(self) -> int:
+        # Q and dO stay; K and V are staged
+        t = self.tile
+        return (t.block_m * (self.head_dim + self.head_dim_v) * 2
+                + t.stages * t.block_n * (self.head_dim + self.head_dim_v) * 2)
+
+    def _tile_args(self) -> list:
+        t = self.tile
+        return [t.block_m, t.block_n, t.num_warps, t.stages, t.min_blocks]
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdPrepSpec:
+    """The element-wise kernels around the backward pass: preprocess and dQ conversion."""
+
+    dtype: str
+    arch: int
+
+    source = "flash_bwd_prep.cu"
+    threads = 256
+    smem_bytes = 0
+    rows_per_block = 8  # kPrepWarps: one warp per query row
+
+    @property
+    def name_expressions(self) -> tuple[str, str]:
+        tag = _ELEM_TAG[self.dtype]
+        return (f"cuflash::flash_bwd_preprocess_kernel<{tag}>",
+                f"cuflash::flash_bwd_convert_dq_kernel<{tag}>")
+
+    @property
+    def name_expression(self) -> str:
+        return self.name_expressions[0]
+
+    @property
+    def label(self) -> str:
+        return f"bwd-prep {self.dtype:8s} sm_{self.arch}"
+
+
+def _smaller(tile):
+    """Tiles that need less shared memory, in the order the dispatcher tries them (for
+    parts with about 99 KB a block, e.g. sm_86 and sm_89): one buffer, then half the rows."""
+    out = []
+    if tile.stages == 2:
+        out.append(dataclasses.replace(tile, stages=1))
+    if tile.block_m > 32:
+        out.append(dataclasses.replace(tile, block_m=32, stages=1))
+    return out
+
+
+def bwd_tiles(bucket: int, atomic_dq: bool) -> list[BwdTile]:
+    """Main backward tiles for a head-dim bucket: the tuned one first, then smaller ones."""
+    tile = BWD_TILES[bucket][0 if atomic_dq else 1]
+    return [tile, *_smaller(tile)]
+
+
+def bwd_dq_tiles(bucket: int) -> list[FwdTile]:
+    tile = BWD_DQ_TILES[bucket]
+    return [tile] + ([dataclasses.replace(tile, stages=1)] if tile.stages == 2 else [])
+
+
+def bwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
+             atomic_dq: bool, tile: BwdTile | None = None) -> BwdSpec:
+    d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    if tile is None:
+        tile = bwd_tiles(max(d, dv), atomic_dq)[0]
+    return BwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(atomic_dq))
+
+
+def bwd_dq_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
+                tile: FwdTile | None = None) -> BwdDqSpec:
+    d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    if tile is None:
+        tile = bwd_dq_tiles(max(d, dv))[0]
+    return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile)
+
+
+def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
+    """Every backward specialisation that the dispatcher can pick (head_dim_v == head_dim).
+
+    With ``fallbacks``, also the smaller-shared-memory tiles, for the first arch only
+    (sm_80 code; they are picked on sm_86/sm_89 parts)."""
+    specs: list = []
+    for arch, dtype in itertools.product(archs, DTYPES):
+        specs.append(BwdPrepSpec(dtype, arch))
+        n_tiles = None if fallbacks and arch == archs[0] else 1
+        for d, causal, vec in itertools.product(HEAD_DIM_BUCKETS, (False, True), (True, False)):
+            for atomic in (True, False):
+                specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t)
+                          for t in bwd_tiles(d, atomic)[:n_tiles]]
+            specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t)
+                      for t in bwd_dq_tiles(d)[:n_tiles]]
+    return specs
+
+
+def shipped_specs(archs=SHIPPED_ARCHS) -> list:
+    """Every specialisation, forward and backward: what CI compiles."""
+    return shipped_fwd_specs(archs) + shipped_bwd_specs(archs)
 
 
 # --------------------------------------------------------------------------- sources
@@ -150,10 +371,16 @@ def source_text(name: str = "flash_fwd.cu") -> str:
     return (kernel_dir() / name).read_text()
 
 
+#: Extra NVRTC options, for probes that time a kernel with one stage left out
+#: (tools/probe_bwd.py); empty in normal use.
+EXTRA_OPTIONS: list[str] = []
+
+
 def compile_options() -> tuple[str, ...]:
     """NVRTC options shared by the run-time compile and the CI compile-all (arch apart)."""
     return (
         "-std=c++17",
         f"-I{kernel_dir()}",
         f"-DCUFLASH_SOURCE_HASH=0x{source_hash()}ull",
+        *EXTRA_OPTIONS,
     )

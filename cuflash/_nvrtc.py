@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import functools
 import re
+import threading
 import time
 
 from . import _kernels
@@ -22,8 +23,28 @@ class NvrtcError(RuntimeError):
     """NVRTC failed to compile a kernel; the message carries its log."""
 
 
-@functools.lru_cache(maxsize=None)
+_init_lock = threading.RLock()
+
+
 def _lib() -> ctypes.CDLL:
+    # NVRTC loads libnvrtc-builtins on its first compile; two threads racing there can
+    # fail ("failed to open libnvrtc-builtins"), so the first compile runs under a lock.
+    with _init_lock:
+        return _lib_warm()
+
+
+@functools.lru_cache(maxsize=None)
+def _lib_warm() -> ctypes.CDLL:
+    lib = _load_lib()
+    prog = ctypes.c_void_p()
+    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), b"__global__ void k() {}", b"warm.cu", 0,
+                                  None, None), "nvrtcCreateProgram")
+    lib.nvrtcCompileProgram(prog, 0, None)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return lib
+
+
+def _load_lib() -> ctypes.CDLL:
     try:
         from cuda import pathfinder
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -71,13 +92,13 @@ _RE_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+
 def compile_spec(spec, *, source: str | None = None) -> CompileResult:
     """Compile one specialisation to a cubin for ``spec.arch`` and parse ``ptxas -v``."""
     lib = _lib()
-    src = (source or _kernels.source_text()).encode()
+    src = (source or _kernels.source_text(spec.source)).encode()
     prog = ctypes.c_void_p()
-    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"flash_fwd.cu", 0, None, None),
+    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, spec.source.encode(), 0, None, None),
            "nvrtcCreateProgram")
     try:
-        _check(lib.nvrtcAddNameExpression(prog, spec.name_expression.encode()),
-               "nvrtcAddNameExpression")
+        for expr in getattr(spec, "name_expressions", (spec.name_expression,)):
+            _check(lib.nvrtcAddNameExpression(prog, expr.encode()), "nvrtcAddNameExpression")
         opts = [f"-arch=sm_{spec.arch}", "--ptxas-options=-v", "-ftz=true",
                 *_kernels.compile_options()]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
@@ -95,11 +116,12 @@ def compile_spec(spec, *, source: str | None = None) -> CompileResult:
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
-    regs = _RE_REGS.search(log)
-    stack = _RE_STACK.search(log)
-    if regs is None or stack is None:
+    # One report per kernel in the module: keep the worst of each figure.
+    regs = [int(x) for x in _RE_REGS.findall(log)]
+    stacks = [tuple(map(int, x)) for x in _RE_STACK.findall(log)]
+    if not regs or not stacks:
         raise NvrtcError(f"no ptxas resource report for {spec.name_expression}:\n{log}")
     warnings = [ln for ln in log.splitlines() if "warning" in ln.lower()]
-    return CompileResult(spec, cubin_bytes, log, seconds, int(regs.group(1)),
-                         int(stack.group(1)), int(stack.group(2)), int(stack.group(3)),
-                         warnings)
+    return CompileResult(spec, cubin_bytes, log, seconds, max(regs),
+                         max(x[0] for x in stacks), max(x[1] for x in stacks),
+                         max(x[2] for x in stacks), warnings)

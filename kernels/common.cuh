@@ -32,6 +32,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 CUFLASH_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+CUFLASH_DEVICE float pos_inf() { return __int_as_float(0x7f800000); }
 
 // ---------------------------------------------------------------------------
 // Conversions.
@@ -47,6 +48,19 @@ CUFLASH_DEVICE u32 pack2(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   }
   return r;
+}
+
+// Inverse of pack2.
+template <bool kIsBf16>
+CUFLASH_DEVICE void unpack2(u32 x, float& lo, float& hi) {
+  if (kIsBf16) {
+    lo = __uint_as_float(x << 16);
+    hi = __uint_as_float(x & 0xffff0000u);
+  } else {
+    asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}\n"
+        : "=f"(lo), "=f"(hi)
+        : "r"(x));
+  }
 }
 
 template <bool kIsBf16>
@@ -137,6 +151,34 @@ CUFLASH_DEVICE void ld_shared_v4(u32 (&v)[4], u32 addr) {
   asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
                : "r"(addr));
+}
+
+CUFLASH_DEVICE void ld_shared_f2(float& x, float& y, u32 addr) {
+  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(x), "=f"(y) : "r"(addr));
+}
+
+// ---------------------------------------------------------------------------
+// Float atomics in global memory, result unused (red): one 8-byte pair.
+// ---------------------------------------------------------------------------
+CUFLASH_DEVICE void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1,%2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(a) : "memory");
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p + 1), "f"(b) : "memory");
+#endif
+}
+
+// Four consecutive floats (16-byte aligned).
+CUFLASH_DEVICE void red_add_f32x4(float* p, const float (&v)[4]) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1,%2,%3,%4};\n" ::"l"(p), "f"(v[0]), "f"(v[1]),
+               "f"(v[2]), "f"(v[3])
+               : "memory");
+#else
+  red_add_f32x2(p, v[0], v[1]);
+  red_add_f32x2(p + 2, v[2], v[3]);
+#endif
 }
 
 // ---------------------------------------------------------------------------

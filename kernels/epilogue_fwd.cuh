@@ -4,6 +4,7 @@
 #pragma once
 #include "common.cuh"
 #include "tile_load.cuh"
+#include "warp_gemm.cuh"
 
 namespace cuflash {
 
@@ -14,17 +15,12 @@ CUFLASH_DEVICE void store_output(u16* __restrict__ o_tile, i64 o_row_stride,
                                  const float (&lse)[T::kMRep][2], u32 sO, int warp_row0,
                                  int tid) {
   const int lane = tid & 31;
+  store_frag<T::kIsBf16, typename T::TileO>(sO, o_acc, warp_row0, 0, 1.f, lane);
 #pragma unroll
   for (int r = 0; r < T::kMRep; ++r) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + r * 16 + (lane >> 2) + h * 8;
-#pragma unroll
-      for (int d = 0; d < T::kDTiles; ++d) {
-        // columns 8d + 2(lane%4), +1: one 4-byte word inside chunk d
-        const u32 addr = sO + T::TileO::offset(row, d) + (lane & 3) * 4;
-        st_shared_b32(addr, pack2<T::kIsBf16>(o_acc[r][d][2 * h], o_acc[r][d][2 * h + 1]));
-      }
       if ((lane & 3) == 0 && row < rows_valid) lse_tile[row] = lse[r][h];
     }
   }

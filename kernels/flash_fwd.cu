@@ -3,10 +3,10 @@
 // One thread block owns kBlockM query rows of one (batch, head) and walks the key/value
 // tiles from the last to the first. Per tile:
 //   tile load   K_j, V_j -> shared memory (cp.async, double-buffered)   tile_load.cuh
-//   S = Q K_j^T on tensor cores                                         mainloop_fwd.cuh
+//   S = Q K_j^T on tensor cores                                         warp_gemm.cuh
 //   mask (only on the ragged/diagonal tiles)                            mask.cuh
 //   online softmax: m_i, l_i, rescale of o_acc, P = exp2(S - m_i)        softmax.cuh
-//   O += P V_j                                                          mainloop_fwd.cuh
+//   O += P V_j                                                          warp_gemm.cuh
 // then o_acc / l_i and lse are written once                             epilogue_fwd.cuh
 // The score matrix never reaches global memory. The host side picks the template
 // arguments (cuflash/_dispatch.py) and compiles one module per specialisation with NVRTC.
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.m0 = m0;
   mainloop.warp_row0 = warp_row0;
   mainloop.tid = tid;
-  mainloop.lane_offsets.init(warp_row0, tid & 31);
+  mainloop.lp.init(warp_row0, tid & 31);
 
   float o_acc[T::kMRep][T::kDTiles][4];
 #pragma unroll

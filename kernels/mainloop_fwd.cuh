@@ -1,15 +1,13 @@
-// cuflash: the forward main loop's two matrix products, on tensor cores (mma.sync m16n8k16).
-//
-// Each warp owns kMRep slabs of 16 query rows. For one key tile:
-//   gemm_qk: S = Q K^T   (A = Q from shared memory by ldmatrix, B = K rows by ldmatrix)
-//   gemm_pv: O += P V    (A = P straight from the S registers, B = V by ldmatrix.trans)
-// The C fragment of two neighbouring n8 tiles of S is exactly the A fragment of one k16
-// step of P V, so P never leaves registers.
+// cuflash: the forward main loop. Each warp owns kMRep slabs of 16 query rows; for one
+// key tile, on tensor cores (warp_gemm.cuh):
+//   S = Q K^T    gemm_rows_rows  (Q and K from shared memory by ldmatrix)
+//   O += P V     gemm_regs_trans (P straight from the S registers, V by ldmatrix.trans)
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
 #include "softmax.cuh"
 #include "tile_load.cuh"
+#include "warp_gemm.cuh"
 
 namespace cuflash {
 
@@ -46,79 +44,6 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kQBytes + kStages * (TileK::kBytes + TileV::kBytes);
 };
 
-// Per-lane ldmatrix offsets of the three operands (see SmemTile::lane_offsets).
-template <class T>
-struct FwdLaneOffsets {
-  typename T::TileQ::LaneOffsets q;  // A of S = Q K^T: rows 0-15, chunks +0 | +1
-  typename T::TileK::LaneOffsets k;  // B of S: keys 0-7 | 0-7 | 8-15 | 8-15, chunks +0 | +1 | +0 | +1
-  typename T::TileV::LaneOffsets v;  // B of O += P V (.trans): keys 0-7 | 8-15 | 0-7 | 8-15, chunks +0 | +0 | +1 | +1
-
-  CUFLASH_DEVICE void init(int warp_row0, int lane) {
-    q = T::TileQ::lane_offsets(warp_row0 + (lane & 15), lane >> 4);
-    k = T::TileK::lane_offsets(((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
-    v = T::TileV::lane_offsets((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
-  }
-};
-
-// S = Q K^T for this warp's kMRep slabs of 16 rows. s is zeroed here.
-template <class T>
-CUFLASH_DEVICE void gemm_qk(float (&s)[T::kMRep][T::kNTiles][4], u32 sQ, u32 sK,
-                            const FwdLaneOffsets<T>& lo) {
-#pragma unroll
-  for (int r = 0; r < T::kMRep; ++r)
-#pragma unroll
-    for (int n = 0; n < T::kNTiles; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[r][n][e] = 0.f;
-
-#pragma unroll
-  for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
-    u32 a[T::kMRep][4];
-#pragma unroll
-    for (int r = 0; r < T::kMRep; ++r) {
-      ldmatrix_x4(a[r], T::TileQ::ldsm(sQ, lo.q, r * 16, 2 * kk));
-    }
-#pragma unroll
-    for (int nn = 0; nn < T::kBlockN / 16; ++nn) {
-      u32 b[4];
-      ldmatrix_x4(b, T::TileK::ldsm(sK, lo.k, nn * 16, 2 * kk));
-#pragma unroll
-      for (int r = 0; r < T::kMRep; ++r) {
-        mma_16816<T::kIsBf16>(s[r][2 * nn], a[r], b[0], b[1]);
-        mma_16816<T::kIsBf16>(s[r][2 * nn + 1], a[r], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// O += P V, with p the probabilities left in the S registers by the softmax.
-template <class T>
-CUFLASH_DEVICE void gemm_pv(float (&o_acc)[T::kMRep][T::kDTiles][4],
-                            const float (&p)[T::kMRep][T::kNTiles][4], u32 sV,
-                            const FwdLaneOffsets<T>& lo) {
-#pragma unroll
-  for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
-    u32 a[T::kMRep][4];
-#pragma unroll
-    for (int r = 0; r < T::kMRep; ++r) {
-      a[r][0] = pack2<T::kIsBf16>(p[r][2 * kk][0], p[r][2 * kk][1]);
-      a[r][1] = pack2<T::kIsBf16>(p[r][2 * kk][2], p[r][2 * kk][3]);
-      a[r][2] = pack2<T::kIsBf16>(p[r][2 * kk + 1][0], p[r][2 * kk + 1][1]);
-      a[r][3] = pack2<T::kIsBf16>(p[r][2 * kk + 1][2], p[r][2 * kk + 1][3]);
-    }
-#pragma unroll
-    for (int dd = 0; dd < T::kHeadDimV / 16; ++dd) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, T::TileV::ldsm(sV, lo.v, kk * 16, 2 * dd));
-#pragma unroll
-      for (int r = 0; r < T::kMRep; ++r) {
-        mma_16816<T::kIsBf16>(o_acc[r][2 * dd], a[r], b[0], b[1]);
-        mma_16816<T::kIsBf16>(o_acc[r][2 * dd + 1], a[r], b[2], b[3]);
-      }
-    }
-  }
-}
-
 // The key/value loop of one thread block: tiles n_block_max-1 down to 0.
 // kStages == 2: tile n-1 streams into the other stage during the whole step for tile n.
 // kStages == 1 (FlashAttention-2's schedule, half the shared memory): V_n streams during
@@ -133,7 +58,7 @@ struct FwdMainloop {
   Mask<kCausal> mask;
   u32 sQ;  // K and V stages follow Q's space: [K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;
-  FwdLaneOffsets<T> lane_offsets;
+  LanePatterns lp;
 
   static constexpr u32 kStageBytes = T::TileK::kBytes + T::TileV::kBytes;
   CUFLASH_DEVICE u32 sK(int st) const { return sQ + T::kQBytes + st * kStageBytes; }
@@ -174,7 +99,8 @@ struct FwdMainloop {
     cp_async_commit();
 
     float s[T::kMRep][T::kNTiles][4];
-    gemm_qk<T>(s, sQ, sK(st), lane_offsets);
+    gemm_rows_rows<T::kIsBf16, T::kMRep, T::kBlockN, T::kHeadDim, typename T::TileQ,
+                   typename T::TileK>(s, sQ, lp, sK(st));
 #pragma unroll
     for (int r = 0; r < T::kMRep; ++r)
 #pragma unroll
@@ -190,7 +116,10 @@ struct FwdMainloop {
       cp_async_commit();
     }
     softmax.update(s, o_acc);
-    gemm_pv<T>(o_acc, s, sV(st), lane_offsets);
+    u32 p[T::kMRep][T::kBlockN / 16][4];
+    pack_frags<T::kIsBf16, T::kMRep, T::kBlockN>(p, s);
+    gemm_regs_trans<T::kIsBf16, T::kMRep, T::kHeadDimV, T::kBlockN, typename T::TileV>(
+        o_acc, p, sV(st), lp);
   }
 
   // Masking regimes: the last tiles (ragged end of the keys, causal diagonal) take an

@@ -33,6 +33,13 @@ struct Mask {
     return key_end >= seqlen_k || (kCausal && key_end > m0 + seqlen_k - seqlen_q);
   }
 
+  // Query tiles [m_block_min, ...) hold every query that sees a key of tile [n0, ...):
+  // with causal, query i sees key n0 only from i = n0 - (seqlen_k - seqlen_q) on.
+  template <int kBlockM>
+  CUFLASH_DEVICE int m_block_min(int n0) const {
+    return kCausal ? max(0, n0 - (seqlen_k - seqlen_q)) / kBlockM : 0;
+  }
+
   // s: one warp's scores, kMRep slabs of 16 rows x kBlockN columns, in mma C layout.
   // row0: first row of this warp's slab 0; col0: first key of the tile.
   template <int kMRep, int kNTiles>
@@ -49,6 +56,27 @@ struct Mask {
           for (int e = 0; e < 2; ++e) {
             const int col = col0 + n * 8 + (lane & 3) * 2 + e;
             if (col > limit) s[r][n][2 * h + e] = neg_inf();
+          }
+        }
+      }
+    }
+  }
+
+  // The same on transposed scores (rows are keys, columns are queries), as the backward
+  // pass holds them. key0: first key of this warp's slab 0; query0: first query of the tile.
+  template <int kNRep, int kMTiles>
+  CUFLASH_DEVICE void apply_transposed(float (&st)[kNRep][kMTiles][4], int key0, int query0,
+                                       int lane) const {
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int limit = last_key(query0 + m * 8 + (lane & 3) * 2 + e);
+#pragma unroll
+        for (int r = 0; r < kNRep; ++r) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (key0 + r * 16 + (lane >> 2) + h * 8 > limit) st[r][m][2 * h + e] = neg_inf();
           }
         }
       }

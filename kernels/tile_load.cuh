@@ -10,6 +10,11 @@
 
 namespace cuflash {
 
+// Two per-lane ldmatrix byte offsets (see SmemTile::lane_offsets).
+struct LaneOffsets {
+  u32 even, odd;
+};
+
 template <int kRows, int kCols>
 struct SmemTile {
   static_assert(kCols % 32 == 0, "tile width must be a multiple of 32 elements");
@@ -38,9 +43,6 @@ struct SmemTile {
   // R % 8 == 0, C % 2 == 0 and lane_chunk in {0, 1}: the swizzle then depends on (R, C)
   // only through bit 1 of C, so every address is one of two per-lane offsets plus a
   // compile-time constant, and the unrolled loops need no per-step address registers.
-  struct LaneOffsets {
-    u32 even, odd;
-  };
   static CUFLASH_DEVICE LaneOffsets lane_offsets(int lane_row, int lane_chunk) {
     return {offset(lane_row, lane_chunk), offset(lane_row, lane_chunk ^ 2)};
   }

@@ -25,14 +25,14 @@ def _nvrtc_available() -> bool:
 
 @pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC (pip install 'cuflash[test]') not found")
 def test_compile_all_specialisations_without_spills(capsys):
-    specs = _kernels.shipped_fwd_specs()
+    specs = _kernels.shipped_specs()
     workers = max(1, min(8, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(_nvrtc.compile_spec, specs))
     lines = [f"NVRTC {'.'.join(map(str, _nvrtc.version()))}: {len(results)} specialisations",
-             f"{'specialisation':62s} {'regs':>4s} {'smem':>8s} {'stack':>5s} {'spill':>5s}"]
+             f"{'specialisation':78s} {'regs':>4s} {'smem':>8s} {'stack':>5s} {'spill':>5s}"]
     for r in results:
-        lines.append(f"{r.spec.label:62s} {r.registers:4d} {r.spec.smem_bytes:8d} "
+        lines.append(f"{r.spec.label:78s} {r.registers:4d} {r.spec.smem_bytes:8d} "
                      f"{r.stack_bytes:5d} {r.spill_stores + r.spill_loads:5d}")
     with capsys.disabled():
         print("\n" + "\n".join(lines))

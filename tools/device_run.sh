@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: run it from the source tree, in one device call.
-#   bash tools/device_run.sh [tests] [sanitize] [compile-time] [bench] [tune]   (default: all)
+#   bash tools/device_run.sh [tests] [sanitize] [racecheck] [compile-time] [bench] [tune]
+#                            [tune-bwd]     (default: all but the tile sweeps)
+# PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py").
 # Full logs and tables go under $OUT (./.out when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-stages=${*:-tests sanitize compile-time bench tune}
+stages=${*:-tests sanitize racecheck compile-time bench}
 summary=()
 
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
@@ -19,13 +21,19 @@ cat "$OUT/device.txt"
 for s in $stages; do
   case $s in
     tests)
-      python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -n 25
+      python3 -m pytest -m gpu -q -rf -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 \
+        | tee "$OUT/pytest.txt" | tail -n 25
       summary+=("tests: $(tail -n 1 "$OUT/pytest.txt")") ;;
     sanitize)
       compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
         python3 tools/sanitize_cases.py > "$OUT/sanitizer.txt" 2>&1
       rc=$?; tail -n 5 "$OUT/sanitizer.txt"
       summary+=("memcheck: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.txt" | tail -n 1)") ;;
+    racecheck)
+      compute-sanitizer --tool racecheck --error-exitcode 3 \
+        python3 tools/sanitize_cases.py --small > "$OUT/racecheck.txt" 2>&1
+      rc=$?; tail -n 5 "$OUT/racecheck.txt"
+      summary+=("racecheck: rc=$rc $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.txt" | tail -n 1)") ;;
     compile-time)
       python3 -m cuflash compile-time 2>&1 | tee "$OUT/compile_time.txt"
       summary+=("compile: $(tail -n 1 "$OUT/compile_time.txt")") ;;
@@ -35,6 +43,9 @@ for s in $stages; do
     tune)
       python3 tools/tune_fwd.py > "$OUT/tune.txt" 2>/dev/null
       cat "$OUT/tune.txt" ;;
+    tune-bwd)
+      python3 tools/tune_bwd.py ${TUNE_ARGS:-} > "$OUT/tune_bwd.txt" 2> "$OUT/tune_bwd_progress.txt"
+      cat "$OUT/tune_bwd.txt" ;;
   esac
 done
 

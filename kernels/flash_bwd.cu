@@ -1,0 +1,104 @@
+// cuflash: fused attention backward, FlashAttention-2 style (Dao 2023), for sm_80 and newer.
+//
+// The pass runs in up to four launches (cuflash/_dispatch.py):
+//   1. flash_bwd_preprocess_kernel: delta = rowsum(dO o O), lse in log2 units   flash_bwd_prep.cu
+//   2. flash_bwd_kernel (this file): one block per key tile; dK, dV, and with
+//      kAtomicDQ dQ by float atomics                                            mainloop_bwd.cuh
+//   3. deterministic mode: flash_bwd_dq_kernel, one block per query tile, dQ
+//      with no atomics                                                          flash_bwd_dq.cu
+//   4. without it: flash_bwd_convert_dq_kernel, float32 dQ -> fp16/bf16          flash_bwd_prep.cu
+// The probabilities are recomputed from the saved lse; no score matrix is stored.
+#include "common.cuh"
+#include "mainloop_bwd.cuh"
+
+namespace cuflash {
+
+template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
+          int kDSplit, int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kAtomicDQ>
+__global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
+    flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
+                     const u16* __restrict__ v, const u16* __restrict__ dout,
+                     const float* __restrict__ lse_log2, const float* __restrict__ delta,
+                     float* __restrict__ dq_accum, u16* __restrict__ dk, u16* __restrict__ dv,
+                     i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+                     i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+                     i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+                     i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
+                     i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
+                     i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
+                     int seqlen_q, int seqlen_k, int seqlen_q_pad, int num_heads_q,
+                     int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
+                     float scale) {
+  using T = BwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kDSplit, kStages,
+                      kAtomicDQ>;
+  extern __shared__ unsigned char smem[];
+
+  const int n_block = blockIdx.x;  // with causal, block 0 has the most query tiles
+  const int kv_head = blockIdx.y;
+  const i64 batch = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int n0 = n_block * kBlockN;
+
+  BwdMainloop<T, kCausal, kVec> mainloop;
+  mainloop.q_batch = q + batch * q_batch_stride;
+  mainloop.do_batch = dout + batch * do_batch_stride;
+  mainloop.q_head_stride = q_head_stride;
+  mainloop.q_row_stride = q_row_stride;
+  mainloop.do_head_stride = do_head_stride;
+  mainloop.do_row_stride = do_row_stride;
+  const i64 stats_batch = batch * num_heads_q * seqlen_q_pad;
+  mainloop.lse_log2_batch = lse_log2 + stats_batch;
+  mainloop.delta_batch = delta + stats_batch;
+  mainloop.dq_accum_batch = kAtomicDQ ? dq_accum + stats_batch * kHeadDim : nullptr;
+  mainloop.seqlen_q = seqlen_q;
+  mainloop.seqlen_q_pad = seqlen_q_pad;
+  mainloop.head_dim = head_dim;
+  mainloop.head_dim_v = head_dim_v;
+  mainloop.head0 = kv_head * heads_per_kv;
+  mainloop.mask = Mask<kCausal>{seqlen_q, seqlen_k};
+  mainloop.m_block_min = mainloop.mask.template m_block_min<kBlockM>(n0);
+  mainloop.m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
+  mainloop.n_block = n_block;
+  mainloop.scale_log2 = scale_log2;
+  mainloop.smem = smem_addr(smem);
+  mainloop.tid = tid;
+  mainloop.key_row0 = (warp / kDSplit) * 16 * T::kNRep;
+  mainloop.d_part = warp % kDSplit;
+  mainloop.lp.init(mainloop.key_row0, tid & 31);
+
+  const int tiles = max(0, mainloop.m_blocks - mainloop.m_block_min);
+#ifndef CUFLASH_DQ_ROTATE
+#define CUFLASH_DQ_ROTATE 1
+#endif
+  mainloop.m_block_first =
+      mainloop.m_block_min + (kAtomicDQ && CUFLASH_DQ_ROTATE && tiles > 0 ? n_block % tiles : 0);
+  const int n_iters = tiles * heads_per_kv;
+  const int rows_k = min(kBlockN, seqlen_k - n0);
+  const u16* k_tile = k + batch * k_batch_stride + kv_head * k_head_stride + n0 * k_row_stride;
+  const u16* v_tile = v + batch * v_batch_stride + kv_head * v_head_stride + n0 * v_row_stride;
+  mainloop.prologue(k_tile, k_row_stride, v_tile, v_row_stride, rows_k, n_iters);
+
+  float dk_acc[T::kNRep][T::kDKCols / 8][4];
+  float dv_acc[T::kNRep][T::kDVCols / 8][4];
+  zero_acc(dk_acc);
+  zero_acc(dv_acc);
+  mainloop.run(n_iters, dk_acc, dv_acc);
+
+  // Epilogue: dK (times scale) and dV through K's and V's shared memory.
+  __syncthreads();
+  const int lane = tid & 31;
+  store_frag<T::kIsBf16, typename T::TileK>(mainloop.sK(), dk_acc, mainloop.key_row0,
+                                            mainloop.d_part * T::kDKCols, scale, lane);
+  store_frag<T::kIsBf16, typename T::TileV>(mainloop.sV(), dv_acc, mainloop.key_row0,
+                                            mainloop.d_part * T::kDVCols, 1.f, lane);
+  __syncthreads();
+  store_tile<kBlockN, kHeadDim, T::kThreads, kVec>(
+      dk + batch * dk_batch_stride + kv_head * dk_head_stride + n0 * dk_row_stride,
+      dk_row_stride, rows_k, head_dim, mainloop.sK(), tid);
+  store_tile<kBlockN, kHeadDimV, T::kThreads, kVec>(
+      dv + batch * dv_batch_stride + kv_head * dv_head_stride + n0 * dv_row_stride,
+      dv_row_stride, rows_k, head_dim_v, mainloop.sV(), tid);
+}
+
+}  // namespace cuflash

@@ -1,0 +1,344 @@
+// cuflash: the backward main loop (FlashAttention-2, Dao 2023, Algorithm 2).
+//
+// One thread block owns kBlockN keys of one (batch, key/value head): K_j and V_j stay in
+// shared memory, dK_j and dV_j in registers, while the block walks every query tile that
+// sees one of its keys (for GQA, of every query head of the group, in a fixed order).
+// Each warp owns kNRep slabs of 16 keys and holds the scores transposed (keys as rows),
+// so that P^T and dS^T are already the A operands of dV and dK:
+//   S^T  = K Q^T                    recompute          gemm_rows_rows
+//   P^T  = exp2(S^T - lse)          from the saved log-sum-exp, no online softmax
+//   dV  += P^T dO                                      gemm_regs_trans
+//   dP^T = V dO^T                                      gemm_rows_rows
+//   dS^T = P^T (dP^T - delta)       delta = rowsum(dO o O), from the preprocess
+//   dK  += dS^T Q                   (times scale at the end)
+//   dQ  += dS K                     kAtomicDQ: dS^T through shared memory, then float
+//                                   atomics into a float32 buffer; otherwise a separate
+//                                   pass (mainloop_bwd_dq.cuh) computes dQ with no atomics.
+// With kDSplit == 2 (head dims above 128) two warps share each key slab, each holding
+// half of the dK/dV columns; both compute the slab's P^T and dS^T.
+#pragma once
+#include "common.cuh"
+#include "mask.cuh"
+#include "tile_load.cuh"
+#include "warp_gemm.cuh"
+
+namespace cuflash {
+
+// The most warps, at most kMax, whose kD / n column blocks are multiples of 16.
+template <int kD, int kMax>
+struct DqWarpsN {
+  static constexpr int value = kD % (16 * kMax) == 0 ? kMax : DqWarpsN<kD, kMax - 1>::value;
+};
+template <int kD>
+struct DqWarpsN<kD, 1> {
+  static constexpr int value = 1;
+};
+
+template <class Elem, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kNWarps_,
+          int kDSplit_, int kStages_, bool kAtomicDQ_>
+struct BwdTraits {
+  static constexpr bool kIsBf16 = Elem::kIsBf16;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDimV = kHeadDimV_;
+  static constexpr int kBlockM = kBlockM_;  // queries per step
+  static constexpr int kBlockN = kBlockN_;  // keys per block
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kDSplit = kDSplit_;
+  static constexpr int kStages = kStages_;  // query-tile buffers (2: prefetch the next one)
+  static constexpr bool kAtomicDQ = kAtomicDQ_;
+  // dS^T buffers: step i writes one while step i+1 reads the other for dQ, so the barrier
+  // at the top of each step is the only one (none without atomic dQ).
+  static constexpr int kDSBuffers = kAtomicDQ ? 2 : 0;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kKeyWarps = kNWarps / kDSplit;
+  static constexpr int kNRep = kBlockN / (16 * kKeyWarps);  // 16-key slabs per warp
+  static constexpr int kMTiles = kBlockM / 8;               // n8 tiles of S^T (queries)
+  static constexpr int kDKCols = kHeadDim / kDSplit;        // dK columns of one warp
+  static constexpr int kDVCols = kHeadDimV / kDSplit;
+  // dQ = dS K: warps tile kBlockM x kHeadDim as kDQWarpsM x kDQWarpsN, 32 rows a warp
+  // where possible (square warp tiles read the fewest operand bytes); column blocks must
+  // be multiples of 16, and warps beyond kDQWarpsM * kDQWarpsN sit this product out.
+  static constexpr int kDQWarpsM = kBlockM / 32 < kNWarps ? kBlockM / 32 : kNWarps;
+  static constexpr int kDQWarpsN = DqWarpsN<kHeadDim, kNWarps / kDQWarpsM>::value;
+  static constexpr int kDQMRep = kBlockM / 16 / kDQWarpsM;
+  static constexpr int kDQCols = kHeadDim / kDQWarpsN;
+  static constexpr int kDQChunk = kDQCols % 32 == 0 ? 32 : 16;  // columns per partial sum
+  static constexpr int kDQPieces = kDQMRep * (kDQCols / kDQChunk);
+  static constexpr int kAccRegs = kNRep * (2 * kMTiles + (kDKCols + kDVCols) / 8) * 4;
+  static constexpr bool kUnrollCopies = kAccRegs <= 128;
+
+  static_assert(kNWarps % kDSplit == 0 && kBlockN % (16 * kKeyWarps) == 0, "key slabs");
+  static_assert(kDKCols % 16 == 0 && kDVCols % 16 == 0, "dK/dV column split");
+  static_assert(kBlockM % 32 == 0 && kNWarps % kDQWarpsM == 0 && kDQCols % 16 == 0, "dQ split");
+  static_assert(kBlockM % (16 * kDQWarpsM) == 0, "dQ row split");
+  static_assert(kStages == 1 || kStages == 2, "one or two query-tile buffers");
+
+  using TileQ = SmemTile<kBlockM, kHeadDim>;
+  using TileDO = SmemTile<kBlockM, kHeadDimV>;
+  using TileK = SmemTile<kBlockN, kHeadDim>;
+  using TileV = SmemTile<kBlockN, kHeadDimV>;
+  using TileDS = SmemTile<kBlockN, kBlockM>;  // dS^T: keys x queries
+
+  static constexpr int kStageBytes = TileQ::kBytes + TileDO::kBytes + 2 * kBlockM * 4;
+  static constexpr int kSmemBytes =
+      TileK::kBytes + TileV::kBytes + kDSBuffers * TileDS::kBytes + kStages * kStageBytes;
+};
+
+template <class T, bool kCausal, bool kVec>
+struct BwdMainloop {
+  static constexpr bool kAtomicDQ = T::kAtomicDQ;
+  // Query-side operands of this batch element; query head h adds h * (head stride).
+  const u16* q_batch;
+  const u16* do_batch;
+  i64 q_head_stride, q_row_stride, do_head_stride, do_row_stride;
+  const float* lse_log2_batch;  // (heads, seqlen_q_pad): lse * log2(e), +inf where no key
+  const float* delta_batch;     // (heads, seqlen_q_pad)
+  float* dq_accum_batch;        // (heads, seqlen_q_pad, kHeadDim), float32
+  int seqlen_q, seqlen_q_pad, head_dim, head_dim_v;
+  int head0, m_block_min, m_blocks;  // query heads head0.., tiles m_block_min..m_blocks-1
+  int m_block_first;                 // the first tile visited (see Cursor)
+  int n_block;
+  float scale_log2;
+  Mask<kCausal> mask;
+  u32 smem;
+  int tid, key_row0, d_part;
+  LanePatterns lp;
+
+  CUFLASH_DEVICE u32 sK() const { return smem; }
+  CUFLASH_DEVICE u32 sV() const { return smem + T::TileK::kBytes; }
+  CUFLASH_DEVICE u32 sDS(int buf) const { return sV() + T::TileV::kBytes + buf * T::TileDS::kBytes; }
+  CUFLASH_DEVICE u32 sQ(int st) const {
+    return sV() + T::TileV::kBytes + T::kDSBuffers * T::TileDS::kBytes + st * T::kStageBytes;
+  }
+  CUFLASH_DEVICE u32 sDO(int st) const { return sQ(st) + T::TileQ::kBytes; }
+  CUFLASH_DEVICE u32 sLse(int st) const { return sDO(st) + T::TileDO::kBytes; }
+  CUFLASH_DEVICE u32 sDelta(int st) const { return sLse(st) + T::kBlockM * 4; }
+
+  // The steps visit query heads head0, head0 + 1, ... and, for each, the query tiles
+  // m_block_min .. m_blocks - 1, starting at m_block_first and wrapping around; a cursor
+  // walks them without divisions. Key blocks start at different query tiles, so that
+  // their dQ atomics do not all land on the same rows at the same time.
+  struct Cursor {
+    int head, m_block;
+  };
+  CUFLASH_DEVICE Cursor first() const { return Cursor{head0, m_block_first}; }
+  CUFLASH_DEVICE void advance(Cursor& c) const {
+    if (++c.m_block == m_blocks) c.m_block = m_block_min;
+    if (c.m_block == m_block_first) ++c.head;
+  }
+
+  // Q_i, dO_i, lse_i and delta_i of step `it` into query buffer `st`.
+  CUFLASH_DEVICE void load_query_tile(const Cursor& c, int st) const {
+    const int head = c.head, m0 = c.m_block * T::kBlockM;
+    const int rows = seqlen_q - m0;
+    load_tile<T::kBlockM, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
+        sQ(st), q_batch + head * q_head_stride + m0 * q_row_stride, q_row_stride, rows,
+        head_dim, tid);
+    load_tile<T::kBlockM, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
+        sDO(st), do_batch + head * do_head_stride + m0 * do_row_stride, do_row_stride, rows,
+        head_dim_v, tid);
+    // The row statistics are padded to seqlen_q_pad rows: whole 16-byte chunks.
+    constexpr int kChunks = T::kBlockM / 4;
+    const i64 row0 = i64(head) * seqlen_q_pad + m0;
+    if (tid < kChunks) {
+      cp_async_16(sLse(st) + tid * 16, lse_log2_batch + row0 + tid * 4, true);
+    } else if (tid < 2 * kChunks) {
+      cp_async_16(sDelta(st) + (tid - kChunks) * 16, delta_batch + row0 + (tid - kChunks) * 4,
+                  true);
+    }
+  }
+
+  // Issues K_j, V_j and the first query tile as one copy group.
+  CUFLASH_DEVICE void prologue(const u16* k_tile, i64 k_row_stride, const u16* v_tile,
+                               i64 v_row_stride, int rows_k, int n_iters) const {
+    load_tile<T::kBlockN, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
+        sK(), k_tile, k_row_stride, rows_k, head_dim, tid);
+    load_tile<T::kBlockN, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
+        sV(), v_tile, v_row_stride, rows_k, head_dim_v, tid);
+    if (n_iters > 0) load_query_tile(first(), 0);
+    cp_async_commit();
+  }
+
+#ifndef CUFLASH_DQ_AT
+#define CUFLASH_DQ_AT 2  // where a step computes the previous step's dQ (probes move it)
+#endif
+#ifndef CUFLASH_DQ_AT2
+#define CUFLASH_DQ_AT2 CUFLASH_DQ_AT
+#endif
+
+  // One query tile. `prev` is the previous step's tile, whose dQ this step computes from
+  // the other dS^T buffer (when has_prev).
+  template <bool kMasked>
+  CUFLASH_DEVICE void step(int m0, int st, int ds_buf, const Cursor& prev, bool has_prev,
+                           float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
+                           float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
+    constexpr bool kBf16 = T::kIsBf16;
+    const int lane = tid & 31;
+    // The previous step's dQ, in two halves (pieces) placed among this step's products.
+    auto pending_dq = [&](int at) {
+      if (!kAtomicDQ || !has_prev) return;
+      constexpr int kHalf = CUFLASH_DQ_AT == CUFLASH_DQ_AT2 ? T::kDQPieces : (T::kDQPieces + 1) / 2;
+      const int m0_prev = prev.m_block * T::kBlockM;
+      if (at == CUFLASH_DQ_AT) accumulate_dq(prev.head, m0_prev, ds_buf ^ 1, 0, kHalf);
+      if (at == CUFLASH_DQ_AT2 && kHalf < T::kDQPieces) {
+        accumulate_dq(prev.head, m0_prev, ds_buf ^ 1, kHalf, T::kDQPieces);
+      }
+    };
+    pending_dq(0);
+
+    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept as
+    // 16-bit A fragments: P^T is rounded once, for dV and for dS alike.
+    u32 p[T::kNRep][T::kBlockM / 16][4];
+    {
+      float s[T::kNRep][T::kMTiles][4];
+      gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDim, typename T::TileK,
+                     typename T::TileQ>(s, sK(), lp, sQ(st));
+      if (kMasked) mask.apply_transposed(s, n_block * T::kBlockN + key_row0, m0, lane);
+#pragma unroll
+      for (int m = 0; m < T::kMTiles; ++m) {
+        float lse[2];
+        ld_shared_f2(lse[0], lse[1], sLse(st) + (m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+        for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[r][m][e] = exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
+      }
+      pack_frags<kBf16, T::kNRep, T::kBlockM>(p, s);
+    }
+    pending_dq(1);
+
+    // dV += P^T dO
+    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO>(
+        dv_acc, p, sDO(st), lp, d_part * T::kDVCols);
+
+    pending_dq(2);
+
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed in place of P^T.
+    {
+      float dp[T::kNRep][T::kMTiles][4];
+      gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDimV, typename T::TileV,
+                     typename T::TileDO>(dp, sV(), lp, sDO(st));
+#pragma unroll
+      for (int m = 0; m < T::kMTiles; ++m) {
+        float delta[2];
+        ld_shared_f2(delta[0], delta[1], sDelta(st) + (m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+        for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // p[r][m/2][2(m%2) + h] holds P^T at this fragment's two columns
+            float p0, p1;
+            unpack2<kBf16>(p[r][m >> 1][2 * (m & 1) + h], p0, p1);
+            dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
+            dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
+          }
+      }
+      pack_frags<kBf16, T::kNRep, T::kBlockM>(p, dp);
+    }
+    pending_dq(3);
+
+    // dK += dS^T Q
+    gemm_regs_trans<kBf16, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileQ>(
+        dk_acc, p, sQ(st), lp, d_part * T::kDKCols);
+
+    // dS^T for dQ, which the next step (or the end of the loop) computes.
+    if (kAtomicDQ && d_part == 0) {
+      store_packed<typename T::TileDS, T::kNRep, T::kBlockM>(sDS(ds_buf), p, key_row0, lane);
+    }
+  }
+
+  // dQ_i += dS K_j (unscaled; the conversion pass multiplies by scale), by float atomics,
+  // in column chunks of kDQChunk to keep the partial sums few.
+  // Pieces [lo, hi) of this warp's dQ tile (piece = one 16-row slab x kDQChunk columns).
+  // dq_accum holds each kBlockM-row tile in fragment order (DqAccumLayout), so that one
+  // 16-byte atomic per lane covers a fragment and a warp's atomics are contiguous.
+  CUFLASH_DEVICE void accumulate_dq(int head, int m0, int ds_buf, int lo = 0,
+                                    int hi = T::kDQPieces) const {
+#ifdef CUFLASH_PROBE_NO_DQ  // tools/probe_bwd.py: time the kernel without this product
+    return;
+#endif
+    const int warp = tid >> 5, lane = tid & 31;
+    if (T::kDQWarpsM * T::kDQWarpsN < T::kNWarps && warp >= T::kDQWarpsM * T::kDQWarpsN) return;
+    const int row0 = (warp % T::kDQWarpsM) * T::kDQMRep * 16;
+    const int col0 = (warp / T::kDQWarpsM) * T::kDQCols;
+    float* dst = dq_accum_batch + (i64(head) * seqlen_q_pad + m0) * T::kHeadDim +
+                 warp * (T::kDQMRep * T::kDQCols * 16) + lane * 4;
+    if (lo == 0 && hi == T::kDQPieces && T::kDQChunk == T::kDQCols) {
+      // all slabs in one product: the K fragments are loaded once for all of them
+      float dq[T::kDQMRep][T::kDQCols / 8][4];
+      gemm_trans_trans<T::kIsBf16, T::kDQMRep, T::kDQCols, T::kBlockN, typename T::TileDS,
+                       typename T::TileK>(dq, sDS(ds_buf), row0, sK(), col0, lp);
+#pragma unroll
+      for (int r = 0; r < T::kDQMRep; ++r)
+#pragma unroll
+        for (int n = 0; n < T::kDQCols / 8; ++n) {
+#ifdef CUFLASH_PROBE_NO_RED
+          if (dq[r][n][0] == 1234.5f) dst[0] = dq[r][n][1] + dq[r][n][2] + dq[r][n][3];
+#else
+          red_add_f32x4(dst + (r * (T::kDQCols / 8) + n) * 128, dq[r][n]);
+#endif
+        }
+      return;
+    }
+#pragma unroll
+    for (int piece = 0; piece < T::kDQPieces; ++piece) {
+      if (piece < lo || piece >= hi) continue;
+      const int r = piece % T::kDQMRep, c = piece / T::kDQMRep * T::kDQChunk;
+      float dq[1][T::kDQChunk / 8][4];
+      gemm_trans_trans<T::kIsBf16, 1, T::kDQChunk, T::kBlockN, typename T::TileDS,
+                       typename T::TileK>(dq, sDS(ds_buf), row0 + r * 16, sK(), col0 + c, lp);
+#pragma unroll
+      for (int n = 0; n < T::kDQChunk / 8; ++n) {
+        float* frag = dst + (r * (T::kDQCols / 8) + c / 8 + n) * 128;
+#ifdef CUFLASH_PROBE_NO_RED  // tools/probe_bwd.py: the product without its atomics
+        if (dq[0][n][0] == 1234.5f) frag[0] = dq[0][n][1] + dq[0][n][2] + dq[0][n][3];
+#else
+        red_add_f32x4(frag, dq[0][n]);
+#endif
+      }
+    }
+  }
+
+  CUFLASH_DEVICE void run(int n_iters, float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
+                          float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
+    int st = 0;
+    Cursor cur = first(), next = cur, prev = cur;
+    advance(next);
+    for (int it = 0; it < n_iters; ++it) {
+      if (T::kStages == 2) {
+        cp_async_wait<0>();
+        __syncthreads();
+        if (it + 1 < n_iters) load_query_tile(next, st ^ 1);
+        cp_async_commit();
+      } else {
+        if (it > 0) {
+          __syncthreads();
+          load_query_tile(cur, 0);
+          cp_async_commit();
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+      const int m0 = cur.m_block * T::kBlockM;
+      // Masks: the causal diagonal and a ragged last key tile; padded query rows need
+      // none (their lse is +inf, so P = 0).
+      if (mask.template tile_needs_mask<T::kBlockN>(n_block, m0)) {
+        step<true>(m0, st, it & 1, prev, it > 0, dk_acc, dv_acc);
+      } else {
+        step<false>(m0, st, it & 1, prev, it > 0, dk_acc, dv_acc);
+      }
+      st = T::kStages == 2 ? st ^ 1 : 0;
+      prev = cur;
+      cur = next;
+      advance(next);
+    }
+    if (kAtomicDQ && n_iters > 0) {
+      __syncthreads();
+      accumulate_dq(prev.head, prev.m_block * T::kBlockM, (n_iters - 1) & 1);
+    }
+    cp_async_wait<0>();
+  }
+};
+
+}  // namespace cuflash

@@ -1,0 +1,156 @@
+"""Helpers and fixtures shared by the GPU test modules (``test_*_gpu.py``).
+
+Imports no CuPy at module level, so the CPU test run can collect it. A GPU test module
+takes the fixtures with ``from gpu_util import cp, poison_allocator  # noqa: F401``;
+the poisoning is autouse, so it then applies to every test of that module (and only
+of the modules that import it).
+"""
+
+import numpy as np
+import pytest
+
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 256)
+SEQLENS = ((1, 1), (1, 239), (113, 203), (128, 217), (239, 1), (512, 256), (1023, 1024),
+           (1024, 1023), (2048, 2048))
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(autouse=True)
+def poison_allocator(cp):
+    """Every CuPy allocation starts as 0xFF bytes: NaN in fp16, bf16 and fp32."""
+    pool = cp.cuda.MemoryPool()
+
+    def alloc(nbytes):
+        mem = pool.malloc(nbytes)
+        cp.cuda.runtime.memsetAsync(mem.ptr, 0xFF, nbytes, cp.cuda.get_current_stream().ptr)
+        return mem
+
+    cp.cuda.set_allocator(alloc)
+    yield
+    cp.cuda.set_allocator(cp.get_default_memory_pool().malloc)
+
+
+def _dtype(name):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float16)
+
+
+def round_to(cp, x32, name):
+    """float32 -> nearest fp16/bf16 value, returned as float32."""
+    if name == "float16":
+        return x32.astype(cp.float16).astype(cp.float32)
+    u = x32.view(cp.uint32)
+    u = (u + (cp.uint32(0x7FFF) + ((u >> 16) & 1))) & cp.uint32(0xFFFF0000)
+    return u.view(cp.float32)
+
+
+def to_dtype(cp, x32, name):
+    """float32 array -> fp16/bf16 array (bf16 through its bit pattern)."""
+    if name == "float16":
+        return x32.astype(cp.float16)
+    bits = (round_to(cp, x32, name).view(cp.uint32) >> 16).astype(cp.uint16)
+    return bits.view(_dtype(name))
+
+
+def to_f32(cp, x):
+    if x.dtype == np.float16:
+        return x.astype(cp.float32)
+    return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
+
+
+def random_array(cp, shape, name, rng):
+    """Standard normal values in fp16/bf16."""
+    return to_dtype(cp, cp.asarray(rng.standard_normal(shape, dtype=np.float32)), name)
+
+
+def random_qkv(cp, shape_q, shape_k, shape_v, name, rng):
+    return [random_array(cp, shape, name, rng) for shape in (shape_q, shape_k, shape_v)]
+
+
+def visible(cp, Lq, Lk, causal):
+    i = cp.arange(Lq)[:, None]
+    j = cp.arange(Lk)[None, :]
+    return (j <= i + Lk - Lq) if causal else cp.ones((Lq, Lk), dtype=bool)
+
+
+def reference(cp, q, k, v, causal, scale, plain_dtype=None):
+    """float64 attention (plain_dtype None), or the plain same-precision version."""
+    f = (lambda x: x.astype(cp.float64)) if plain_dtype is None else (lambda x: x)
+    q, k, v = f(q), f(k), f(v)
+    rep = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1
+    if rep > 1:
+        k = cp.repeat(k, rep, axis=-3)
+        v = cp.repeat(v, rep, axis=-3)
+    s = cp.matmul(q, cp.swapaxes(k, -1, -2)) * scale
+    if plain_dtype is not None:
+        s = round_to(cp, s, plain_dtype)
+    mask = visible(cp, q.shape[-2], k.shape[-2], causal)
+    s = cp.where(mask, s, -cp.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = cp.where(cp.isfinite(m), m, 0)
+    p = cp.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    lse = cp.where(l[..., 0] > 0, cp.log(cp.where(l > 0, l, 1))[..., 0] + m[..., 0], -cp.inf)
+    p = p / cp.where(l > 0, l, 1)
+    if plain_dtype is not None:
+        p = round_to(cp, p, plain_dtype)
+    out = cp.matmul(p, v)
+    if plain_dtype is not None:
+        out = round_to(cp, out, plain_dtype)
+    return out, lse
+
+
+def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=None):
+    """Closed-form gradients ``(dq, dk, dv)`` of attention.
+
+    plain_dtype None: float64 throughout. Otherwise the plain same-precision version:
+    float32 arithmetic with S, P, dP, dS and the gradients rounded to ``plain_dtype``
+    where a plain fp16/bf16 implementation rounds them, and ``delta = rowsum(dout * out)``
+    from the given forward output ``out`` (float32 array). Inputs are float32 arrays
+    holding fp16/bf16 values. GQA: k, v repeated over the group of query heads, dk, dv
+    summed over it. A query row that sees no key contributes zero (no NaN).
+    """
+    plain = plain_dtype is not None
+    f = (lambda x: x) if plain else (lambda x: x.astype(cp.float64))
+    rnd = (lambda x: round_to(cp, x, plain_dtype)) if plain else (lambda x: x)
+    q, k, v, dout = f(q), f(k), f(v), f(dout)
+    rep = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1
+    if rep > 1:
+        k = cp.repeat(k, rep, axis=-3)
+        v = cp.repeat(v, rep, axis=-3)
+    t = lambda x: cp.swapaxes(x, -1, -2)  # noqa: E731
+    s = rnd(cp.matmul(q, t(k)) * scale)
+    s = cp.where(visible(cp, q.shape[-2], k.shape[-2], causal), s, -cp.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = cp.exp(s - cp.where(cp.isfinite(m), m, 0))
+    l = p.sum(axis=-1, keepdims=True)
+    p = rnd(p / cp.where(l > 0, l, 1))
+    o = out if plain else cp.matmul(p, v)
+    dv = rnd(cp.matmul(t(p), dout))
+    dp = rnd(cp.matmul(dout, t(v)))
+    delta = (dout * o).sum(axis=-1, keepdims=True)
+    ds = rnd(p * (dp - delta))
+    dq = rnd(cp.matmul(ds, k) * scale)
+    dk = rnd(cp.matmul(t(ds), q) * scale)
+    if rep > 1:
+        def group_sum(x):
+            x = x.reshape(x.shape[:-3] + (x.shape[-3] // rep, rep) + x.shape[-2:])
+            return rnd(x.sum(axis=-3))
+
+        dk, dv = group_sum(dk), group_sum(dv)
+    return dq, dk, dv
+
+
+def max_err(cp, a, b):
+    d = cp.abs(a.astype(cp.float64) - b.astype(cp.float64))
+    both_ninf = cp.isneginf(a) & cp.isneginf(b)
+    d = cp.where(both_ninf, 0, d)
+    return float(d.max()) if d.size else 0.0

@@ -1,0 +1,245 @@
+"""GPU correctness of the fused backward kernel (marked ``gpu``; skipped without a GPU).
+
+Tolerance rule (as in flash-attention's tests): against a float64 closed-form reference,
+the error of each of ``dq``, ``dk`` and ``dv`` may be at most twice the error of a plain
+implementation at the input precision (float32 arithmetic with S, P, dP, dS and the
+gradients rounded to fp16/bf16), plus 1e-5. ``out`` and ``lse`` come from
+``cuflash.attention``; ``dout`` is standard normal in the input dtype.
+Gradients are poisoned (NaN) before each call, so an unwritten element fails the test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import cuflash
+from gpu_util import (DTYPES, HEAD_DIMS, SEQLENS, max_err, random_array, random_qkv,
+                      reference_backward, to_f32, visible)
+from gpu_util import cp, poison_allocator  # noqa: F401
+
+pytestmark = pytest.mark.gpu
+
+DET_HEAD_DIMS = (40, 64, 128, 256)
+DET_SEQLENS = ((1, 239), (113, 203), (239, 1), (1023, 1024))
+GRADS = ("dq", "dk", "dv")
+
+
+def bhsd(x):
+    """(B, L, H, D) <-> (B, H, L, D), as a view."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def same_bits(cp, a, b):
+    return bool((a.view(cp.uint16) == b.view(cp.uint16)).all())
+
+
+def all_poison(cp, x):
+    """Every element still holds the allocator's 0xFFFF pattern (never written)."""
+    return bool((x.view(cp.uint16) == 0xFFFF).all())
+
+
+def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None):
+    """Shapes, dtypes, no NaN, the tolerance rule, and dq = 0 on rows that see no key."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    for label, g, x in zip(GRADS, grads, (q, k, v)):
+        assert g.shape == x.shape, f"{label}.shape {g.shape} != {x.shape}"
+        assert g.dtype == x.dtype, f"{label}.dtype {g.dtype} != {x.dtype}"
+    g32 = [to_f32(cp, g) for g in grads]
+    for label, g in zip(GRADS, g32):
+        assert not bool(cp.isnan(g).any()), f"NaN (or an unwritten element) in {label}"
+    q32, k32, v32, do32, o32 = (to_f32(cp, x) for x in (q, k, v, dout, out))
+    ref = reference_backward(cp, q32, k32, v32, do32, causal, scale)
+    plain = reference_backward(cp, q32, k32, v32, do32, causal, scale, plain_dtype=name,
+                               out=o32)
+    for label, g, r, p in zip(GRADS, g32, ref, plain):
+        err, tol = max_err(cp, g, r), 2 * max_err(cp, p, r) + 1e-5
+        assert err <= tol, f"{label} error {err:.3g} > {tol:.3g}"
+    # query rows that see no key: dq exactly 0
+    empty = ~visible(cp, q.shape[-2], k.shape[-2], causal).any(axis=1)
+    if bool(empty.any()):
+        assert bool((g32[0][..., empty, :] == 0).all())
+
+
+def check_backward(cp, q, k, v, name, causal, rng, *, scale=None, dout=None, out=None,
+                   **kwargs):
+    """Forward (into ``out`` if given), then backward (kwargs: deterministic, dq, dk, dv)."""
+    o, lse = cuflash.attention(q, k, v, causal=causal, scale=scale, return_lse=True, out=out)
+    if dout is None:
+        dout = random_array(cp, o.shape, name, rng)
+    grads = cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal, scale=scale,
+                                       **kwargs)
+    check_grads(cp, grads, q, k, v, dout, o, name, causal, scale)
+    return grads
+
+
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("name", DTYPES)
+def test_backward_grid(cp, name, causal, head_dim, seqlens):
+    rng = np.random.default_rng()
+    Lq, Lk = seqlens
+    B, H = 1, 2
+    q, k, v = random_qkv(cp, (B, H, Lq, head_dim), (B, H, Lk, head_dim), (B, H, Lk, head_dim),
+                         name, rng)
+    check_backward(cp, q, k, v, name, causal, rng)
+
+
+@pytest.mark.parametrize("seqlens", DET_SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("head_dim", DET_HEAD_DIMS)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("name", DTYPES)
+def test_backward_grid_deterministic(cp, name, causal, head_dim, seqlens):
+    """deterministic=True meets the same tolerance."""
+    rng = np.random.default_rng()
+    Lq, Lk = seqlens
+    B, H = 1, 2
+    q, k, v = random_qkv(cp, (B, H, Lq, head_dim), (B, H, Lk, head_dim), (B, H, Lk, head_dim),
+                         name, rng)
+    check_backward(cp, q, k, v, name, causal, rng, deterministic=True)
+
+
+@pytest.mark.parametrize("case", (
+    ("float16", True, (2, 4, 1000, 128), (2, 4, 1000, 128)),
+    ("bfloat16", False, (2, 8, 777, 64), (2, 2, 1001, 64)),
+), ids=("causal", "gqa"))
+def test_backward_deterministic_bitwise(cp, case):
+    """deterministic=True: dq, dk, dv bit-identical over 10 runs."""
+    name, causal, shape_q, shape_k = case
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, shape_q, shape_k, shape_k, name, rng)
+    o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+    dout = random_array(cp, o.shape, name, rng)
+
+    def run():
+        return cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal,
+                                          deterministic=True)
+
+    first = run()
+    check_grads(cp, first, q, k, v, dout, o, name, causal)
+    for _ in range(9):
+        again = run()
+        for label, a, b in zip(GRADS, again, first):
+            assert same_bits(cp, a, b), f"{label} differs between deterministic runs"
+
+
+@pytest.mark.parametrize("heads", ((4, 4), (4, 2)), ids=("mha", "gqa"))
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("name", DTYPES)
+def test_backward_strided_bshd(cp, name, causal, heads):
+    """(B, L, H, D) buffers passed as transposed views; dq, dk, dv written into such views."""
+    rng = np.random.default_rng()
+    B, L, D = 2, 300, 64
+    Hq, Hk = heads
+    q, k, v = random_qkv(cp, (B, L, Hq, D), (B, L + 17, Hk, D), (B, L + 17, Hk, D), name, rng)
+    dout = random_array(cp, (B, L, Hq, D), name, rng)
+    out_buf = cp.empty((B, L, Hq, D), dtype=q.dtype)
+    bufs = [cp.empty(x.shape, dtype=x.dtype) for x in (q, k, v)]
+    grads = check_backward(cp, bhsd(q), bhsd(k), bhsd(v), name, causal, rng, dout=bhsd(dout),
+                           out=bhsd(out_buf), dq=bhsd(bufs[0]), dk=bhsd(bufs[1]),
+                           dv=bhsd(bufs[2]))
+    for label, g, buf in zip(GRADS, grads, bufs):
+        assert g.data.ptr == buf.data.ptr, f"{label} is not the given buffer"
+        assert g.strides == bhsd(buf).strides
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("head_dim", (33, 72, 100))
+def test_backward_unaligned(cp, head_dim, causal):
+    """Head dims off the power-of-two buckets (33: not a multiple of 8)."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (2, 3, 77, head_dim), (2, 3, 131, head_dim), (2, 3, 131, head_dim),
+                         "float16", rng)
+    check_backward(cp, q, k, v, "float16", causal, rng)
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_backward_gqa_and_batch_dims(cp, causal):
+    """dk, dv summed over each group of 4 query heads, with two leading batch dims."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (2, 3, 8, 97, 64), (2, 3, 2, 150, 64), (2, 3, 2, 150, 64),
+                         "bfloat16", rng)
+    check_backward(cp, q, k, v, "bfloat16", causal, rng)
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_backward_mqa(cp, causal):
+    """One key/value head shared by all 8 query heads."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (2, 8, 120, 128), (2, 1, 200, 128), (2, 1, 200, 128), "float16",
+                         rng)
+    check_backward(cp, q, k, v, "float16", causal, rng)
+
+
+def test_backward_unmergeable_batch(cp):
+    """Leading dims whose strides cannot merge, for inputs and for dq=, dk=, dv=."""
+    rng = np.random.default_rng()
+    shape = (3, 4, 2, 65, 32)
+    base = random_qkv(cp, shape, shape, shape, "float16", rng)
+    q, k, v = (x[:, ::2] for x in base)
+    dout = random_array(cp, shape, "float16", rng)[:, ::2]
+    bufs = [cp.empty(shape, dtype=q.dtype) for _ in range(3)]
+    grads = check_backward(cp, q, k, v, "float16", True, rng, dout=dout, dq=bufs[0][:, ::2],
+                           dk=bufs[1][:, ::2], dv=bufs[2][:, ::2])
+    for label, g, buf in zip(GRADS, grads, bufs):
+        assert g.data.ptr == buf.data.ptr, f"{label} is not the given buffer"
+        assert all_poison(cp, buf[:, 1::2]), f"{label} written outside its view"
+
+
+def test_backward_2d(cp):
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (70, 64), (90, 64), (90, 64), "float16", rng)
+    check_backward(cp, q, k, v, "float16", True, rng)
+    q, k, v = random_qkv(cp, (130, 96), (50, 96), (50, 96), "bfloat16", rng)
+    check_backward(cp, q, k, v, "bfloat16", False, rng)
+
+
+def test_backward_fully_masked_rows(cp):
+    """Lq > Lk with causal: the first Lq - Lk rows see no key and get dq exactly 0."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (1, 2, 300, 128), (1, 2, 40, 128), (1, 2, 40, 128), "bfloat16", rng)
+    dq, dk, dv = check_backward(cp, q, k, v, "bfloat16", True, rng)
+    assert bool((to_f32(cp, dq)[:, :, :260] == 0).all())
+    assert bool(cp.isfinite(to_f32(cp, dk)).all()) and bool(cp.isfinite(to_f32(cp, dv)).all())
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_backward_empty(cp, causal):
+    """Lq = 0: dk, dv exactly zero. Lk = 0: dq exactly zero. Shapes as the inputs'."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (1, 2, 0, 64), (1, 2, 5, 64), (1, 2, 5, 64), "float16", rng)
+    o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+    dout = random_array(cp, o.shape, "float16", rng)
+    dq, dk, dv = cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert bool((to_f32(cp, dk) == 0).all()) and bool((to_f32(cp, dv) == 0).all())
+
+    q, k, v = random_qkv(cp, (1, 2, 5, 64), (1, 2, 0, 64), (1, 2, 0, 64), "bfloat16", rng)
+    o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+    dout = random_array(cp, o.shape, "bfloat16", rng)
+    dq, dk, dv = cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert bool((to_f32(cp, dq) == 0).all())
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_backward_custom_scale(cp, name):
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (1, 2, 200, 64), (1, 2, 250, 64), (1, 2, 250, 64), name, rng)
+    check_backward(cp, q, k, v, name, True, rng, scale=0.3)
+    check_backward(cp, q, k, v, name, False, rng, scale=0.3, deterministic=True)
+
+
+def test_backward_matches_numpy_path(cp):
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (1, 2, 129, 80), (1, 2, 131, 80), (1, 2, 131, 80), "float16", rng)
+    o, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    dout = random_array(cp, o.shape, "float16", rng)
+    gpu = cuflash.attention_backward(dout, q, k, v, o, lse, causal=True)
+    cpu = cuflash.attention_backward(dout.get(), q.get(), k.get(), v.get(), o.get(), lse.get(),
+                                     causal=True)
+    for label, g, c in zip(GRADS, gpu, cpu):
+        assert isinstance(c, np.ndarray) and c.dtype == g.dtype and c.shape == g.shape
+        np.testing.assert_allclose(g.get().astype(np.float32), c.astype(np.float32),
+                                   atol=1e-2, rtol=1e-2, err_msg=label)
