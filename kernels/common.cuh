@@ -31,6 +31,25 @@ struct BoolConst {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// threadIdx.x, read afresh (volatile): addresses derived from it are then recomputed
+// where they are used instead of being hoisted out of a loop and held in registers (or
+// spilled) for its whole length.
+CUFLASH_DEVICE int thread_index() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  return tid;
+}
+
+// blockIdx.{x,y,z} (kDim 0, 1, 2), read afresh in the same way.
+template <int kDim>
+CUFLASH_DEVICE int block_index() {
+  int v;
+  if (kDim == 0) asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  if (kDim == 1) asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
+  if (kDim == 2) asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v));
+  return v;
+}
+
 CUFLASH_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 CUFLASH_DEVICE float pos_inf() { return __int_as_float(0x7f800000); }
 
@@ -61,6 +80,12 @@ CUFLASH_DEVICE void unpack2(u32 x, float& lo, float& hi) {
         : "=f"(lo), "=f"(hi)
         : "r"(x));
   }
+}
+
+CUFLASH_DEVICE u32 f16x2_to_bf16x2(u32 x) {
+  float lo, hi;
+  unpack2<false>(x, lo, hi);
+  return pack2<true>(lo, hi);
 }
 
 template <bool kIsBf16>

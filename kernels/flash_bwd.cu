@@ -41,16 +41,19 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int n0 = n_block * kBlockN;
 
   BwdMainloop<T, kCausal, kVec> mainloop;
-  mainloop.q_batch = q + batch * q_batch_stride;
-  mainloop.do_batch = dout + batch * do_batch_stride;
+  mainloop.q = q;
+  mainloop.dout = dout;
+  mainloop.q_batch_stride = q_batch_stride;
   mainloop.q_head_stride = q_head_stride;
   mainloop.q_row_stride = q_row_stride;
+  mainloop.do_batch_stride = do_batch_stride;
   mainloop.do_head_stride = do_head_stride;
   mainloop.do_row_stride = do_row_stride;
-  const i64 stats_batch = batch * num_heads_q * seqlen_q_pad;
-  mainloop.lse_log2_batch = lse_log2 + stats_batch;
-  mainloop.delta_batch = delta + stats_batch;
-  mainloop.dq_accum_batch = kAtomicDQ ? dq_accum + stats_batch * kHeadDim : nullptr;
+  mainloop.lse_log2 = lse_log2;
+  mainloop.delta = delta;
+  mainloop.dq_accum = dq_accum;
+  mainloop.batch = int(batch);
+  mainloop.num_heads_q = num_heads_q;
   mainloop.seqlen_q = seqlen_q;
   mainloop.seqlen_q_pad = seqlen_q_pad;
   mainloop.head_dim = head_dim;
@@ -68,11 +71,6 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.lp.init(mainloop.key_row0, tid & 31);
 
   const int tiles = max(0, mainloop.m_blocks - mainloop.m_block_min);
-#ifndef CUFLASH_DQ_ROTATE
-#define CUFLASH_DQ_ROTATE 1
-#endif
-  mainloop.m_block_first =
-      mainloop.m_block_min + (kAtomicDQ && CUFLASH_DQ_ROTATE && tiles > 0 ? n_block % tiles : 0);
   const int n_iters = tiles * heads_per_kv;
   const int rows_k = min(kBlockN, seqlen_k - n0);
   const u16* k_tile = k + batch * k_batch_stride + kv_head * k_head_stride + n0 * k_row_stride;
@@ -85,20 +83,29 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   zero_acc(dv_acc);
   mainloop.run(n_iters, dk_acc, dv_acc);
 
-  // Epilogue: dK (times scale) and dV through K's and V's shared memory.
+  // Epilogue: dK (times scale) and dV through K's and V's shared memory. Indices are read
+  // afresh (block_index / thread_index), so that nothing from before the loop has to
+  // stay live across it just for the stores.
   __syncthreads();
-  const int lane = tid & 31;
-  store_frag<T::kIsBf16, typename T::TileK>(mainloop.sK(), dk_acc, mainloop.key_row0,
-                                            mainloop.d_part * T::kDKCols, scale, lane);
-  store_frag<T::kIsBf16, typename T::TileV>(mainloop.sV(), dv_acc, mainloop.key_row0,
-                                            mainloop.d_part * T::kDVCols, 1.f, lane);
-  __syncthreads();
-  store_tile<kBlockN, kHeadDim, T::kThreads, kVec>(
-      dk + batch * dk_batch_stride + kv_head * dk_head_stride + n0 * dk_row_stride,
-      dk_row_stride, rows_k, head_dim, mainloop.sK(), tid);
-  store_tile<kBlockN, kHeadDimV, T::kThreads, kVec>(
-      dv + batch * dv_batch_stride + kv_head * dv_head_stride + n0 * dv_row_stride,
-      dv_row_stride, rows_k, head_dim_v, mainloop.sV(), tid);
+  {
+    const int tid_e = thread_index(), warp_e = tid_e >> 5, lane = tid_e & 31;
+    const int key_row0 = (warp_e / kDSplit) * 16 * T::kNRep, d_part = warp_e % kDSplit;
+    const u32 sK = smem_addr(smem), sV = sK + T::TileK::kBytes;
+    store_frag<T::kIsBf16, typename T::TileK>(sK, dk_acc, key_row0, d_part * T::kDKCols, scale,
+                                              lane);
+    store_frag<T::kIsBf16, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols, 1.f,
+                                              lane);
+    __syncthreads();
+    const i64 b = block_index<2>();
+    const int kv = block_index<1>(), n0_e = block_index<0>() * kBlockN;
+    const int rows = min(kBlockN, seqlen_k - n0_e);
+    store_tile<kBlockN, kHeadDim, T::kThreads, kVec>(
+        dk + b * dk_batch_stride + kv * dk_head_stride + n0_e * dk_row_stride, dk_row_stride,
+        rows, head_dim, sK, tid_e);
+    store_tile<kBlockN, kHeadDimV, T::kThreads, kVec>(
+        dv + b * dv_batch_stride + kv * dv_head_stride + n0_e * dv_row_stride, dv_row_stride,
+        rows, head_dim_v, sV, tid_e);
+  }
 }
 
 }  // namespace cuflash

@@ -87,16 +87,19 @@ struct BwdTraits {
 template <class T, bool kCausal, bool kVec>
 struct BwdMainloop {
   static constexpr bool kAtomicDQ = T::kAtomicDQ;
-  // Query-side operands of this batch element; query head h adds h * (head stride).
-  const u16* q_batch;
-  const u16* do_batch;
-  i64 q_head_stride, q_row_stride, do_head_stride, do_row_stride;
-  const float* lse_log2_batch;  // (heads, seqlen_q_pad): lse * log2(e), +inf where no key
-  const float* delta_batch;     // (heads, seqlen_q_pad)
-  float* dq_accum_batch;        // (heads, seqlen_q_pad, kHeadDim), float32
+  // Query-side operands, as the kernel received them: offsets are computed where they are
+  // used (from `batch` and the head), which leaves ptxas free to reload these from the
+  // parameter space instead of holding derived pointers in registers all the loop long.
+  const u16* q;
+  const u16* dout;
+  i64 q_batch_stride, q_head_stride, q_row_stride;
+  i64 do_batch_stride, do_head_stride, do_row_stride;
+  const float* lse_log2;  // (batch, heads, seqlen_q_pad): lse * log2(e), +inf where no key
+  const float* delta;     // (batch, heads, seqlen_q_pad)
+  float* dq_accum;        // (batch, heads, seqlen_q_pad, kHeadDim), float32
+  int batch, num_heads_q;
   int seqlen_q, seqlen_q_pad, head_dim, head_dim_v;
   int head0, m_block_min, m_blocks;  // query heads head0.., tiles m_block_min..m_blocks-1
-  int m_block_first;                 // the first tile visited (see Cursor)
   int n_block;
   float scale_log2;
   Mask<kCausal> mask;
@@ -115,36 +118,40 @@ struct BwdMainloop {
   CUFLASH_DEVICE u32 sDelta(int st) const { return sLse(st) + T::kBlockM * 4; }
 
   // The steps visit query heads head0, head0 + 1, ... and, for each, the query tiles
-  // m_block_min .. m_blocks - 1, starting at m_block_first and wrapping around; a cursor
-  // walks them without divisions. Key blocks start at different query tiles, so that
-  // their dQ atomics do not all land on the same rows at the same time.
+  // m_block_min .. m_blocks - 1; a cursor walks them without divisions.
   struct Cursor {
     int head, m_block;
   };
-  CUFLASH_DEVICE Cursor first() const { return Cursor{head0, m_block_first}; }
+  CUFLASH_DEVICE Cursor first() const { return Cursor{head0, m_block_min}; }
   CUFLASH_DEVICE void advance(Cursor& c) const {
-    if (++c.m_block == m_blocks) c.m_block = m_block_min;
-    if (c.m_block == m_block_first) ++c.head;
+    // (the bounds are recomputed from the parameters and the block index rather than
+    // kept live across the loop)
+    if (++c.m_block == (mask.seqlen_q + T::kBlockM - 1) / T::kBlockM) {
+      c.m_block = mask.template m_block_min<T::kBlockM>(block_index<0>() * T::kBlockN);
+      ++c.head;
+    }
   }
 
   // Q_i, dO_i, lse_i and delta_i of step `it` into query buffer `st`.
   CUFLASH_DEVICE void load_query_tile(const Cursor& c, int st) const {
     const int head = c.head, m0 = c.m_block * T::kBlockM;
+    const int tid = thread_index();  // see thread_index(): keeps the copy offsets short-lived
     const int rows = seqlen_q - m0;
     load_tile<T::kBlockM, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
-        sQ(st), q_batch + head * q_head_stride + m0 * q_row_stride, q_row_stride, rows,
+        sQ(st), q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
+        q_row_stride, rows,
         head_dim, tid);
     load_tile<T::kBlockM, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
-        sDO(st), do_batch + head * do_head_stride + m0 * do_row_stride, do_row_stride, rows,
+        sDO(st), dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
+        do_row_stride, rows,
         head_dim_v, tid);
     // The row statistics are padded to seqlen_q_pad rows: whole 16-byte chunks.
     constexpr int kChunks = T::kBlockM / 4;
-    const i64 row0 = i64(head) * seqlen_q_pad + m0;
+    const i64 row0 = (i64(batch) * num_heads_q + head) * seqlen_q_pad + m0;
     if (tid < kChunks) {
-      cp_async_16(sLse(st) + tid * 16, lse_log2_batch + row0 + tid * 4, true);
+      cp_async_16(sLse(st) + tid * 16, lse_log2 + row0 + tid * 4, true);
     } else if (tid < 2 * kChunks) {
-      cp_async_16(sDelta(st) + (tid - kChunks) * 16, delta_batch + row0 + (tid - kChunks) * 4,
-                  true);
+      cp_async_16(sDelta(st) + (tid - kChunks) * 16, delta + row0 + (tid - kChunks) * 4, true);
     }
   }
 
@@ -186,8 +193,9 @@ struct BwdMainloop {
     };
     pending_dq(0);
 
-    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept as
-    // 16-bit A fragments: P^T is rounded once, for dV and for dS alike.
+    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept as fp16
+    // pairs whatever the input type: P is in [0, 1], and fp16's 11 significant bits keep
+    // dS's error at a plain implementation's level where bf16's 8 would double it.
     u32 p[T::kNRep][T::kBlockM / 16][4];
     {
       float s[T::kNRep][T::kMTiles][4];
@@ -204,17 +212,16 @@ struct BwdMainloop {
           for (int e = 0; e < 4; ++e)
             s[r][m][e] = exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
       }
-      pack_frags<kBf16, T::kNRep, T::kBlockM>(p, s);
+      pack_frags<false, T::kNRep, T::kBlockM>(p, s);
     }
     pending_dq(1);
 
-    // dV += P^T dO
-    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO>(
+    // dV += P^T dO (P^T turned into the input type one k16 step at a time)
+    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, true>(
         dv_acc, p, sDO(st), lp, d_part * T::kDVCols);
-
     pending_dq(2);
 
-    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed in place of P^T.
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed (input type) in place of P^T.
     {
       float dp[T::kNRep][T::kMTiles][4];
       gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDimV, typename T::TileV,
@@ -229,7 +236,7 @@ struct BwdMainloop {
           for (int h = 0; h < 2; ++h) {
             // p[r][m/2][2(m%2) + h] holds P^T at this fragment's two columns
             float p0, p1;
-            unpack2<kBf16>(p[r][m >> 1][2 * (m & 1) + h], p0, p1);
+            unpack2<false>(p[r][m >> 1][2 * (m & 1) + h], p0, p1);
             dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
             dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
           }
@@ -262,7 +269,7 @@ struct BwdMainloop {
     if (T::kDQWarpsM * T::kDQWarpsN < T::kNWarps && warp >= T::kDQWarpsM * T::kDQWarpsN) return;
     const int row0 = (warp % T::kDQWarpsM) * T::kDQMRep * 16;
     const int col0 = (warp / T::kDQWarpsM) * T::kDQCols;
-    float* dst = dq_accum_batch + (i64(head) * seqlen_q_pad + m0) * T::kHeadDim +
+    float* dst = dq_accum + ((i64(batch) * num_heads_q + head) * seqlen_q_pad + m0) * T::kHeadDim +
                  warp * (T::kDQMRep * T::kDQCols * 16) + lane * 4;
     if (lo == 0 && hi == T::kDQPieces && T::kDQChunk == T::kDQCols) {
       // all slabs in one product: the K fragments are loaded once for all of them
