@@ -217,8 +217,15 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(lq_pad), np.int32(Dv)))
         if Lk:
             accum = dq_accum[sl] if dq_accum is not None else delta[sl]  # unused if None
+            n_blocks = -(-Lk // main.tile.block_n)
+            if causal and n_blocks > _MAX_GRID_YZ:
+                raise ValueError(f"causal backward supports at most "
+                                 f"{_MAX_GRID_YZ * main.tile.block_n} keys at head dim {D}, "
+                                 f"got Lk = {Lk}")
+            # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
+            grid = (Hk, nb, n_blocks) if causal else (n_blocks, Hk, nb)
             get_kernel(main)(
-                (-(-Lk // main.tile.block_n), Hk, nb), (main.threads, 1, 1),
+                grid, (main.threads, 1, 1),
                 (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], accum, dk[sl], dv[sl],
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dks[:3], *dvs[:3]),
                  np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(Hq), np.int32(D),

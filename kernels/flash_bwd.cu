@@ -13,6 +13,20 @@
 
 namespace cuflash {
 
+// Which block owns which keys. Causal blocks differ in work (key tile 0 sees every query
+// tile, the last one the fewest), so their grid is (heads, batch, key tiles): the hardware
+// launches x fastest, so every head's tile 0 starts first and the light blocks fill the
+// tail. Otherwise (key tiles, heads, batch): neighbouring blocks share a head's Q and dO
+// in L2.
+template <bool kCausal>
+struct BwdBlock {
+  int n_block, kv_head, batch;
+  static CUFLASH_DEVICE BwdBlock get() {
+    if (kCausal) return {block_index<2>(), block_index<0>(), block_index<1>()};
+    return {block_index<0>(), block_index<1>(), block_index<2>()};
+  }
+};
+
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
           int kDSplit, int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kAtomicDQ>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
@@ -33,9 +47,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                       kAtomicDQ>;
   extern __shared__ unsigned char smem[];
 
-  const int n_block = blockIdx.x;  // with causal, block 0 has the most query tiles
-  const int kv_head = blockIdx.y;
-  const i64 batch = blockIdx.z;
+  const BwdBlock<kCausal> block = BwdBlock<kCausal>::get();
+  const int n_block = block.n_block, kv_head = block.kv_head;
+  const i64 batch = block.batch;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int n0 = n_block * kBlockN;
@@ -84,7 +98,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.run(n_iters, dk_acc, dv_acc);
 
   // Epilogue: dK (times scale) and dV through K's and V's shared memory. Indices are read
-  // afresh (block_index / thread_index), so that nothing from before the loop has to
+  // afresh (BwdBlock / thread_index), so that nothing from before the loop has to
   // stay live across it just for the stores.
   __syncthreads();
   {
@@ -96,8 +110,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     store_frag<T::kIsBf16, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols, 1.f,
                                               lane);
     __syncthreads();
-    const i64 b = block_index<2>();
-    const int kv = block_index<1>(), n0_e = block_index<0>() * kBlockN;
+    const BwdBlock<kCausal> blk = BwdBlock<kCausal>::get();
+    const i64 b = blk.batch;
+    const int kv = blk.kv_head, n0_e = blk.n_block * kBlockN;
     const int rows = min(kBlockN, seqlen_k - n0_e);
     store_tile<kBlockN, kHeadDim, T::kThreads, kVec>(
         dk + b * dk_batch_stride + kv * dk_head_stride + n0_e * dk_row_stride, dk_row_stride,

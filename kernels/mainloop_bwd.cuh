@@ -127,7 +127,7 @@ struct BwdMainloop {
     // (the bounds are recomputed from the parameters and the block index rather than
     // kept live across the loop)
     if (++c.m_block == (mask.seqlen_q + T::kBlockM - 1) / T::kBlockM) {
-      c.m_block = mask.template m_block_min<T::kBlockM>(block_index<0>() * T::kBlockN);
+      c.m_block = mask.template m_block_min<T::kBlockM>(block_index<kCausal ? 2 : 0>() * T::kBlockN);
       ++c.head;
     }
   }
