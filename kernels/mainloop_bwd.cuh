@@ -197,6 +197,7 @@ struct BwdMainloop {
     // pairs whatever the input type: P is in [0, 1], and fp16's 11 significant bits keep
     // dS's error at a plain implementation's level where bf16's 8 would double it.
     u32 p[T::kNRep][T::kBlockM / 16][4];
+    u32 p_in[T::kNRep][T::kBlockM / 16][4];  // bf16 inputs: P^T in bf16, for dV
     {
       float s[T::kNRep][T::kMTiles][4];
       gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDim, typename T::TileK,
@@ -213,12 +214,13 @@ struct BwdMainloop {
             s[r][m][e] = exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
       }
       pack_frags<false, T::kNRep, T::kBlockM>(p, s);
+      if (kBf16) pack_frags<true, T::kNRep, T::kBlockM>(p_in, s);
     }
     pending_dq(1);
 
-    // dV += P^T dO (P^T turned into the input type one k16 step at a time)
-    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, true>(
-        dv_acc, p, sDO(st), lp, d_part * T::kDVCols);
+    // dV += P^T dO
+    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO>(
+        dv_acc, kBf16 ? p_in : p, sDO(st), lp, d_part * T::kDVCols);
     pending_dq(2);
 
     // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed (input type) in place of P^T.
