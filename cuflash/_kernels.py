@@ -160,10 +160,12 @@ class BwdTile:
     d_split: int
     stages: int
     min_blocks: int
+    swap: bool = False  # d_split pairs split S/dP by queries and swap P and dS halves
 
     def smem_bytes(self, head_dim: int, head_dim_v: int, atomic_dq: bool) -> int:
         kv_bytes = self.block_n * (head_dim + head_dim_v) * 2
-        ds_bytes = self.block_n * self.block_m * 2 * (2 if atomic_dq else 0)
+        ds_tiles = (2 if atomic_dq else int(self.swap)) + int(self.swap)  # dS buffers, P
+        ds_bytes = self.block_n * self.block_m * 2 * ds_tiles
         stage_bytes = self.block_m * (head_dim + head_dim_v) * 2 + 2 * self.block_m * 4
         return kv_bytes + ds_bytes + self.stages * stage_bytes
 
@@ -174,7 +176,7 @@ BWD_TILES = {
     32: (BwdTile(32, 128, 4, 1, 2, 1), BwdTile(32, 128, 4, 1, 2, 1)),
     64: (BwdTile(32, 128, 4, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
     96: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
-    128: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(32, 128, 8, 1, 2, 1)),
+    128: (BwdTile(64, 128, 8, 2, 2, 1, swap=True), BwdTile(64, 128, 8, 2, 2, 1, swap=True)),
     160: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),
     192: (BwdTile(64, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),
     224: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(32, 64, 8, 2, 2, 1)),
@@ -228,10 +230,10 @@ class BwdSpec(_KernelSpec):
         return [t.block_m, t.block_n, t.num_warps, t.d_split, t.stages, t.min_blocks]
 
     def _extra_args(self) -> list:
-        return [_cbool(self.atomic_dq)]
+        return [_cbool(self.atomic_dq), _cbool(self.tile.swap)]
 
     def _label_tail(self) -> str:
-        return (f" x{self.tile.d_split} s{self.tile.stages} "
+        return (f" x{self.tile.d_split}{'swap' if self.tile.swap else ''} s{self.tile.stages} "
                 f"{'atomic-dq' if self.atomic_dq else 'dk-dv'}")
 
 
@@ -285,6 +287,8 @@ class BwdPrepSpec:
 def _smaller(tile):
     """Tiles that need less shared memory, in the order the dispatcher tries them (for
     parts with about 99 KB a block, e.g. sm_86 and sm_89): one buffer, then half the rows."""
+    if tile.swap:  # the pairs need 64-query tiles: fall back to one warp per key slab
+        return [BwdTile(32, tile.block_n, tile.num_warps, 1, 1, 1)]
     out = []
     if tile.stages == 2:
         out.append(dataclasses.replace(tile, stages=1))

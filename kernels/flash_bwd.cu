@@ -28,7 +28,8 @@ struct BwdBlock {
 };
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
-          int kDSplit, int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kAtomicDQ>
+          int kDSplit, int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kAtomicDQ,
+          bool kSwap>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                      const u16* __restrict__ v, const u16* __restrict__ dout,
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                      float scale) {
   using T = BwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kDSplit, kStages,
-                      kAtomicDQ>;
+                      kAtomicDQ, kSwap>;
   extern __shared__ unsigned char smem[];
 
   const BwdBlock<kCausal> block = BwdBlock<kCausal>::get();

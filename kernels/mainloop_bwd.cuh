@@ -14,8 +14,10 @@
 //   dQ  += dS K                     kAtomicDQ: dS^T through shared memory, then float
 //                                   atomics into a float32 buffer; otherwise a separate
 //                                   pass (mainloop_bwd_dq.cuh) computes dQ with no atomics.
-// With kDSplit == 2 (head dims above 128) two warps share each key slab, each holding
-// half of the dK/dV columns; both compute the slab's P^T and dS^T.
+// With kDSplit == 2 two warps share each key slab, each holding half of the dK/dV
+// columns. Above d = 128 both compute the slab's P^T and dS^T; with kSwap (d = 128) each
+// computes them for half of the queries, and the halves meet in shared memory
+// (step_swap), which halves the Q/dO fragments read per mma in the dV and dK products.
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
@@ -35,7 +37,7 @@ struct DqWarpsN<kD, 1> {
 };
 
 template <class Elem, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kNWarps_,
-          int kDSplit_, int kStages_, bool kAtomicDQ_>
+          int kDSplit_, int kStages_, bool kAtomicDQ_, bool kSwap_ = false>
 struct BwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
   static constexpr int kHeadDim = kHeadDim_;
@@ -46,9 +48,15 @@ struct BwdTraits {
   static constexpr int kDSplit = kDSplit_;
   static constexpr int kStages = kStages_;  // query-tile buffers (2: prefetch the next one)
   static constexpr bool kAtomicDQ = kAtomicDQ_;
+  // kSwap (with kDSplit == 2): the two warps of a key slab split the queries of S^T and
+  // dP^T instead of both computing all of them, and swap their halves of P^T and dS^T
+  // through shared memory (a P^T tile, and the dS^T tile).
+  static constexpr bool kSwap = kSwap_;
   // dS^T buffers: step i writes one while step i+1 reads the other for dQ, so the barrier
-  // at the top of each step is the only one (none without atomic dQ).
-  static constexpr int kDSBuffers = kAtomicDQ ? 2 : 0;
+  // at the top of each step is the only one for dQ (none without atomic dQ, unless the
+  // swap needs one).
+  static constexpr int kDSBuffers = kAtomicDQ ? 2 : (kSwap ? 1 : 0);
+  static constexpr int kPBuffers = kSwap ? 1 : 0;
   static constexpr int kThreads = kNWarps * 32;
   static constexpr int kKeyWarps = kNWarps / kDSplit;
   static constexpr int kNRep = kBlockN / (16 * kKeyWarps);  // 16-key slabs per warp
@@ -72,6 +80,7 @@ struct BwdTraits {
   static_assert(kBlockM % 32 == 0 && kNWarps % kDQWarpsM == 0 && kDQCols % 16 == 0, "dQ split");
   static_assert(kBlockM % (16 * kDQWarpsM) == 0, "dQ row split");
   static_assert(kStages == 1 || kStages == 2, "one or two query-tile buffers");
+  static_assert(!kSwap || (kDSplit == 2 && kBlockM % 64 == 0), "swap: pairs of warps, 32+ queries each");
 
   using TileQ = SmemTile<kBlockM, kHeadDim>;
   using TileDO = SmemTile<kBlockM, kHeadDimV>;
@@ -81,7 +90,8 @@ struct BwdTraits {
 
   static constexpr int kStageBytes = TileQ::kBytes + TileDO::kBytes + 2 * kBlockM * 4;
   static constexpr int kSmemBytes =
-      TileK::kBytes + TileV::kBytes + kDSBuffers * TileDS::kBytes + kStages * kStageBytes;
+      TileK::kBytes + TileV::kBytes + (kDSBuffers + kPBuffers) * TileDS::kBytes +
+      kStages * kStageBytes;
 };
 
 template <class T, bool kCausal, bool kVec>
@@ -110,8 +120,10 @@ struct BwdMainloop {
   CUFLASH_DEVICE u32 sK() const { return smem; }
   CUFLASH_DEVICE u32 sV() const { return smem + T::TileK::kBytes; }
   CUFLASH_DEVICE u32 sDS(int buf) const { return sV() + T::TileV::kBytes + buf * T::TileDS::kBytes; }
+  CUFLASH_DEVICE u32 sP() const { return sDS(T::kDSBuffers); }  // kSwap: P^T, keys x queries
   CUFLASH_DEVICE u32 sQ(int st) const {
-    return sV() + T::TileV::kBytes + T::kDSBuffers * T::TileDS::kBytes + st * T::kStageBytes;
+    return sV() + T::TileV::kBytes + (T::kDSBuffers + T::kPBuffers) * T::TileDS::kBytes +
+           st * T::kStageBytes;
   }
   CUFLASH_DEVICE u32 sDO(int st) const { return sQ(st) + T::TileQ::kBytes; }
   CUFLASH_DEVICE u32 sLse(int st) const { return sDO(st) + T::TileDO::kBytes; }
@@ -181,17 +193,7 @@ struct BwdMainloop {
                            float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
     constexpr bool kBf16 = T::kIsBf16;
     const int lane = tid & 31;
-    // The previous step's dQ, in two halves (pieces) placed among this step's products.
-    auto pending_dq = [&](int at) {
-      if (!kAtomicDQ || !has_prev) return;
-      constexpr int kHalf = CUFLASH_DQ_AT == CUFLASH_DQ_AT2 ? T::kDQPieces : (T::kDQPieces + 1) / 2;
-      const int m0_prev = prev.m_block * T::kBlockM;
-      if (at == CUFLASH_DQ_AT) accumulate_dq(prev.head, m0_prev, ds_buf ^ 1, 0, kHalf);
-      if (at == CUFLASH_DQ_AT2 && kHalf < T::kDQPieces) {
-        accumulate_dq(prev.head, m0_prev, ds_buf ^ 1, kHalf, T::kDQPieces);
-      }
-    };
-    pending_dq(0);
+    pending_dq(0, prev, has_prev, ds_buf);
 
     // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept as fp16
     // pairs whatever the input type: P is in [0, 1], and fp16's 11 significant bits keep
@@ -216,12 +218,12 @@ struct BwdMainloop {
       pack_frags<false, T::kNRep, T::kBlockM>(p, s);
       if (kBf16) pack_frags<true, T::kNRep, T::kBlockM>(p_in, s);
     }
-    pending_dq(1);
+    pending_dq(1, prev, has_prev, ds_buf);
 
     // dV += P^T dO
     gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO>(
         dv_acc, kBf16 ? p_in : p, sDO(st), lp, d_part * T::kDVCols);
-    pending_dq(2);
+    pending_dq(2, prev, has_prev, ds_buf);
 
     // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed (input type) in place of P^T.
     {
@@ -245,7 +247,7 @@ struct BwdMainloop {
       }
       pack_frags<kBf16, T::kNRep, T::kBlockM>(p, dp);
     }
-    pending_dq(3);
+    pending_dq(3, prev, has_prev, ds_buf);
 
     // dK += dS^T Q
     gemm_regs_trans<kBf16, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileQ>(
@@ -255,6 +257,83 @@ struct BwdMainloop {
     if (kAtomicDQ && d_part == 0) {
       store_packed<typename T::TileDS, T::kNRep, T::kBlockM>(sDS(ds_buf), p, key_row0, lane);
     }
+  }
+
+  // The previous step's dQ (from the other dS^T buffer), in one or two parts placed among
+  // this step's products: at CUFLASH_DQ_AT and CUFLASH_DQ_AT2 (probes move them).
+  CUFLASH_DEVICE void pending_dq(int at, const Cursor& prev, bool has_prev, int ds_buf) const {
+    if (!kAtomicDQ || !has_prev) return;
+    constexpr int kHalf = CUFLASH_DQ_AT == CUFLASH_DQ_AT2 ? T::kDQPieces : (T::kDQPieces + 1) / 2;
+    const int m0_prev = prev.m_block * T::kBlockM;
+    if (at == CUFLASH_DQ_AT) accumulate_dq(prev.head, m0_prev, ds_buf ^ 1, 0, kHalf);
+    if (at == CUFLASH_DQ_AT2 && kHalf < T::kDQPieces) {
+      accumulate_dq(prev.head, m0_prev, ds_buf ^ 1, kHalf, T::kDQPieces);
+    }
+  }
+
+  // kSwap: one query tile. This warp computes S^T and dP^T for its slab's keys and its
+  // half of the queries, stores its halves of P^T and dS^T, and after a barrier runs the
+  // dV and dK products on the whole tiles, for its half of the columns.
+  template <bool kMasked>
+  CUFLASH_DEVICE void step_swap(int m0, int st, int ds_buf, const Cursor& prev, bool has_prev,
+                                float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
+                                float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
+    constexpr bool kBf16 = T::kIsBf16;
+    constexpr int kHalfM = T::kBlockM / 2;
+    const int lane = tid & 31;
+    const int q0 = d_part * kHalfM;  // this warp's first query of the tile
+    pending_dq(0, prev, has_prev, ds_buf);
+    u32 p16[T::kNRep][kHalfM / 16][4];  // P^T in fp16, for dS (see step)
+    {
+      float s[T::kNRep][kHalfM / 8][4];
+      gemm_rows_rows<kBf16, T::kNRep, kHalfM, T::kHeadDim, typename T::TileK,
+                     typename T::TileQ>(s, sK(), lp, sQ(st), q0);
+      if (kMasked) mask.apply_transposed(s, n_block * T::kBlockN + key_row0, m0 + q0, lane);
+#pragma unroll
+      for (int m = 0; m < kHalfM / 8; ++m) {
+        float lse[2];
+        ld_shared_f2(lse[0], lse[1], sLse(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+        for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[r][m][e] = exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
+      }
+      pack_frags<false, T::kNRep, kHalfM>(p16, s);
+      u32 p_in[T::kNRep][kHalfM / 16][4];
+      pack_frags<kBf16, T::kNRep, kHalfM>(p_in, s);
+      store_packed<typename T::TileDS, T::kNRep, kHalfM>(sP(), p_in, key_row0, lane, q0);
+    }
+    pending_dq(1, prev, has_prev, ds_buf);
+    {
+      float dp[T::kNRep][kHalfM / 8][4];
+      gemm_rows_rows<kBf16, T::kNRep, kHalfM, T::kHeadDimV, typename T::TileV,
+                     typename T::TileDO>(dp, sV(), lp, sDO(st), q0);
+#pragma unroll
+      for (int m = 0; m < kHalfM / 8; ++m) {
+        float delta[2];
+        ld_shared_f2(delta[0], delta[1], sDelta(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+        for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float p0, p1;
+            unpack2<false>(p16[r][m >> 1][2 * (m & 1) + h], p0, p1);
+            dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
+            dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
+          }
+      }
+      pack_frags<kBf16, T::kNRep, kHalfM>(p16, dp);
+      store_packed<typename T::TileDS, T::kNRep, kHalfM>(sDS(ds_buf), p16, key_row0, lane, q0);
+    }
+    __syncthreads();  // both halves of P^T and dS^T in place
+    pending_dq(2, prev, has_prev, ds_buf);
+    // dV += P^T dO and dK += dS^T Q over the whole tile, this warp's columns
+    gemm_rows_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDS,
+                    typename T::TileDO>(dv_acc, sP(), sDO(st), lp, d_part * T::kDVCols);
+    pending_dq(3, prev, has_prev, ds_buf);
+    gemm_rows_trans<kBf16, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileDS,
+                    typename T::TileQ>(dk_acc, sDS(ds_buf), sQ(st), lp, d_part * T::kDKCols);
   }
 
   // dQ_i += dS K_j (unscaled; the conversion pass multiplies by scale), by float atomics,
@@ -332,10 +411,20 @@ struct BwdMainloop {
       const int m0 = cur.m_block * T::kBlockM;
       // Masks: the causal diagonal and a ragged last key tile; padded query rows need
       // none (their lse is +inf, so P = 0).
-      if (mask.template tile_needs_mask<T::kBlockN>(n_block, m0)) {
-        step<true>(m0, st, it & 1, prev, it > 0, dk_acc, dv_acc);
+      const int ds_buf = kAtomicDQ ? it & 1 : 0;
+      const bool masked = mask.template tile_needs_mask<T::kBlockN>(n_block, m0);
+      if constexpr (T::kSwap) {
+        if (masked) {
+          step_swap<true>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+        } else {
+          step_swap<false>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+        }
       } else {
-        step<false>(m0, st, it & 1, prev, it > 0, dk_acc, dv_acc);
+        if (masked) {
+          step<true>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+        } else {
+          step<false>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+        }
       }
       st = T::kStages == 2 ? st ^ 1 : 0;
       prev = cur;

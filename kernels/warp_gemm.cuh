@@ -108,6 +108,29 @@ CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
   }
 }
 
+// acc += A B over kK, with A stored rows x k (this warp's slabs, as in gemm_rows_rows) and
+// B stored k x cols (columns [col0, col0 + kN)).
+template <bool kBf16, int kMRep, int kN, int kK, class TileA, class TileB>
+CUFLASH_DEVICE void gemm_rows_trans(float (&acc)[kMRep][kN / 8][4], u32 sA, u32 sB,
+                                    const LanePatterns& lp, int col0) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    u32 a[kMRep][4];
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r) ldmatrix_x4(a[r], TileA::ldsm(sA, lp.a_rows, r * 16, 2 * kk));
+#pragma unroll
+    for (int dd = 0; dd < kN / 16; ++dd) {
+      u32 b[4];
+      ldmatrix_x4_trans(b, TileB::ldsm(sB, lp.b_trans, kk * 16, col0 / 8 + 2 * dd));
+#pragma unroll
+      for (int r = 0; r < kMRep; ++r) {
+        mma_16816<kBf16>(acc[r][2 * dd], a[r], b[0], b[1]);
+        mma_16816<kBf16>(acc[r][2 * dd + 1], a[r], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // acc = A B over kK, with A stored k x rows (.trans; this warp's rows start at a_row0)
 // and B stored k x cols (columns [col0, col0 + kN)).
 template <bool kBf16, int kMRep, int kN, int kK, class TileA, class TileB>
@@ -135,10 +158,10 @@ CUFLASH_DEVICE void gemm_trans_trans(float (&acc)[kMRep][kN / 8][4], u32 sA, int
 }
 
 // Stores packed A fragments (pack_frags) into rows [row0, row0 + 16 kMRep) and columns
-// [0, kK) of a shared tile.
+// [col0, col0 + kK) of a shared tile (col0 a multiple of 16).
 template <class Tile, int kMRep, int kK>
 CUFLASH_DEVICE void store_packed(u32 sTile, const u32 (&a)[kMRep][kK / 16][4], int row0,
-                                 int lane) {
+                                 int lane, int col0 = 0) {
 #pragma unroll
   for (int r = 0; r < kMRep; ++r)
 #pragma unroll
@@ -146,7 +169,7 @@ CUFLASH_DEVICE void store_packed(u32 sTile, const u32 (&a)[kMRep][kK / 16][4], i
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int row = row0 + r * 16 + (lane >> 2) + (j & 1) * 8;
-        const int chunk = 2 * kk + (j >> 1);
+        const int chunk = col0 / 8 + 2 * kk + (j >> 1);
         st_shared_b32(sTile + Tile::offset(row, chunk) + (lane & 3) * 4, a[r][kk][j]);
       }
 }

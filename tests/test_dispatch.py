@@ -104,7 +104,8 @@ def test_bwd_spec_name():
     assert spec.head_dim == spec.head_dim_v == 96 and spec.atomic_dq
     assert spec.name_expression == (
         f"cuflash::flash_bwd_kernel<cuflash::f16_t, 96, 96, {t.block_m}, {t.block_n}, "
-        f"{t.num_warps}, {t.d_split}, {t.stages}, {t.min_blocks}, true, false, true>")
+        f"{t.num_warps}, {t.d_split}, {t.stages}, {t.min_blocks}, true, false, true, "
+        f"{'true' if t.swap else 'false'}>")
     assert spec.threads == 32 * t.num_warps
 
 
@@ -120,6 +121,7 @@ def test_every_bucket_has_bwd_tiles_that_fit_h100(d, atomic):
         key_warps = t.num_warps // t.d_split
         assert t.num_warps % t.d_split == 0 and t.block_n % (16 * key_warps) == 0
         assert (d // t.d_split) % 16 == 0 and t.block_m % 32 == 0 and t.stages in (1, 2)
+        assert not t.swap or (t.d_split == 2 and t.block_m % 64 == 0)
     dq = _kernels.bwd_dq_spec("bfloat16", d, d, False, True, 90)
     assert dq.smem_bytes <= _SMEM_H100
 
@@ -134,6 +136,9 @@ def test_smaller_tiles_order():
     assert _kernels._smaller(t) == [_kernels.BwdTile(64, 128, 8, 1, 1, 1),
                                     _kernels.BwdTile(32, 128, 8, 1, 1, 1)]
     assert _kernels._smaller(_kernels.BwdTile(32, 64, 8, 2, 1, 1)) == []
+    # swapping pairs need 64 queries: their fallback is one warp per key slab
+    assert _kernels._smaller(_kernels.BwdTile(64, 128, 8, 2, 2, 1, swap=True)) == [
+        _kernels.BwdTile(32, 128, 8, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("atomic", (True, False), ids=("atomic-dq", "dk-dv"))
