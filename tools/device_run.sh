@@ -2,7 +2,8 @@
 # The one script for the GPU machine: run it from the source tree, in one device call.
 #   bash tools/device_run.sh [tests] [sanitize] [racecheck] [compile-time] [bench] [tune]
 #                            [tune-bwd]     (default: all but the tile sweeps)
-# PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py").
+# PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py"),
+# BENCH_ARGS the benchmark (e.g. BENCH_ARGS="--direction bwd").
 # Full logs and tables go under $OUT (./.out when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,8 @@ for s in $stages; do
       python3 -m cuflash compile-time 2>&1 | tee "$OUT/compile_time.txt"
       summary+=("compile: $(tail -n 1 "$OUT/compile_time.txt")") ;;
     bench)
-      python3 -m cuflash bench --json "$OUT/bench.json" > "$OUT/bench.txt" 2> "$OUT/bench_progress.txt"
+      python3 -m cuflash bench ${BENCH_ARGS:-} --json "$OUT/bench.json" > "$OUT/bench.txt" \
+        2> "$OUT/bench_progress.txt"
       summary+=("bench: rc=$?") ;;
     tune)
       python3 tools/tune_fwd.py > "$OUT/tune.txt" 2>/dev/null
