@@ -82,12 +82,6 @@ CUFLASH_DEVICE void unpack2(u32 x, float& lo, float& hi) {
   }
 }
 
-CUFLASH_DEVICE u32 f16x2_to_bf16x2(u32 x) {
-  float lo, hi;
-  unpack2<false>(x, lo, hi);
-  return pack2<true>(lo, hi);
-}
-
 template <bool kIsBf16>
 CUFLASH_DEVICE float to_float(u16 x) {
   if (kIsBf16) {

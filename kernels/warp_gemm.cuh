@@ -79,10 +79,27 @@ CUFLASH_DEVICE void pack_frags(u32 (&a)[kMRep][kK / 16][4], const float (&c)[kMR
       }
 }
 
+// One k16 step of acc += A B: A fragments `a` (kMRep slabs of 16 rows) times rows
+// [16 kk, 16 kk + 16) of a tile stored k x cols, columns [col0, col0 + kN), which
+// ldmatrix.trans reads as B fragments.
+template <bool kBf16, int kMRep, int kN, class TileB>
+CUFLASH_DEVICE void mma_b_trans(float (&acc)[kMRep][kN / 8][4], const u32 (&a)[kMRep][4],
+                                u32 sB, const LanePatterns& lp, int kk, int col0) {
+#pragma unroll
+  for (int dd = 0; dd < kN / 16; ++dd) {
+    u32 b[4];
+    ldmatrix_x4_trans(b, TileB::ldsm(sB, lp.b_trans, kk * 16, col0 / 8 + 2 * dd));
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r) {
+      mma_16816<kBf16>(acc[r][2 * dd], a[r], b[0], b[1]);
+      mma_16816<kBf16>(acc[r][2 * dd + 1], a[r], b[2], b[3]);
+    }
+  }
+}
+
 // acc += A B over kK, with A in registers as packed A fragments (pack_frags) and B stored
-// k x cols: columns [col0, col0 + kN) of the tile. kAFromF16: A holds fp16 pairs, turned
-// into the input type (bf16) one k16 step at a time.
-template <bool kBf16, int kMRep, int kN, int kK, class TileB, bool kAFromF16 = false>
+// k x cols: columns [col0, col0 + kN) of the tile.
+template <bool kBf16, int kMRep, int kN, int kK, class TileB>
 CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
                                     const u32 (&a_in)[kMRep][kK / 16][4], u32 sB,
                                     const LanePatterns& lp, int col0 = 0) {
@@ -92,19 +109,8 @@ CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        a[r][j] = kAFromF16 && kBf16 ? f16x2_to_bf16x2(a_in[r][kk][j]) : a_in[r][kk][j];
-      }
-#pragma unroll
-    for (int dd = 0; dd < kN / 16; ++dd) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, TileB::ldsm(sB, lp.b_trans, kk * 16, col0 / 8 + 2 * dd));
-#pragma unroll
-      for (int r = 0; r < kMRep; ++r) {
-        mma_16816<kBf16>(acc[r][2 * dd], a[r], b[0], b[1]);
-        mma_16816<kBf16>(acc[r][2 * dd + 1], a[r], b[2], b[3]);
-      }
-    }
+      for (int j = 0; j < 4; ++j) a[r][j] = a_in[r][kk][j];
+    mma_b_trans<kBf16, kMRep, kN, TileB>(acc, a, sB, lp, kk, col0);
   }
 }
 
@@ -118,16 +124,7 @@ CUFLASH_DEVICE void gemm_rows_trans(float (&acc)[kMRep][kN / 8][4], u32 sA, u32 
     u32 a[kMRep][4];
 #pragma unroll
     for (int r = 0; r < kMRep; ++r) ldmatrix_x4(a[r], TileA::ldsm(sA, lp.a_rows, r * 16, 2 * kk));
-#pragma unroll
-    for (int dd = 0; dd < kN / 16; ++dd) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, TileB::ldsm(sB, lp.b_trans, kk * 16, col0 / 8 + 2 * dd));
-#pragma unroll
-      for (int r = 0; r < kMRep; ++r) {
-        mma_16816<kBf16>(acc[r][2 * dd], a[r], b[0], b[1]);
-        mma_16816<kBf16>(acc[r][2 * dd + 1], a[r], b[2], b[3]);
-      }
-    }
+    mma_b_trans<kBf16, kMRep, kN, TileB>(acc, a, sB, lp, kk, col0);
   }
 }
 
@@ -144,16 +141,7 @@ CUFLASH_DEVICE void gemm_trans_trans(float (&acc)[kMRep][kN / 8][4], u32 sA, int
     for (int r = 0; r < kMRep; ++r) {
       ldmatrix_x4_trans(a[r], TileA::ldsm(sA, lp.b_rows, kk * 16, (a_row0 + r * 16) / 8));
     }
-#pragma unroll
-    for (int dd = 0; dd < kN / 16; ++dd) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, TileB::ldsm(sB, lp.b_trans, kk * 16, col0 / 8 + 2 * dd));
-#pragma unroll
-      for (int r = 0; r < kMRep; ++r) {
-        mma_16816<kBf16>(acc[r][2 * dd], a[r], b[0], b[1]);
-        mma_16816<kBf16>(acc[r][2 * dd + 1], a[r], b[2], b[3]);
-      }
-    }
+    mma_b_trans<kBf16, kMRep, kN, TileB>(acc, a, sB, lp, kk, col0);
   }
 }
 
