@@ -250,13 +250,18 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     return (out, lse) if return_lse else out
 
 
+def _check_device(cp, **arrays) -> None:
+    """Every given CuPy array must live on the current device."""
+    dev = cp.cuda.Device().id
+    for name, x in arrays.items():
+        if x is not None and x.device.id != dev:
+            raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
+
+
 def _gpu_forward(cp, q, k, v, out, *, causal, scale):
     from . import _dispatch
 
-    dev = cp.cuda.Device().id
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if x is not None and x.device.id != dev:
-            raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
+    _check_device(cp, q=q, k=k, v=v, out=out)
     if out is None:
         out = cp.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
     lse = cp.empty(q.shape[:-1], dtype=cp.float32)
@@ -400,11 +405,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
 def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, deterministic):
     from . import _dispatch
 
-    dev = cp.cuda.Device().id
-    for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
-                    ("dq", dq), ("dk", dk), ("dv", dv)):
-        if x is not None and x.device.id != dev:
-            raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
+    _check_device(cp, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dq=dq, dk=dk, dv=dv)
     dq = cp.empty(q.shape, q.dtype) if dq is None else dq
     dk = cp.empty(k.shape, q.dtype) if dk is None else dk
     dv = cp.empty(v.shape, q.dtype) if dv is None else dv

@@ -141,30 +141,36 @@ def _torch_sdpa(backend_name, backward=False):
     return make
 
 
-def impl_cupy_naive(q, k, v, causal, max_bytes=8 << 30):
-    """What a CuPy user writes by hand: matmul, softmax in float32, matmul."""
+def _naive_setup(q, k, causal, score_matrices, max_bytes):
+    """Checks for the plain CuPy peers (float16 only, score matrices that fit) and their
+    scale and causal mask (None when not causal)."""
     cp = _cupy()
     B, H, L, D = q.shape
-    if B * H * L * k.shape[-2] * 4 * 3 > max_bytes:
+    Lk = k.shape[-2]
+    if B * H * L * Lk * 4 * score_matrices > max_bytes:
         raise Skip("score matrix too large")
     if q.dtype != np.float16:
         raise Skip("CuPy matmul has no bfloat16")
-    scale = 1.0 / math.sqrt(D)
-    mask = None
-    if causal:
-        Lk = k.shape[-2]
-        mask = cp.arange(Lk)[None, :] > cp.arange(L)[:, None] + Lk - L
+    mask = cp.arange(Lk)[None, :] > cp.arange(L)[:, None] + Lk - L if causal else None
+    return 1.0 / math.sqrt(D), mask
 
-    def run():
-        s = cp.matmul(q, k.swapaxes(-1, -2)).astype(cp.float32) * scale
-        if mask is not None:
-            s[..., mask] = -cp.inf
-        s -= s.max(axis=-1, keepdims=True)
-        p = cp.exp(s)
-        p /= p.sum(axis=-1, keepdims=True)
-        return cp.matmul(p.astype(q.dtype), v)
 
-    return run
+def _naive_softmax(q, k, scale, mask):
+    """softmax(scale * q k^T) in float32, masked entries 0."""
+    cp = _cupy()
+    s = cp.matmul(q, k.swapaxes(-1, -2)).astype(cp.float32) * scale
+    if mask is not None:
+        s[..., mask] = -cp.inf
+    s -= s.max(axis=-1, keepdims=True)
+    p = cp.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def impl_cupy_naive(q, k, v, causal, max_bytes=8 << 30):
+    """What a CuPy user writes by hand: matmul, softmax in float32, matmul."""
+    scale, mask = _naive_setup(q, k, causal, 3, max_bytes)
+    return lambda: _cupy().matmul(_naive_softmax(q, k, scale, mask).astype(q.dtype), v)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -198,21 +204,8 @@ def impl_cuflash_bwd_det(q, k, v, causal):
 def impl_cupy_naive_bwd(q, k, v, causal, max_bytes=8 << 30):
     """The hand-written backward of impl_cupy_naive, from its saved probabilities."""
     cp = _cupy()
-    B, H, L, D = q.shape
-    if B * H * L * k.shape[-2] * 4 * 4 > max_bytes:
-        raise Skip("score matrix too large")
-    if q.dtype != np.float16:
-        raise Skip("CuPy matmul has no bfloat16")
-    scale = 1.0 / math.sqrt(D)
-    s = cp.matmul(q, k.swapaxes(-1, -2)).astype(cp.float32) * scale
-    if causal:
-        Lk = k.shape[-2]
-        s[..., cp.arange(Lk)[None, :] > cp.arange(L)[:, None] + Lk - L] = -cp.inf
-    s -= s.max(axis=-1, keepdims=True)
-    p = cp.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    p = p.astype(q.dtype)
-    del s
+    scale, mask = _naive_setup(q, k, causal, 4, max_bytes)
+    p = _naive_softmax(q, k, scale, mask).astype(q.dtype)
     dout = _dout_like(q)
 
     def run():

@@ -84,19 +84,27 @@ def max_smem_per_block() -> int:
     return _max_smem_per_block(_cupy().cuda.Device().id)
 
 
+def _first_fitting(specs):
+    """The first spec whose shared memory fits this device."""
+    limit = max_smem_per_block()
+    for spec in specs:
+        if spec.smem_bytes <= limit:
+            return spec
+    raise RuntimeError(f"{specs[-1].label} needs {specs[-1].smem_bytes} bytes of shared "
+                       f"memory; this device allows {limit}")
+
+
 def select_fwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
                     arch: int) -> _kernels.FwdSpec:
     spec = _kernels.fwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch)
-    limit = max_smem_per_block()
-    if spec.smem_bytes > limit and spec.tile.stages == 2:
+    candidates = [spec]
+    if spec.tile.stages == 2:
         # Smaller parts (sm_86/sm_89: 99 KB) get FlashAttention-2's single-stage schedule.
         t = spec.tile
-        spec = _kernels.fwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch,
-                                 tile=_kernels.FwdTile(t.block_m, t.block_n, t.num_warps, 1, 1))
-    if spec.smem_bytes > limit:
-        raise RuntimeError(f"{spec.label} needs {spec.smem_bytes} bytes of shared memory; "
-                           f"this device allows {limit}")
-    return spec
+        candidates.append(_kernels.fwd_spec(
+            dtype, head_dim, head_dim_v, causal, vec, arch,
+            tile=_kernels.FwdTile(t.block_m, t.block_n, t.num_warps, 1, 1)))
+    return _first_fitting(candidates)
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None) -> None:
@@ -136,16 +144,6 @@ def _dtype_name(dtype) -> str:
     if name not in _kernels.DTYPES:
         raise TypeError(f"no GPU kernel for dtype {name}")
     return name
-
-
-def _first_fitting(specs):
-    """The first spec whose shared memory fits this device."""
-    limit = max_smem_per_block()
-    for spec in specs:
-        if spec.smem_bytes <= limit:
-            return spec
-    raise RuntimeError(f"{specs[-1].label} needs {specs[-1].smem_bytes} bytes of shared "
-                       f"memory; this device allows {limit}")
 
 
 def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
@@ -198,6 +196,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         main = main_spec
     if dq_spec is not None and deterministic:
         dq_pass = dq_spec
+    n_blocks = -(-Lk // main.tile.block_n)
+    if causal and n_blocks > _MAX_GRID_YZ:  # causal grids put the key tiles on z
+        raise ValueError(f"causal backward supports at most "
+                         f"{_MAX_GRID_YZ * main.tile.block_n} keys at head dim {D}, "
+                         f"got Lk = {Lk}")
     pad = _kernels.BWD_ROW_PAD
     lq_pad = -(-Lq // pad) * pad
     lse_log2 = cp.empty((B, Hq, lq_pad), dtype=cp.float32)
@@ -217,11 +220,6 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(lq_pad), np.int32(Dv)))
         if Lk:
             accum = dq_accum[sl] if dq_accum is not None else delta[sl]  # unused if None
-            n_blocks = -(-Lk // main.tile.block_n)
-            if causal and n_blocks > _MAX_GRID_YZ:
-                raise ValueError(f"causal backward supports at most "
-                                 f"{_MAX_GRID_YZ * main.tile.block_n} keys at head dim {D}, "
-                                 f"got Lk = {Lk}")
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
             grid = (Hk, nb, n_blocks) if causal else (n_blocks, Hk, nb)
             get_kernel(main)(

@@ -85,7 +85,9 @@ class _KernelSpec:
         return self.tile.num_warps * 32
 
     def _tile_args(self) -> list:
-        raise NotImplementedError
+        # FwdTile's template arguments; BwdSpec has its own
+        t = self.tile
+        return [t.block_m, t.block_n, t.num_warps, t.stages, t.min_blocks]
 
     def _extra_args(self) -> list:
         return []
@@ -118,10 +120,6 @@ class FwdSpec(_KernelSpec):
     @property
     def smem_bytes(self) -> int:
         return self.tile.smem_bytes(self.head_dim, self.head_dim_v)
-
-    def _tile_args(self) -> list:
-        t = self.tile
-        return [t.block_m, t.block_n, t.num_warps, t.stages, t.min_blocks]
 
 
 def _cbool(b: bool) -> str:
@@ -251,10 +249,6 @@ class BwdDqSpec(_KernelSpec):
         t = self.tile
         return (t.block_m * (self.head_dim + self.head_dim_v) * 2
                 + t.stages * t.block_n * (self.head_dim + self.head_dim_v) * 2)
-
-    def _tile_args(self) -> list:
-        t = self.tile
-        return [t.block_m, t.block_n, t.num_warps, t.stages, t.min_blocks]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,12 +78,17 @@ def check_backward(cp, q, k, v, name, causal, rng, *, scale=None, dout=None, out
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("name", DTYPES)
 def test_backward_grid(cp, name, causal, head_dim, seqlens):
+    check_grid_case(cp, name, causal, head_dim, seqlens)
+
+
+def check_grid_case(cp, name, causal, head_dim, seqlens, **kwargs):
+    """One (B=1, H=2) case of the grid; kwargs go to attention_backward."""
     rng = np.random.default_rng()
     Lq, Lk = seqlens
     B, H = 1, 2
     q, k, v = random_qkv(cp, (B, H, Lq, head_dim), (B, H, Lk, head_dim), (B, H, Lk, head_dim),
                          name, rng)
-    check_backward(cp, q, k, v, name, causal, rng)
+    check_backward(cp, q, k, v, name, causal, rng, **kwargs)
 
 
 @pytest.mark.parametrize("seqlens", DET_SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -92,12 +97,7 @@ def test_backward_grid(cp, name, causal, head_dim, seqlens):
 @pytest.mark.parametrize("name", DTYPES)
 def test_backward_grid_deterministic(cp, name, causal, head_dim, seqlens):
     """deterministic=True meets the same tolerance."""
-    rng = np.random.default_rng()
-    Lq, Lk = seqlens
-    B, H = 1, 2
-    q, k, v = random_qkv(cp, (B, H, Lq, head_dim), (B, H, Lk, head_dim), (B, H, Lk, head_dim),
-                         name, rng)
-    check_backward(cp, q, k, v, name, causal, rng, deterministic=True)
+    check_grid_case(cp, name, causal, head_dim, seqlens, deterministic=True)
 
 
 @pytest.mark.parametrize("case", (
