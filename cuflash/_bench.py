@@ -7,6 +7,9 @@ matmul). Every implementation reads the same device buffers (shared through DLPa
 Times are medians of CUDA-event-timed rounds after a warm-up, on random data. A
 backward case times the backward pass alone (its forward runs once, untimed), and
 counts 2.5 times the forward FLOPs, as FlashAttention's benchmarks do.
+
+The default peers use only cuflash's public API and absolute imports, so the asv suite
+(``asv_bench/``) can load this file by path and time an older cuflash checkout with it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 FLASH = "torch_flash"
 CUDNN = "torch_cudnn"
+EFFICIENT = "torch_efficient"
 CUPY = "cupy_naive"
 CUFLASH = "cuflash"
 CUFLASH_DET = "cuflash_det"
@@ -95,10 +99,12 @@ def _to_torch(x):
 
 
 def impl_cuflash(q, k, v, causal, spec=None):
-    from . import _api, _dispatch
+    import cuflash
 
     if spec is None:
-        return lambda: _api.attention(q, k, v, causal=causal)
+        return lambda: cuflash.attention(q, k, v, causal=causal)
+    from cuflash import _dispatch
+
     cp = _cupy()
     out = cp.empty_like(q)
     lse = cp.empty(q.shape[:-1], dtype=cp.float32)
@@ -181,13 +187,17 @@ def _dout_like(q):
 
 
 def impl_cuflash_bwd(q, k, v, causal, *, deterministic=False, spec=None, dq_spec=None):
-    from . import _api, _dispatch
+    import cuflash
 
-    out, lse = _api.attention(q, k, v, causal=causal, return_lse=True)
+    if not hasattr(cuflash, "attention_backward"):
+        raise Skip("this cuflash has no backward")
+    out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
     dout = _dout_like(q)
     if spec is None and dq_spec is None:
-        return lambda: _api.attention_backward(dout, q, k, v, out, lse, causal=causal,
-                                               deterministic=deterministic)
+        return lambda: cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                                  deterministic=deterministic)
+    from cuflash import _dispatch
+
     cp = _cupy()
     grads = [cp.empty_like(x) for x in (q, k, v)]
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -224,6 +234,7 @@ PEERS = {
     CUFLASH: impl_cuflash,
     FLASH: _torch_sdpa("FLASH_ATTENTION"),
     CUDNN: _torch_sdpa("CUDNN_ATTENTION"),
+    EFFICIENT: _torch_sdpa("EFFICIENT_ATTENTION"),
     CUPY: impl_cupy_naive,
 }
 
@@ -232,6 +243,7 @@ PEERS_BWD = {
     CUFLASH_DET: impl_cuflash_bwd_det,
     FLASH: _torch_sdpa("FLASH_ATTENTION", backward=True),
     CUDNN: _torch_sdpa("CUDNN_ATTENTION", backward=True),
+    EFFICIENT: _torch_sdpa("EFFICIENT_ATTENTION", backward=True),
     CUPY: impl_cupy_naive_bwd,
 }
 
@@ -261,10 +273,11 @@ def time_fn(fn, *, warmup_ms=50.0, rounds=7, min_round_ms=40.0) -> float:
     return float(np.median(times))
 
 
-def run(cases, impls=None, *, progress=True, extra=None):
+def run(cases, impls=None, *, progress=True, extra=None, timing=None):
     """Time every implementation on every case; returns one dict per (case, impl).
 
-    ``extra`` maps more names to factories ``(q, k, v, causal) -> callable`` (tile sweeps).
+    ``extra`` maps more names to factories ``(q, k, v, causal) -> callable`` (tile sweeps);
+    ``timing`` holds keyword arguments for :func:`time_fn`.
     """
     def peers(case):
         table = PEERS_BWD if case.direction == "bwd" else PEERS
@@ -282,7 +295,7 @@ def run(cases, impls=None, *, progress=True, extra=None):
             row = {"case": case, "impl": name, "ms": None, "tflops": None, "note": ""}
             try:
                 fn = make(q, k, v, case.causal)
-                ms = time_fn(fn)
+                ms = time_fn(fn, **(timing or {}))
                 row.update(ms=ms, tflops=case.flops / ms / 1e9)
             except Skip as e:
                 row["note"] = str(e)
