@@ -60,4 +60,6 @@ echo "================ summary (HEAD) ================"
 head_hash=$(head -n 1 .asv/plan.txt | cut -d' ' -f1)
 PYTHONPATH=$ROOT python3 asv_bench/report.py "$OUT/asv/results" --machine "$machine" \
   --commit "$head_hash" | tee "$OUT/asv/report-head.txt"
+# The result files sit three folders deep, deeper than the device tool brings back.
+tar -czf "$OUT/asv-results.tgz" -C "$OUT/asv" results
 exit 0

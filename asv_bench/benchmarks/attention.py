@@ -138,7 +138,10 @@ class FirstCall:
     def setup_cache(self):
         times = {}
         with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, CUPY_CACHE_DIR=cache)
+            # The child imports the cuflash that this process imported (asv's runner
+            # sets its sys.path, not necessarily PYTHONPATH).
+            env = dict(os.environ, CUPY_CACHE_DIR=cache,
+                       PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             for name in ("cold", "warm_cache"):
                 p = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env,
                                    capture_output=True, text=True, timeout=300)
