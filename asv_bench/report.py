@@ -2,6 +2,7 @@
 torch's flash (FlashAttention-2) and cuDNN backends.
 
     python asv_bench/report.py [RESULTS_DIR] [--machine M] [--commit HASH] [--dtype D]
+                               [--markdown]
 
 Defaults: the committed results, the machine with the most results, cuflash's newest
 commit on it, both dtypes.
@@ -45,6 +46,36 @@ def table(rows: list[results_io.Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[results_io.Row], dtype="bfloat16", seqlens=(1024, 4096, 16384)) -> str:
+    """The README's table: TFLOP/s at three seqlens and cuflash's ratios."""
+    cells = collections.defaultdict(dict)
+    for r in rows:
+        if r.dtype == dtype and r.seqlen in seqlens:
+            cells[(r.direction, r.head_dim, r.causal)].setdefault(r.impl, {})[r.seqlen] = r.tflops
+
+    def join(values):
+        return " / ".join(values)
+
+    def col(c, impl):
+        return join(f"{c[impl][L]:.0f}" if L in c.get(impl, {}) else "-" for L in seqlens)
+
+    def ratio(c, a, b):
+        return join(f"{c[a][L] / c[b][L]:.2f}" if L in c.get(a, {}) and L in c.get(b, {})
+                    else "-" for L in seqlens)
+
+    lines = ["| case | cuflash | torch flash (FA2) | torch cuDNN | cuflash / FA2 "
+             "| cuflash / cuDNN | deterministic / FA2 |", "|---" * 7 + "|"]
+    for key in sorted(cells, key=lambda k: (k[0] != "fwd", k[1], k[2])):
+        direction, d, causal = key
+        c = cells[key]
+        det = ratio(c, "cuflash_det", "torch_flash") if "cuflash_det" in c else ""
+        lines.append(f"| {direction} d{d}{' causal' if causal else ''} | {col(c, 'cuflash')} "
+                     f"| {col(c, 'torch_flash')} | {col(c, 'torch_cudnn')} "
+                     f"| {ratio(c, 'cuflash', 'torch_flash')} "
+                     f"| {ratio(c, 'cuflash', 'torch_cudnn')} | {det} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--machine")
     p.add_argument("--commit")
     p.add_argument("--dtype")
+    p.add_argument("--markdown", action="store_true",
+                   help="the README's table (bf16, L = 1k / 4k / 16k)")
     args = p.parse_args(argv)
     rows = results_io.load(args.results, args.machine)
     if not rows:
@@ -63,6 +96,9 @@ def main(argv=None) -> int:
     rows = [r for r in rows if r.commit.startswith(commit)
             and (args.dtype is None or r.dtype == args.dtype)]
     info = results_io.machines(args.results).get(machine, {})
+    if args.markdown:
+        print(markdown(rows))
+        return 0
     print(f"machine {machine} ({info.get('cpu', '?')}), commit {commit[:8]}; TFLOP/s")
     print(table(rows))
     for m, c, _, times in results_io.first_call(args.results, machine):

@@ -44,20 +44,20 @@ asv() { PYTHONPATH=$site python3 -m asv "$@" --config "$OUT/asv/asv.conf.json"; 
 asv machine --yes --machine "$machine" --os "$(uname -sr)" --arch "$(uname -m)" \
   --cpu "$gpu; $soft; host $cpu" --num_cpu "$(nproc)" --ram "$ram" > /dev/null
 
-while read -r hash tree impls; do
+while read -r hash tree impls bench; do
   [ -n "$hash" ] || continue
   [ "$impls" = all ] && unset CUFLASH_ASV_IMPLS || export CUFLASH_ASV_IMPLS=$impls
-  echo "== ${hash:0:8} ($tree, $impls)"
+  echo "== ${hash:0:8} ($tree, $impls${bench:+, -b $bench})"
   t0=$(date +%s)
   # The benchmarks import cuflash from the commit's tree; asv passes ASV_PYTHONPATH on.
   ASV_PYTHONPATH="$ROOT/$tree:$site" asv run --python=same --set-commit-hash "$hash" \
-    --machine "$machine" --show-stderr > "$OUT/asv/run-${hash:0:8}.log" 2>&1
+    --machine "$machine" --show-stderr ${bench:+-b "$bench"} > "$OUT/asv/run-${hash:0:8}.log" 2>&1
   echo "   rc=$? in $(( $(date +%s) - t0 )) s; $(grep -c 'failed' "$OUT/asv/run-${hash:0:8}.log") lines say failed"
 done < .asv/plan.txt
 
 echo
 echo "================ summary (HEAD) ================"
-head_hash=$(head -n 1 .asv/plan.txt | cut -d' ' -f1)
+head_hash=$(head -n 1 .asv/plan.txt | cut -d' ' -f1)  # HEAD, or the first backfill
 PYTHONPATH=$ROOT python3 asv_bench/report.py "$OUT/asv/results" --machine "$machine" \
   --commit "$head_hash" | tee "$OUT/asv/report-head.txt"
 # The result files sit three folders deep, deeper than the device tool brings back.

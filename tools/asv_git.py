@@ -10,6 +10,8 @@
 Anything else fails loudly, so a new asv query cannot be answered wrongly.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import pathlib

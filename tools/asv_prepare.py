@@ -1,6 +1,7 @@
 """Prepare an asv run on the GPU machine (run here, in a clean checkout of main).
 
     python tools/asv_prepare.py [--head-impls IMPLS] [--backfill HASH[:IMPLS] ...]
+                                [--backfill-bench REGEX]
 
 The GPU machine receives the working tree but no ``.git``, no network and no asv. This
 writes, into ignored paths that the device call carries:
@@ -9,10 +10,12 @@ writes, into ignored paths that the device call carries:
 - ``.asv/commits.json``: every commit of main with its author timestamp, so that asv
   records each result against the right hash and date (``tools/asv_git.py`` answers
   asv's git queries from it there);
-- ``.asv/plan.txt``: one line per commit to time, ``HASH TREE IMPLS``: HEAD's tree is the
-  working tree itself; each backfill commit gets its own source tree under
+- ``.asv/plan.txt``: one line per commit to time, ``HASH TREE IMPLS [BENCH]``: HEAD's
+  tree is the working tree itself; each backfill commit gets its own source tree under
   ``.asv/trees/HASH`` (``git archive``). IMPLS is ``all`` or a comma list of the
-  implementations to time (``cuflash,cuflash_det`` skips the peers at that commit).
+  implementations to time (``cuflash,cuflash_det`` skips the peers at that commit);
+  BENCH, an asv ``-b`` regex, limits the benchmarks (``FirstCall`` fills in one
+  benchmark at commits that have the rest).
 
 Then on the device: ``bash tools/asv_device.sh`` with ``carry: [".whl", ".asv"]``, and
 here ``python asv_bench/collect.py FILES_AT`` merges the results and redraws the plots.
@@ -53,6 +56,9 @@ def main(argv=None) -> int:
                    help="older commits to time, HASH or HASH:IMPLS (default IMPLS: all)")
     p.add_argument("--head-impls", default="all",
                    help="implementations timed at HEAD (default: all)")
+    p.add_argument("--backfill-bench", default="",
+                   help="asv -b regex for the backfill commits (default: every benchmark)")
+    p.add_argument("--no-head", action="store_true", help="time only the backfill commits")
     args = p.parse_args(argv)
 
     if git("status", "--porcelain", "--untracked-files=no"):
@@ -69,7 +75,7 @@ def main(argv=None) -> int:
         commits[h] = int(ts)
     (asv_dir / "commits.json").write_text(json.dumps({"head": head, "branch": "main",
                                                       "commits": commits}, indent=1))
-    plan = [f"{head} . {args.head_impls}"]
+    plan = [] if args.no_head else [f"{head} . {args.head_impls}"]
     for item in args.backfill:
         ref, _, impls = item.partition(":")
         h = git("rev-parse", f"{ref}^{{commit}}")
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
         archive = subprocess.run(["git", "archive", h], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-        plan.append(f"{h} .asv/trees/{h[:12]} {impls or 'all'}")
+        plan.append(f"{h} .asv/trees/{h[:12]} {impls or 'all'} {args.backfill_bench}".strip())
     (asv_dir / "plan.txt").write_text("\n".join(plan) + "\n")
     (ROOT / ".git-commit").write_text(head[:7] + "\n")
     download_wheels(ROOT / ".whl")
