@@ -227,15 +227,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     """
     xp = _array_module(q=q, k=k, v=v, **({} if out is None else {"out": out}))
     _check_options(options)
-    causal = _check_bool("causal", causal)
     return_lse = _check_bool("return_lse", return_lse)
-    _check_dtypes(q, k, v)
-    D, Dv = _check_shapes(q, k, v)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_last_dim_contiguous(name, x)
-    scale = _check_scale(scale, D)
-    out_shape = q.shape[:-1] + (Dv,)
-    out = _check_output("out", out, xp, out_shape, q.dtype)
+    causal, scale, out = _check_forward(xp, q, k, v, causal, scale, out)
 
     if xp is np:
         ref_out, ref_lse = _reference.attention_tiled_fa2(q, k, v, causal=causal, scale=scale,
@@ -250,6 +243,33 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     return (out, lse) if return_lse else out
 
 
+def _check_forward(xp, q, k, v, causal, scale, out):
+    """The forward's argument checks; returns (causal, scale, out)."""
+    causal = _check_bool("causal", causal)
+    _check_dtypes(q, k, v)
+    D, Dv = _check_shapes(q, k, v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(name, x)
+    scale = _check_scale(scale, D)
+    out = _check_output("out", out, xp, q.shape[:-1] + (Dv,), q.dtype)
+    return causal, scale, out
+
+
+def attention_into(q, k, v, out, lse, *, causal, scale):
+    """The forward on CuPy arrays, into the caller's ``out`` and ``lse`` (float32, shape
+    ``q.shape[:-1]``, any strides). For the framework adapters, whose framework owns
+    every output; same checks as :func:`attention`."""
+    xp = _array_module(q=q, k=k, v=v, out=out, lse=lse)
+    if xp is np:
+        raise TypeError("attention_into runs on CuPy arrays only")
+    causal, scale, out = _check_forward(xp, q, k, v, causal, scale, out)
+    if lse.shape != q.shape[:-1] or lse.dtype != np.float32:
+        raise ValueError(f"lse must be float32 of shape {q.shape[:-1]}, "
+                         f"got {lse.dtype} {lse.shape}")
+    _check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v})
+    _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, lse=lse)
+
+
 def _check_device(cp, **arrays) -> None:
     """Every given CuPy array must live on the current device."""
     dev = cp.cuda.Device().id
@@ -258,13 +278,14 @@ def _check_device(cp, **arrays) -> None:
             raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
 
 
-def _gpu_forward(cp, q, k, v, out, *, causal, scale):
+def _gpu_forward(cp, q, k, v, out, *, causal, scale, lse=None):
     from . import _dispatch
 
-    _check_device(cp, q=q, k=k, v=v, out=out)
+    _check_device(cp, q=q, k=k, v=v, out=out, lse=lse)
     if out is None:
         out = cp.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
-    lse = cp.empty(q.shape[:-1], dtype=cp.float32)
+    if lse is None:
+        lse = cp.empty(q.shape[:-1], dtype=cp.float32)
     if out.size == 0:
         return out, lse
     lead = None if q.ndim == 2 else q.shape[:-3]

@@ -112,7 +112,6 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None) -> None
 
     ``out`` and ``lse`` are written in full (every row of every head).
     """
-    cp = _cupy()
     B, Hq, Lq, D = q.shape
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if B == 0 or Hq == 0 or Lq == 0:

@@ -6,6 +6,8 @@ the poisoning is autouse, so it then applies to every test of that module (and o
 of the modules that import it).
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 256)
 SEQLENS = ((1, 1), (1, 239), (113, 203), (128, 217), (239, 1), (512, 256), (1023, 1024),
            (1024, 1023), (2048, 2048))
+GRADS = ("dq", "dk", "dv")
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,25 @@ def max_err(cp, a, b):
     both_ninf = cp.isneginf(a) & cp.isneginf(b)
     d = cp.where(both_ninf, 0, d)
     return float(d.max()) if d.size else 0.0
+
+
+def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None):
+    """Shapes, dtypes, no NaN, the tolerance rule, and dq = 0 on rows that see no key."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    for label, g, x in zip(GRADS, grads, (q, k, v)):
+        assert g.shape == x.shape, f"{label}.shape {g.shape} != {x.shape}"
+        assert g.dtype == x.dtype, f"{label}.dtype {g.dtype} != {x.dtype}"
+    g32 = [to_f32(cp, g) for g in grads]
+    for label, g in zip(GRADS, g32):
+        assert not bool(cp.isnan(g).any()), f"NaN (or an unwritten element) in {label}"
+    q32, k32, v32, do32, o32 = (to_f32(cp, x) for x in (q, k, v, dout, out))
+    ref = reference_backward(cp, q32, k32, v32, do32, causal, scale)
+    plain = reference_backward(cp, q32, k32, v32, do32, causal, scale, plain_dtype=name,
+                               out=o32)
+    for label, g, r, p in zip(GRADS, g32, ref, plain):
+        err, tol = max_err(cp, g, r), 2 * max_err(cp, p, r) + 1e-5
+        assert err <= tol, f"{label} error {err:.3g} > {tol:.3g}"
+    # query rows that see no key: dq exactly 0
+    empty = ~visible(cp, q.shape[-2], k.shape[-2], causal).any(axis=1)
+    if bool(empty.any()):
+        assert bool((g32[0][..., empty, :] == 0).all())

@@ -8,21 +8,18 @@ gradients rounded to fp16/bf16), plus 1e-5. ``out`` and ``lse`` come from
 Gradients are poisoned (NaN) before each call, so an unwritten element fails the test.
 """
 
-import math
-
 import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import (DTYPES, HEAD_DIMS, SEQLENS, max_err, random_array, random_qkv,
-                      reference_backward, to_f32, visible)
+from gpu_util import (DTYPES, GRADS, HEAD_DIMS, SEQLENS, check_grads, random_array,
+                      random_qkv, to_f32)
 from gpu_util import cp, poison_allocator  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
 DET_HEAD_DIMS = (40, 64, 128, 256)
 DET_SEQLENS = ((1, 239), (113, 203), (239, 1), (1023, 1024))
-GRADS = ("dq", "dk", "dv")
 
 
 def bhsd(x):
@@ -37,28 +34,6 @@ def same_bits(cp, a, b):
 def all_poison(cp, x):
     """Every element still holds the allocator's 0xFFFF pattern (never written)."""
     return bool((x.view(cp.uint16) == 0xFFFF).all())
-
-
-def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None):
-    """Shapes, dtypes, no NaN, the tolerance rule, and dq = 0 on rows that see no key."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    for label, g, x in zip(GRADS, grads, (q, k, v)):
-        assert g.shape == x.shape, f"{label}.shape {g.shape} != {x.shape}"
-        assert g.dtype == x.dtype, f"{label}.dtype {g.dtype} != {x.dtype}"
-    g32 = [to_f32(cp, g) for g in grads]
-    for label, g in zip(GRADS, g32):
-        assert not bool(cp.isnan(g).any()), f"NaN (or an unwritten element) in {label}"
-    q32, k32, v32, do32, o32 = (to_f32(cp, x) for x in (q, k, v, dout, out))
-    ref = reference_backward(cp, q32, k32, v32, do32, causal, scale)
-    plain = reference_backward(cp, q32, k32, v32, do32, causal, scale, plain_dtype=name,
-                               out=o32)
-    for label, g, r, p in zip(GRADS, g32, ref, plain):
-        err, tol = max_err(cp, g, r), 2 * max_err(cp, p, r) + 1e-5
-        assert err <= tol, f"{label} error {err:.3g} > {tol:.3g}"
-    # query rows that see no key: dq exactly 0
-    empty = ~visible(cp, q.shape[-2], k.shape[-2], causal).any(axis=1)
-    if bool(empty.any()):
-        assert bool((g32[0][..., empty, :] == 0).all())
 
 
 def check_backward(cp, q, k, v, name, causal, rng, *, scale=None, dout=None, out=None,

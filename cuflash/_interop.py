@@ -1,0 +1,52 @@
+"""Borrowing other frameworks' GPU buffers as CuPy arrays, with no copy, and running on
+their streams. Used by the PyTorch and JAX adapters (:mod:`cuflash.torch`,
+:mod:`cuflash.jax`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+try:
+    import ml_dtypes
+
+    _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BFLOAT16 = None
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def borrow(x, dtype=None):
+    """A CuPy view of device buffer ``x`` (DLPack first, else the CUDA array interface),
+    sharing its memory. ``dtype`` (a NumPy dtype) reinterprets the elements, for buffers
+    whose DLPack export CuPy cannot type (bfloat16 through an int16 view)."""
+    cp = _cupy()
+    try:
+        arr = cp.from_dlpack(x)
+    except (TypeError, ValueError, BufferError, RuntimeError):
+        iface = x.__cuda_array_interface__
+        shape = tuple(iface["shape"])
+        item = np.dtype(dtype).itemsize if dtype is not None else np.dtype(iface["typestr"]).itemsize
+        strides = iface.get("strides")
+        strides = tuple(strides) if strides else None
+        extent = item * (max((n - 1) * (s // item) for n, s in zip(shape, strides)) + 1
+                         if strides and all(shape) else int(np.prod(shape)))
+        mem = cp.cuda.UnownedMemory(iface["data"][0], extent, x)
+        arr = cp.ndarray(shape, dtype or np.dtype(iface["typestr"]),
+                         cp.cuda.MemoryPointer(mem, 0), strides=strides)
+    return arr if dtype is None or arr.dtype == dtype else arr.view(dtype)
+
+
+@contextlib.contextmanager
+def on_stream(stream_ptr: int, device_id: int):
+    """Make CUDA stream ``stream_ptr`` of device ``device_id`` CuPy's current stream."""
+    cp = _cupy()
+    with cp.cuda.Device(device_id):
+        with cp.cuda.ExternalStream(stream_ptr, device_id):
+            yield

@@ -1,0 +1,116 @@
+"""JAX adapter: :func:`attention`, differentiable (``jax.custom_vjp``), under ``jax.jit``.
+
+    import cuflash.jax
+    out = cuflash.jax.attention(q, k, v, causal=True)       # q: (B, H, L, D) jax.Array
+    grads = jax.grad(lambda q: cuflash.jax.attention(q, k, v).sum())(q)
+
+The forward and backward kernels run inside XLA's computation through
+``jax.experimental.buffer_callback``: XLA allocates the outputs, the callback receives
+the device buffers (borrowed as CuPy arrays, no copy) and XLA's CUDA stream, and
+launches the kernels on that stream. See ``docs/interop.md``.
+"""
+
+import functools
+import math
+import types
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
+
+from . import _api, _interop
+
+
+def _borrow(buf):
+    return _interop.borrow(buf, np.dtype(buf.dtype))
+
+
+def _forward(q, k, v, causal, scale):
+    def run(ctx, outs, q, k, v):
+        out, lse = outs
+        with _interop.on_stream(ctx.stream, _device_id(q)):
+            _api.attention_into(_borrow(q), _borrow(k), _borrow(v), _borrow(out),
+                                _borrow(lse), causal=causal, scale=scale)
+
+    shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + (v.shape[-1],), q.dtype),
+              jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
+    return buffer_callback(run, shapes)(q, k, v)
+
+
+def _backward(dout, q, k, v, out, lse, causal, scale, deterministic):
+    def run(ctx, grads, dout, q, k, v, out, lse):
+        dq, dk, dv = grads
+        with _interop.on_stream(ctx.stream, _device_id(q)):
+            _api.attention_backward(*(_borrow(x) for x in (dout, q, k, v, out, lse)),
+                                    causal=causal, scale=scale, deterministic=deterministic,
+                                    dq=_borrow(dq), dk=_borrow(dk), dv=_borrow(dv))
+
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
+    return buffer_callback(run, shapes)(dout, q, k, v, out, lse)
+
+
+def _device_id(buf) -> int:
+    return buf.__dlpack_device__()[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, causal, scale, deterministic):
+    return _forward(q, k, v, causal, scale)
+
+
+def _attention_fwd(q, k, v, causal, scale, deterministic):
+    out, lse = _forward(q, k, v, causal, scale)
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _attention_bwd(causal, scale, deterministic, residuals, cotangents):
+    q, k, v, out, lse = residuals
+    dout, _ = cotangents  # lse is not differentiated (as in FlashAttention)
+    return _backward(dout.astype(q.dtype), q, k, v, out, lse, causal, scale, deterministic)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
+              return_lse: bool = False, deterministic: bool = False):
+    """:func:`cuflash.attention` on JAX GPU arrays, differentiable in q, k and v.
+
+    Parameters
+    ----------
+    q, k, v : jax.Array on a CUDA device, float16 or bfloat16
+        ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``; ``Hq % Hk == 0``
+        is grouped-query attention. (``jax.nn.dot_product_attention`` takes
+        ``(B, L, H, D)``: swap axes -3 and -2.)
+    causal, scale, deterministic
+        As in :func:`cuflash.attention` and :func:`cuflash.attention_backward`.
+    return_lse : bool
+        Also return the float32 log-sum-exp ``(..., Hq, Lq)`` (its gradient is not
+        propagated).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, cuflash.jax  # doctest: +SKIP
+    >>> q = k = v = jnp.ones((2, 8, 512, 64), jnp.bfloat16)  # doctest: +SKIP
+    >>> out = jax.jit(cuflash.jax.attention, static_argnames="causal")(q, k, v, causal=True)  # doctest: +SKIP
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")
+        if x.dtype not in (jnp.float16, jnp.bfloat16):
+            raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if len(q.shape) < 2:
+        raise ValueError(f"q must have at least 2 dimensions (..., L, D), got shape {q.shape}")
+    scale = _api._check_scale(scale, q.shape[-1]) if scale is not None else 1.0 / math.sqrt(
+        q.shape[-1])
+    # shapes are checked here, at trace time, with the same messages as cuflash.attention
+    _api._check_shapes(*(types.SimpleNamespace(shape=tuple(x.shape), ndim=len(x.shape))
+                         for x in (q, k, v)))
+    out, lse = _attention(q, k, v, causal, scale, deterministic)
+    return (out, lse) if return_lse else out

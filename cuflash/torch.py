@@ -1,0 +1,139 @@
+"""PyTorch adapter: :func:`attention`, differentiable, zero-copy, on torch's stream.
+
+    import cuflash.torch
+    out = cuflash.torch.attention(q, k, v, causal=True)      # q: (B, H, L, D) CUDA tensor
+    out.sum().backward()
+
+The forward and backward passes are ``torch.library`` custom ops (``cuflash::attention_fwd``
+and ``cuflash::attention_bwd``) with fake (meta) implementations and a registered autograd
+formula, so they run in eager mode and under ``torch.compile`` without graph breaks.
+Inputs are borrowed through DLPack, outputs are allocated by torch's caching allocator,
+and the kernels are launched on ``torch.cuda.current_stream()``. See ``docs/interop.md``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _api, _interop
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cp(t: torch.Tensor):
+    """A CuPy view of tensor ``t`` (same memory)."""
+    if t.dtype == torch.bfloat16:  # CuPy types bf16 through ml_dtypes: go through int16
+        return _interop.borrow(t.view(torch.int16), _interop._BFLOAT16)
+    return _interop.borrow(t)
+
+
+def _stream(t: torch.Tensor):
+    return _interop.on_stream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
+
+
+@torch.library.custom_op("cuflash::attention_fwd", mutates_args=(), device_types="cuda")
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    with _stream(q):
+        _api.attention_into(_cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), causal=causal,
+                            scale=scale)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, causal, scale, deterministic):
+    return (q.new_empty(q.shape[:-1] + (v.shape[-1],)),
+            q.new_empty(q.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("cuflash::attention_bwd", mutates_args=(), device_types="cuda")
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if dout.dim() and dout.stride(-1) != 1:
+        # autograd may hand over a broadcast gradient (stride 0, e.g. from .sum()); the
+        # kernels read rows of contiguous elements
+        dout = dout.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    with _stream(q):
+        _api.attention_backward(_cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse),
+                                causal=causal, scale=scale, deterministic=deterministic,
+                                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv))
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+                                ctx.deterministic)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: Optional[float] = None, return_lse: bool = False,
+              deterministic: bool = False):
+    """:func:`cuflash.attention` on torch CUDA tensors, differentiable in q, k and v.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor, CUDA, float16 or bfloat16
+        ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``, any strides with
+        a contiguous last dimension: a ``(B, L, H, D)`` tensor is passed as
+        ``x.transpose(1, 2)``, with no copy. ``Hq % Hk == 0`` is grouped-query attention.
+    causal : bool
+        Bottom-right aligned (equal to torch's ``is_causal`` when ``Lq == Lk``).
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    return_lse : bool
+        Also return the float32 log-sum-exp ``(..., Hq, Lq)`` (not differentiable).
+    deterministic : bool
+        Bit-identical gradients on every run (see :func:`cuflash.attention_backward`).
+
+    Returns
+    -------
+    torch.Tensor ``(..., Hq, Lq, Dv)``, allocated by torch; with ``return_lse``, also lse.
+
+    Examples
+    --------
+    >>> import torch, cuflash.torch  # doctest: +SKIP
+    >>> q, k, v = (torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16,
+    ...                        requires_grad=True) for _ in range(3))  # doctest: +SKIP
+    >>> out = cuflash.torch.attention(q, k, v, causal=True)  # doctest: +SKIP
+    >>> out.float().square().sum().backward()  # doctest: +SKIP
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name}.dtype must be torch.float16 or torch.bfloat16, got {x.dtype}")
+        if x.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if q.dim() < 2:
+        raise ValueError(f"q must have at least 2 dimensions (..., L, D), got shape {tuple(q.shape)}")
+    scale = _api._check_scale(scale, q.shape[-1]) if scale is not None else 1.0 / math.sqrt(
+        q.shape[-1])
+    out, lse = _attention_fwd(q, k, v, causal, scale, deterministic)
+    return (out, lse) if return_lse else out
