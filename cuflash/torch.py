@@ -23,6 +23,7 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 def _cp(t: torch.Tensor):
     """A CuPy view of tensor ``t`` (same memory)."""
+    t = t.detach()  # DLPack refuses tensors that require grad; detach() is a view
     if t.dtype == torch.bfloat16:  # CuPy types bf16 through ml_dtypes: go through int16
         return _interop.borrow(t.view(torch.int16), _interop._BFLOAT16)
     return _interop.borrow(t)

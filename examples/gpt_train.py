@@ -109,10 +109,10 @@ def hf_check(seed=0):
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
     try:  # no attention mask is built for cuflash: causal comes from the module
-        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionMaskInterface.register("cuflash", lambda *args, **kwargs: None)
-    except ImportError:  # pragma: no cover - older transformers
+    except ImportError:  # pragma: no cover - transformers before masking_utils
         pass
 
     def cuflash_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
