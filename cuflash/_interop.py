@@ -5,6 +5,7 @@ their streams. Used by the PyTorch and JAX adapters (:mod:`cuflash.torch`,
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 
@@ -43,10 +44,27 @@ def borrow(x, dtype=None):
     return arr if dtype is None or arr.dtype == dtype else arr.view(dtype)
 
 
+_streams: dict = {}
+
+
+def _external_stream(stream_ptr: int, device_id: int):
+    """CuPy's handle of a foreign stream, made once per (stream, device): the handle owns
+    nothing, and making one per call costs a deprecation warning each time."""
+    stream = _streams.get((stream_ptr, device_id))
+    if stream is None:
+        cp = _cupy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # wants __cuda_stream__
+            stream = cp.cuda.ExternalStream(stream_ptr, device_id)
+        if len(_streams) > 256:  # streams come and go in long programs
+            _streams.clear()
+        _streams[(stream_ptr, device_id)] = stream
+    return stream
+
+
 @contextlib.contextmanager
 def on_stream(stream_ptr: int, device_id: int):
     """Make CUDA stream ``stream_ptr`` of device ``device_id`` CuPy's current stream."""
     cp = _cupy()
-    with cp.cuda.Device(device_id):
-        with cp.cuda.ExternalStream(stream_ptr, device_id):
-            yield
+    with cp.cuda.Device(device_id), _external_stream(stream_ptr, device_id):
+        yield

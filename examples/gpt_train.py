@@ -34,6 +34,7 @@ def cuflash_attention(q, k, v):
 
 
 ATTENTION = {"sdpa": sdpa_attention, "cuflash": cuflash_attention}
+HF_NAME = "cufa"  # cuflash's name in transformers' attention registry
 
 
 class Block(nn.Module):
@@ -111,7 +112,7 @@ def hf_check(seed=0):
     try:  # no attention mask is built for cuflash: causal comes from the module
         from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionMaskInterface.register("cuflash", lambda *args, **kwargs: None)
+        AttentionMaskInterface.register(HF_NAME, lambda *args, **kwargs: None)
     except ImportError:  # pragma: no cover - transformers before masking_utils
         pass
 
@@ -125,13 +126,14 @@ def hf_check(seed=0):
                                       scale=scaling)
         return out.transpose(1, 2), None  # transformers wants (B, L, H, D)
 
-    AttentionInterface.register("cuflash", cuflash_hf)
+    # transformers reads a name containing "flash" as a flash-attn kernel to import
+    AttentionInterface.register(HF_NAME, cuflash_hf)
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
     tokens = torch.randint(0, 1000, (2, 256), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(seed))
     results = {}
-    for impl in ("eager", "sdpa", "cuflash"):
+    for impl in ("eager", "sdpa", HF_NAME):
         torch.manual_seed(seed)
         config._attn_implementation = impl
         model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
@@ -145,7 +147,7 @@ def hf_check(seed=0):
         return ((results[a][0] - results[b][0]).abs().max().item(),
                 (results[a][1] - results[b][1]).abs().max().item())
 
-    return diff("cuflash", "sdpa"), diff("eager", "sdpa")
+    return diff(HF_NAME, "sdpa"), diff("eager", "sdpa")
 
 
 def main(argv=None) -> int:

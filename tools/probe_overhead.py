@@ -1,0 +1,67 @@
+"""Host time per attention call (no synchronisation inside the timing), at a size where
+the GPU work is small: where the framework adapters spend their time.
+
+    PYTHONPATH=. python tools/probe_overhead.py [--profile]
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+
+import cupy as cp
+import torch
+import torch.nn.functional as F
+
+import cuflash
+import cuflash.torch as ct
+
+
+def host_us(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - t0) / n
+    return host * 1e6, total * 1e6
+
+
+def main() -> int:
+    B, H, L, D = 8, 8, 1024, 32
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    qc, kc, vc = (ct._cp(x) for x in (q, k, v))
+    out, lse = cuflash.attention(qc, kc, vc, causal=True, return_lse=True)
+    dout = cp.ones_like(out)
+    g = torch.ones(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+    cases = {
+        "cupy fwd": lambda: cuflash.attention(qc, kc, vc, causal=True),
+        "cupy bwd": lambda: cuflash.attention_backward(dout, qc, kc, vc, out, lse, causal=True),
+        "torch fwd (no grad)": lambda: ct.attention(q.detach(), k.detach(), v.detach(),
+                                                    causal=True),
+        "torch fwd+bwd": lambda: torch.autograd.grad(ct.attention(q, k, v, causal=True),
+                                                     (q, k, v), g),
+        "sdpa fwd+bwd": lambda: torch.autograd.grad(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g),
+    }
+    print(f"(B, H, L, D) = {(B, H, L, D)} bf16 causal; microseconds per call")
+    print(f"{'case':22s} {'host':>8s} {'host+gpu':>9s}")
+    for name, fn in cases.items():
+        h, t = host_us(fn)
+        print(f"{name:22s} {h:8.1f} {t:9.1f}")
+    if "--profile" in sys.argv:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            cases["torch fwd+bwd"]()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
