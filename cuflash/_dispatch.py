@@ -25,9 +25,24 @@ def _cupy():
     return cupy
 
 
+_spec_cache: dict = {}  # (selector, its arguments, device id) -> spec(s)
+
+
 def device_arch() -> int:
     """Compute capability of the current device, e.g. 90."""
     return int(_cupy().cuda.Device().compute_capability)
+
+
+def _selected(select, *args):
+    """``select(*args, arch)`` on the current device, memoised: spec selection builds and
+    sizes several candidate specs, which would otherwise cost every call."""
+    dev = _cupy().cuda.Device().id
+    key = (select, args, dev)
+    specs = _spec_cache.get(key)
+    if specs is None:
+        arch = device_arch()
+        specs = _spec_cache[key] = select(*args[:5], arch, *args[5:])
+    return specs
 
 
 def get_kernel(spec, name: str | None = None):
@@ -52,8 +67,9 @@ def get_kernel(spec, name: str | None = None):
 
 
 def clear_kernel_cache() -> None:
-    """Forget the in-memory modules (CuPy's on-disk cache is kept)."""
+    """Forget the in-memory modules (CuPy's on-disk cache is kept) and spec choices."""
     _kernel_cache.clear()
+    _spec_cache.clear()
 
 
 def _elem_strides(x) -> tuple[int, ...]:
@@ -118,7 +134,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None) -> None
         return
     if spec is None:
         vec = is_vec_aligned((q, k, v, out), D, Dv)
-        spec = select_fwd_spec(_dtype_name(q.dtype), D, Dv, causal, vec, device_arch())
+        spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec)
     kern = get_kernel(spec)
     qs, ks, vs, os_ = (_elem_strides(x) for x in (q, k, v, out))
     ls = tuple(s // 4 for s in lse.strides)
@@ -189,8 +205,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     if B == 0 or Hk == 0:
         return
     vec = is_vec_aligned((q, k, v, dout, dq, dk, dv), D, Dv)
-    prep, main, dq_pass = select_bwd_specs(_dtype_name(q.dtype), D, Dv, causal, vec,
-                                           device_arch(), deterministic)
+    prep, main, dq_pass = _selected(select_bwd_specs, _dtype_name(q.dtype), D, Dv, causal,
+                                    vec, deterministic)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec
     if dq_spec is not None and deterministic:

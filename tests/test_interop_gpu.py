@@ -64,6 +64,9 @@ def test_torch_zero_copy_in_and_out(cp):
         expect = cuflash.attention(ct._cp(q), ct._cp(k), ct._cp(v))
         # the same kernel on the same memory: bit-identical
         assert bool((ct._cp(out).view(cp.uint16) == expect.view(cp.uint16)).all())
+        # the custom op (what torch.compile calls) and the eager path agree bitwise
+        op_out, _ = torch.ops.cuflash.attention_fwd(q, k, v, False, 64 ** -0.5, False)
+        assert torch.equal(op_out.view(torch.int16), out.view(torch.int16))
 
 
 @pytest.fixture

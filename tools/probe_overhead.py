@@ -1,7 +1,9 @@
 """Host time per attention call (no synchronisation inside the timing), at a size where
 the GPU work is small: where the framework adapters spend their time.
 
-    PYTHONPATH=. python tools/probe_overhead.py [--profile]
+    PYTHONPATH=. python tools/probe_overhead.py ["cupy bwd" "torch fwd+bwd" ...]
+
+Each named case is also profiled (cProfile; CuPy's Cython calls count to their caller).
 """
 
 import cProfile
@@ -44,6 +46,8 @@ def main() -> int:
                                                     causal=True),
         "torch fwd+bwd": lambda: torch.autograd.grad(ct.attention(q, k, v, causal=True),
                                                      (q, k, v), g),
+        "torch op fwd+bwd": lambda: torch.autograd.grad(
+            torch.ops.cuflash.attention_fwd(q, k, v, True, D ** -0.5, False)[0], (q, k, v), g),
         "sdpa fwd+bwd": lambda: torch.autograd.grad(
             F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g),
     }
@@ -52,14 +56,15 @@ def main() -> int:
     for name, fn in cases.items():
         h, t = host_us(fn)
         print(f"{name:22s} {h:8.1f} {t:9.1f}")
-    if "--profile" in sys.argv:
+    for name in sys.argv[1:]:  # profile these cases
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(100):
-            cases["torch fwd+bwd"]()
+            cases[name]()
         prof.disable()
         torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        print(f"---- profile of 100 calls: {name}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     return 0
 
 
