@@ -132,18 +132,15 @@ def _extent(x) -> tuple[int, int]:
 def _check_no_overlap(outputs: dict, inputs: dict) -> None:
     """Outputs may not share memory with the inputs or with each other: a kernel that
     writes one while another reads the other would give wrong results."""
-    seen = dict(inputs)
+    seen = {name: _extent(y) for name, y in inputs.items() if y is not None and y.size}
     for name, x in outputs.items():
-        if x is None:
+        if x is None or not x.size:
             continue
         lo, hi = _extent(x)
-        for other, y in seen.items():
-            if y is None or not x.size or not y.size:
-                continue
-            ylo, yhi = _extent(y)
+        for other, (ylo, yhi) in seen.items():
             if lo < yhi and ylo < hi:
                 raise ValueError(f"{name} overlaps {other} in memory; pass separate arrays")
-        seen[name] = x
+        seen[name] = (lo, hi)
 
 
 def _check_bool(name: str, value) -> bool:
@@ -305,6 +302,9 @@ def _batched_views(lead, arrays):
     if lead is None:  # 2-D inputs (L, D): one batch element, one head
         yield tuple(x[(None,) * (tail + 1 - x.ndim)] for x, tail in arrays)
         return
+    if len(lead) == 1:  # already (B, H, L, D): the arrays themselves
+        yield tuple(x for x, _ in arrays)
+        return
     split = len(lead)
     # smallest split such that lead[split:] merges into one stride for every array
     while split > 0 and all(
@@ -315,7 +315,7 @@ def _batched_views(lead, arrays):
         views = []
         for x, tail in arrays:
             y = x[idx]
-            batch = int(np.prod(y.shape[:-tail], dtype=np.int64)) if y.ndim > tail else 1
+            batch = math.prod(y.shape[:-tail]) if y.ndim > tail else 1
             views.append(y.reshape((batch,) + y.shape[y.ndim - tail:]))
         yield tuple(views)
 

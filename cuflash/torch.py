@@ -23,12 +23,30 @@ from . import _api, _interop
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
+class _Capsule:
+    """Hands an already exported DLPack capsule to ``cupy.from_dlpack``."""
+
+    __slots__ = ("capsule", "device")
+
+    def __init__(self, t: torch.Tensor):
+        # stream=-1: no producer/consumer handshake. The kernels run on torch's current
+        # stream, so ordering holds; the handshake would record and wait on an event per
+        # tensor whenever CuPy names that stream differently (the legacy default stream).
+        self.capsule, self.device = t.__dlpack__(stream=-1), t.__dlpack_device__()
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self.capsule
+
+    def __dlpack_device__(self):
+        return self.device
+
+
 def _cp(t: torch.Tensor):
-    """A CuPy view of tensor ``t`` (same memory)."""
+    """A CuPy view of CUDA tensor ``t`` through DLPack: same memory, shape and strides."""
     t = t.detach()  # DLPack refuses tensors that require grad; detach() is a view
     if t.dtype == torch.bfloat16:  # CuPy types bf16 through ml_dtypes: go through int16
-        return _interop.borrow(t.view(torch.int16), _interop._BFLOAT16)
-    return _interop.borrow(t)
+        return _interop.borrow(_Capsule(t.view(torch.int16)), _interop._BFLOAT16)
+    return _interop.borrow(_Capsule(t))
 
 
 def _stream(t: torch.Tensor):
