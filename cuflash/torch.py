@@ -17,6 +17,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.utils.dlpack
 
 from . import _api, _interop
 
@@ -29,10 +30,12 @@ class _Capsule:
     __slots__ = ("capsule", "device")
 
     def __init__(self, t: torch.Tensor):
-        # stream=-1: no producer/consumer handshake. The kernels run on torch's current
-        # stream, so ordering holds; the handshake would record and wait on an event per
-        # tensor whenever CuPy names that stream differently (the legacy default stream).
-        self.capsule, self.device = t.__dlpack__(stream=-1), t.__dlpack_device__()
+        # torch's C exporter, not Tensor.__dlpack__: no producer/consumer stream handshake
+        # (the kernels run on torch's current stream, so ordering holds; the handshake
+        # records and waits on an event per tensor whenever CuPy names that stream
+        # differently) and a few microseconds instead of ~50 per tensor.
+        self.capsule = torch.utils.dlpack.to_dlpack(t)
+        self.device = (2, t.device.index)  # kDLCUDA
 
     def __dlpack__(self, stream=None, **kwargs):
         return self.capsule

@@ -39,6 +39,7 @@ def main() -> int:
     out, lse = cuflash.attention(qc, kc, vc, causal=True, return_lse=True)
     dout = cp.ones_like(out)
     g = torch.ones(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+    saved = ct.attention(q.detach(), k.detach(), v.detach(), causal=True, return_lse=True)
     cases = {
         "cupy fwd": lambda: cuflash.attention(qc, kc, vc, causal=True),
         "cupy bwd": lambda: cuflash.attention_backward(dout, qc, kc, vc, out, lse, causal=True),
@@ -48,6 +49,9 @@ def main() -> int:
                                                      (q, k, v), g),
         "torch op fwd+bwd": lambda: torch.autograd.grad(
             torch.ops.cuflash.attention_fwd(q, k, v, True, D ** -0.5, False)[0], (q, k, v), g),
+        "torch fwd (grad)": lambda: ct.attention(q, k, v, causal=True),
+        "torch bwd impl, main": lambda: ct._backward_impl(g, q, k, v, *saved, True, D ** -0.5,
+                                                          False),
         "sdpa fwd+bwd": lambda: torch.autograd.grad(
             F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g),
     }
