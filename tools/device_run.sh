@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: run it from the source tree, in one device call.
 #   bash tools/device_run.sh [tests] [sanitize] [racecheck] [compile-time] [bench] [tune]
-#                            [tune-bwd]     (default: all but the tile sweeps)
+#                            [tune-bwd] [asv]   (default: all but the tile sweeps and asv)
 # PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py"),
 # BENCH_ARGS the benchmark (e.g. BENCH_ARGS="--direction bwd").
 # Full logs and tables go under $OUT (./.out when unset); a short summary is printed last.
@@ -45,6 +45,9 @@ for s in $stages; do
     tune)
       python3 tools/tune_fwd.py > "$OUT/tune.txt" 2>/dev/null
       cat "$OUT/tune.txt" ;;
+    asv)  # needs tools/asv_prepare.py's .asv/ and .whl/ carried; see docs/benchmarks.md
+      bash tools/asv_device.sh > "$OUT/asv.txt" 2>&1
+      summary+=("asv: $(grep -c 'rc=0' "$OUT/asv.txt") of $(grep -c '^==' "$OUT/asv.txt") commits ran clean") ;;
     tune-bwd)
       python3 tools/tune_bwd.py ${TUNE_ARGS:-} > "$OUT/tune_bwd.txt" 2> "$OUT/tune_bwd_progress.txt"
       cat "$OUT/tune_bwd.txt" ;;
