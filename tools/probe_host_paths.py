@@ -4,8 +4,17 @@ section).
 
     PYTHONPATH=. python tools/probe_host_paths.py
 """
-import time, torch, cupy as cp, cuflash, cuflash.torch as ct, cuflash._api as api, cuflash._interop as io
-B,H,L,D=8,8,1024,32
+import time
+
+import cupy as cp
+import torch
+
+import cuflash
+import cuflash._api as api
+import cuflash._interop as io
+import cuflash.torch as ct
+
+B, H, L, D = 8, 8, 1024, 32
 q,k,v=(torch.randn(B,H,L,D,device="cuda",dtype=torch.bfloat16,requires_grad=True) for _ in range(3))
 qc,kc,vc=(ct._cp(x) for x in (q,k,v))
 out,lse=cuflash.attention(qc,kc,vc,causal=True,return_lse=True)
