@@ -61,7 +61,10 @@ Semantics
   without a head axis.  Leading dimensions must be equal.  ``Hq % Hk == 0``
   and query head ``h`` attends with kv head ``h // (Hq // Hk)``
   (grouped-query attention).
-* ``s_ij = scale * q_i . k_j`` with ``scale = 1 / sqrt(D)`` by default.
+* ``s_ij = scale * q_i . k_j`` with ``scale = 1 / sqrt(D)`` by default; then,
+  where given, the softcap ``s = c * tanh(s / c)`` and the ALiBi bias
+  ``s -= slope_h * |i + Lk - Lq - j|`` (``softcap=``, ``alibi_slopes=``; the
+  public API does not take them until the kernels do).
 * Query ``i`` sees key ``j`` iff ``visible_mask(Lq, Lk, causal,
   window=window)[i, j]``.  Causal masking is aligned to the bottom-right
   corner: ``j <= i + Lk - Lq``.
@@ -278,12 +281,64 @@ def _finalise(m_i, l_i, o_acc, squeeze):
     return np.ascontiguousarray(out), np.ascontiguousarray(lse)
 
 
+class _Scores:
+    """The score block ``s_ij`` of query rows ``[r0, r1)`` and keys ``[c0, c1)``.
+
+    ``s = scale * q k^T``, then the softcap ``c * tanh(s / c)`` (``softcap=0`` is
+    off), then the ALiBi bias ``-slope * |i + Lk - Lq - j|``, then the mask
+    (``-inf`` where a key is not visible). :meth:`block` also returns
+    ``d s / d (scale q k^T)``, the softcap's factor in the backward pass
+    (``1 - tanh^2``; None without a softcap); the bias is constant in q and k.
+    """
+
+    def __init__(self, scale, mask, lq, lk, softcap=0.0, slopes=None):
+        self.scale, self.mask, self.off = scale, mask, lk - lq
+        self.softcap, self.slopes = softcap, slopes
+
+    def block(self, q_i, k_t, r0, r1, c0, c1):
+        s = self.scale * (q_i @ np.swapaxes(k_t, -1, -2))
+        jac = None
+        if self.softcap:
+            t = np.tanh(s / self.softcap)
+            s, jac = self.softcap * t, 1.0 - t * t
+        if self.slopes is not None:
+            dist = np.abs(np.arange(r0, r1)[:, None] + self.off - np.arange(c0, c1)[None, :])
+            s = s - self.slopes * dist
+        return np.where(self.mask[r0:r1, c0:c1], s, -np.inf), jac
+
+
+def _check_softcap(softcap):
+    softcap = float(softcap)
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
+    return softcap
+
+
+def _alibi_slopes(alibi_slopes, lead, squeeze):
+    """float64 slopes shaped ``lead + (1, 1)`` (``lead = q.shape[:-2]`` after the head
+    axis of 2-D inputs is added), or None. Accepted: shape ``(Hq,)`` or ``(..., Hq)``
+    (or ``()`` for 2-D inputs), broadcastable to q's batch and head dims."""
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes, dtype=np.float64)
+    target = lead[1:] if squeeze else lead
+    try:
+        slopes = np.broadcast_to(slopes, target)
+    except ValueError:
+        raise ValueError(f"alibi_slopes of shape {slopes.shape} does not broadcast to "
+                         f"q's batch and head dims {target}") from None
+    if squeeze:
+        slopes = slopes[None]
+    return slopes[..., None, None]
+
+
 # ---------------------------------------------------------------------------
 # Implementations
 # ---------------------------------------------------------------------------
 
 
-def attention_naive(q, k, v, *, causal=False, scale=None, window=None):
+def attention_naive(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0,
+                    alibi_slopes=None):
     """Attention by materialising the full score matrix (ground truth).
 
     Parameters
@@ -300,6 +355,12 @@ def attention_naive(q, k, v, *, causal=False, scale=None, window=None):
         Score scale; ``1 / sqrt(D)`` if None.
     window : tuple of (int, int) or None, optional
         Sliding window ``(left, right)``, -1 = unbounded.
+    softcap : float, optional
+        Scores become ``softcap * tanh(s / softcap)``; 0 (default) is off.
+    alibi_slopes : array_like or None, optional
+        Per query head (``(Hq,)``) or per batch and head (``(..., Hq)``): the score
+        of query ``i`` and key ``j`` gets ``-slope * |i + Lk - Lq - j|``, after the
+        softcap.
 
     Returns
     -------
@@ -309,13 +370,10 @@ def attention_naive(q, k, v, *, causal=False, scale=None, window=None):
         float64, ``(..., Hq, Lq)`` (``(Lq,)`` for 2-D inputs): natural-log
         sum of exp of the visible scores; ``-inf`` for rows that see no key.
     """
-    q, k, v, squeeze = _split_heads(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
+    q, k, v, squeeze, _, _, scores = _tiled_setup(q, k, v, causal, scale, window, softcap,
+                                                  alibi_slopes)
     lq, lk = q.shape[-2], k.shape[-2]
-    mask = visible_mask(lq, lk, causal, window=window)
-
-    s = scale * (q @ np.swapaxes(k, -1, -2))
-    s = np.where(mask, s, -np.inf)
+    s, _ = scores.block(q, k, 0, lq, 0, lk)
     m_i = np.max(s, axis=-1, initial=-np.inf)
     p = np.exp(s - _safe_ref(m_i)[..., None])
     l_i = p.sum(axis=-1)
@@ -323,17 +381,20 @@ def attention_naive(q, k, v, *, causal=False, scale=None, window=None):
     return _finalise(m_i, l_i, o_acc, squeeze)
 
 
-def _tiled_setup(q, k, v, causal, scale, window):
-    """Shared set-up of the tiled versions: float64 heads, scale, window and mask."""
+def _tiled_setup(q, k, v, causal, scale, window, softcap=0.0, alibi_slopes=None):
+    """Shared set-up: float64 heads, scale, window bounds and the score blocks."""
     q, k, v, squeeze = _split_heads(q, k, v)
     scale = _default_scale(scale, q.shape[-1])
     bounds = _resolve_window(causal, window)
-    mask = visible_mask(q.shape[-2], k.shape[-2], causal, window=window)
-    return q, k, v, squeeze, scale, bounds, mask
+    lq, lk = q.shape[-2], k.shape[-2]
+    scores = _Scores(scale, visible_mask(lq, lk, causal, window=window), lq, lk,
+                     _check_softcap(softcap), _alibi_slopes(alibi_slopes, q.shape[:-2], squeeze))
+    return q, k, v, squeeze, scale, bounds, scores
 
 
 def attention_tiled_fa2(
-    q, k, v, *, causal=False, scale=None, window=None, block_m=64, block_n=64
+    q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None,
+    block_m=64, block_n=64
 ):
     """Tiled attention with the FlashAttention-2 loop order.
 
@@ -348,7 +409,7 @@ def attention_tiled_fa2(
 
     Parameters
     ----------
-    q, k, v, causal, scale, window
+    q, k, v, causal, scale, window, softcap, alibi_slopes
         As in :func:`attention_naive`.
     block_m : int, optional
         Query rows per tile.
@@ -361,7 +422,8 @@ def attention_tiled_fa2(
         As in :func:`attention_naive`.
     """
     block_m, block_n = _check_blocks(block_m, block_n)
-    q, k, v, squeeze, scale, (left, right), mask = _tiled_setup(q, k, v, causal, scale, window)
+    q, k, v, squeeze, _, (left, right), scores = _tiled_setup(q, k, v, causal, scale, window,
+                                                              softcap, alibi_slopes)
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     batch = q.shape[:-2]
 
@@ -379,8 +441,7 @@ def attention_tiled_fa2(
         lo, hi = _key_range(r0, r1, lq, lk, left, right)
         for c0 in range((lo // block_n) * block_n, hi, block_n):
             c1 = min(c0 + block_n, lk)
-            s = scale * (q_t @ np.swapaxes(k[..., c0:c1, :], -1, -2))
-            s = np.where(mask[r0:r1, c0:c1], s, -np.inf)
+            s, _ = scores.block(q_t, k[..., c0:c1, :], r0, r1, c0, c1)
 
             m_new = np.maximum(m_i, np.max(s, axis=-1, initial=-np.inf))
             ref = _safe_ref(m_new)
@@ -398,7 +459,8 @@ def attention_tiled_fa2(
 
 
 def attention_tiled_fa1(
-    q, k, v, *, causal=False, scale=None, window=None, block_m=64, block_n=64
+    q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None,
+    block_m=64, block_n=64
 ):
     """Tiled attention with the FlashAttention(-1) loop order.
 
@@ -427,7 +489,8 @@ def attention_tiled_fa1(
         As in :func:`attention_naive`.
     """
     block_m, block_n = _check_blocks(block_m, block_n)
-    q, k, v, squeeze, scale, (left, right), mask = _tiled_setup(q, k, v, causal, scale, window)
+    q, k, v, squeeze, _, (left, right), scores = _tiled_setup(q, k, v, causal, scale, window,
+                                                              softcap, alibi_slopes)
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     batch = q.shape[:-2]
 
@@ -446,8 +509,7 @@ def attention_tiled_fa1(
             if c1 <= lo or c0 >= hi:
                 continue  # block fully masked
 
-            s = scale * (q[..., r0:r1, :] @ np.swapaxes(k_t, -1, -2))
-            s = np.where(mask[r0:r1, c0:c1], s, -np.inf)
+            s, _ = scores.block(q[..., r0:r1, :], k_t, r0, r1, c0, c1)
             m_ij = np.max(s, axis=-1, initial=-np.inf)
             p_ij = np.exp(s - _safe_ref(m_ij)[..., None])
             l_ij = p_ij.sum(axis=-1)
@@ -483,16 +545,17 @@ def _as_float64(x, name, shape, squeeze):
     return x
 
 
-def _backward_setup(dout, q, k, v, causal, scale, window):
+def _backward_setup(dout, q, k, v, causal, scale, window, softcap, alibi_slopes):
     """:func:`_tiled_setup` plus a float64 ``dout`` and the number of kv heads.
 
     ``hk`` is counted before :func:`_split_heads` repeats k and v to ``Hq``
     heads; :func:`_finalise_grads` sums the gradients back to it.
     """
     hk = np.shape(k)[-3] if np.ndim(k) > 2 else 1
-    q, k, v, squeeze, scale, bounds, mask = _tiled_setup(q, k, v, causal, scale, window)
+    q, k, v, squeeze, scale, bounds, scores = _tiled_setup(q, k, v, causal, scale, window,
+                                                           softcap, alibi_slopes)
     dout = _as_float64(dout, "dout", q.shape[:-1] + v.shape[-1:], squeeze)
-    return dout, q, k, v, squeeze, scale, bounds, mask, hk
+    return dout, q, k, v, squeeze, scale, bounds, scores, hk
 
 
 def _finalise_grads(dq, dk, dv, hk, squeeze):
@@ -508,23 +571,25 @@ def _finalise_grads(dq, dk, dv, hk, squeeze):
     return tuple(np.ascontiguousarray(g) for g in (dq, dk, dv))
 
 
-def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=None):
+def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=None,
+                             softcap=0.0, alibi_slopes=None):
     """Gradients of attention by the closed form on the full matrices.
 
     With ``P = softmax(S)`` over the visible keys (``S = scale q k^T``) and
     ``O = P V``, the gradients of ``sum(dout * O)`` are ``dV = P^T dO``,
     ``dQ = scale dS K`` and ``dK = scale dS^T Q``, where
     ``dS = P * (dO V^T - delta)`` and ``delta_i = sum_c dO_ic O_ic`` (the
-    softmax Jacobian applied to ``dP = dO V^T``).  ``P`` and ``O`` are
-    recomputed here; rows that see no key have ``P = 0`` and therefore
-    contribute nothing.
+    softmax Jacobian applied to ``dP = dO V^T``).  With a softcap, ``dS`` is
+    multiplied by ``1 - tanh^2(s / c)`` before the two products; the ALiBi bias
+    does not depend on q or k.  ``P`` and ``O`` are recomputed here; rows that see
+    no key have ``P = 0`` and therefore contribute nothing.
 
     Parameters
     ----------
     dout : array_like
         Gradient of the loss with respect to the output, ``(..., Hq, Lq, Dv)``
         or ``(Lq, Dv)``.
-    q, k, v, causal, scale, window
+    q, k, v, causal, scale, window, softcap, alibi_slopes
         As in :func:`attention_naive`.
 
     Returns
@@ -534,10 +599,10 @@ def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=
         attention ``dk`` and ``dv`` are summed over the query heads that
         share a kv head.
     """
-    dout, q, k, v, squeeze, scale, _, mask, hk = _backward_setup(
-        dout, q, k, v, causal, scale, window
+    dout, q, k, v, squeeze, scale, _, scores, hk = _backward_setup(
+        dout, q, k, v, causal, scale, window, softcap, alibi_slopes
     )
-    s = np.where(mask, scale * (q @ np.swapaxes(k, -1, -2)), -np.inf)
+    s, jac = scores.block(q, k, 0, q.shape[-2], 0, k.shape[-2])
     m_i = np.max(s, axis=-1, initial=-np.inf)
     p = np.exp(s - _safe_ref(m_i)[..., None])    # masked entries -> 0
     l_i = p.sum(axis=-1, keepdims=True)
@@ -548,14 +613,16 @@ def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=
     dp = dout @ np.swapaxes(v, -1, -2)
     delta = np.sum(dout * o, axis=-1, keepdims=True)
     ds = p * (dp - delta)
+    if jac is not None:
+        ds *= jac
     dq = scale * (ds @ k)
     dk = scale * (np.swapaxes(ds, -1, -2) @ q)
     return _finalise_grads(dq, dk, dv, hk, squeeze)
 
 
 def attention_backward_tiled(
-    dout, q, k, v, out, lse, *, causal=False, scale=None, window=None,
-    block_m=64, block_n=128,
+    dout, q, k, v, out, lse, *, causal=False, scale=None, window=None, softcap=0.0,
+    alibi_slopes=None, block_m=64, block_n=128,
 ):
     """Tiled attention backward with the FlashAttention-2 loop order.
 
@@ -574,7 +641,7 @@ def attention_backward_tiled(
     ----------
     dout : array_like
         As in :func:`attention_backward_naive`.
-    q, k, v, causal, scale, window
+    q, k, v, causal, scale, window, softcap, alibi_slopes
         As in :func:`attention_naive`.
     out, lse : array_like
         The forward results, ``(..., Hq, Lq, Dv)`` and ``(..., Hq, Lq)``, as
@@ -603,8 +670,8 @@ def attention_backward_tiled(
     True
     """
     block_m, block_n = _check_blocks(block_m, block_n)
-    dout, q, k, v, squeeze, scale, (left, right), mask, hk = _backward_setup(
-        dout, q, k, v, causal, scale, window
+    dout, q, k, v, squeeze, scale, (left, right), scores, hk = _backward_setup(
+        dout, q, k, v, causal, scale, window, softcap, alibi_slopes
     )
     out = _as_float64(out, "out", dout.shape, squeeze)
     lse = _as_float64(lse, "lse", dout.shape[:-1], squeeze)
@@ -626,13 +693,15 @@ def attention_backward_tiled(
         for r0 in range((lo // block_m) * block_m, hi, block_m):
             r1 = min(r0 + block_m, lq)
             q_i, do_i = q[..., r0:r1, :], dout[..., r0:r1, :]
-            s = scale * (q_i @ np.swapaxes(k_t, -1, -2))
-            vis = mask[r0:r1, c0:c1] & live[..., r0:r1, None]
+            s, jac = scores.block(q_i, k_t, r0, r1, c0, c1)
+            vis = ~np.isneginf(s) & live[..., r0:r1, None]
             p = np.exp(np.where(vis, s - lse_ref[..., r0:r1, None], -np.inf))
 
             dv_t += np.swapaxes(p, -1, -2) @ do_i
             dp = do_i @ np.swapaxes(v_t, -1, -2)
             ds = p * (dp - delta[..., r0:r1, None])
+            if jac is not None:
+                ds *= jac
             dk_t += scale * (np.swapaxes(ds, -1, -2) @ q_i)
             dq[..., r0:r1, :] += scale * (ds @ k_t)
 

@@ -419,6 +419,9 @@ def test_backward_2d_inputs(impl, causal):
         dict(window=(2, 1)),
         dict(causal=True, window=(3, -1)),
         dict(causal=True, lq=9),  # rows 0, 1 see no key
+        dict(softcap=0.8),  # tight: tanh well into its curve
+        dict(causal=True, hk=1, softcap=2.0, alibi_slopes=(0.5, 0.25)),
+        dict(window=(2, 1), alibi_slopes=((0.3, 0.9),)),  # per batch and head
     ],
     ids=lambda c: "-".join(f"{a}{b}" for a, b in c.items()) or "full",
 )
@@ -585,3 +588,71 @@ def test_query_range_covers_all_visible_rows():
             assert not m[:lo, c0:c1].any()
             assert not m[hi:, c0:c1].any()
             assert (lo < hi) == m[:, c0:c1].any()  # tiles skipped only if unseen
+
+
+# ---------------------------------------------------------------------------
+# softcap and ALiBi
+# ---------------------------------------------------------------------------
+
+
+def _modified_naive(q, k, v, causal, softcap, slopes):
+    """The definition, written out: softcap, then -slope * |i + Lk - Lq - j|, masked
+    softmax; q, k, v of shape (B, H, L, D), no GQA."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    s = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    i, j = np.arange(lq)[:, None], np.arange(lk)[None, :]
+    s = s - np.asarray(slopes)[..., None, None] * np.abs(i + lk - lq - j)
+    s = np.where(ref.visible_mask(lq, lk, causal), s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    return (p / p.sum(axis=-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_alibi_definition(causal):
+    q, k, v = _qkv(40, (2,), 3, 3, 11, 19, 8, 5)
+    q *= 4  # large scores, so the softcap matters
+    slopes = np.array([[0.1, 0.5, 1.0], [0.0, 0.2, 0.3]])
+    out, _ = ref.attention_naive(q, k, v, causal=causal, softcap=1.5, alibi_slopes=slopes)
+    np.testing.assert_allclose(out, _modified_naive(q, k, v, causal, 1.5, slopes), rtol=1e-12,
+                               atol=1e-12)
+    plain, _ = ref.attention_naive(q, k, v, causal=causal)
+    assert not np.allclose(out, plain)
+
+
+@pytest.mark.parametrize("impl", sorted(TILED))
+@pytest.mark.parametrize("lengths", [(13, 29), (65, 130), (130, 65)],
+                         ids=lambda l: f"lq{l[0]}lk{l[1]}")
+@pytest.mark.parametrize("case", [dict(softcap=1.0), dict(alibi_slopes=(0.25, 0.0625)),
+                                  dict(causal=True, window=(20, -1), softcap=3.0,
+                                       alibi_slopes=(0.5, 0.125))],
+                         ids=["softcap", "alibi", "all"])
+def test_softcap_alibi_tiled_matches_naive(impl, lengths, case):
+    q, k, v = _qkv(41, (2,), 2, 1, *lengths, 16, 8)  # GQA 2:1, slopes per query head
+    got = TILED[impl](q * 3, k, v, block_m=16, block_n=32, **case)
+    _assert_same(got, ref.attention_naive(q * 3, k, v, **case))
+
+
+@pytest.mark.parametrize("case", [dict(softcap=0.5), dict(causal=True, alibi_slopes=(1.0, 2.0)),
+                                  dict(softcap=2.0, alibi_slopes=((0.1, 0.2), (0.3, 0.4)))],
+                         ids=["softcap", "alibi", "both"])
+def test_softcap_alibi_backward_tiled_matches_naive(case):
+    q, k, v = _qkv(42, (2,), 2, 2, 37, 100, 8, 8)
+    dout = _dout(43, q, v)
+    _assert_grads(_bwd("tiled", dout, q * 3, k, v, **case),
+                  _bwd("naive", dout, q * 3, k, v, **case))
+
+
+def test_alibi_2d_inputs_and_errors():
+    q, k, v = _qkv(44, (), 1, 1, 7, 9, 4, 4)
+    out2, _ = ref.attention_naive(q[0], k[0], v[0], alibi_slopes=0.5)
+    out3, _ = ref.attention_naive(q, k, v, alibi_slopes=[0.5])
+    np.testing.assert_allclose(out2, out3[0], rtol=1e-14)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        ref.attention_naive(q, k, v, alibi_slopes=[0.5, 0.25])
+    with pytest.raises(ValueError, match="softcap"):
+        ref.attention_naive(q, k, v, softcap=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        ref.attention_backward_naive(q, q, k, v, softcap=float("inf"))
