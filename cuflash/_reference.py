@@ -102,6 +102,8 @@ __all__ = [
     "attention_tiled_fa1",
     "attention_backward_naive",
     "attention_backward_tiled",
+    "attention_varlen_naive",
+    "attention_varlen_backward_naive",
 ]
 
 
@@ -709,3 +711,108 @@ def attention_backward_tiled(
         dv[..., c0:c1, :] = dv_t
 
     return _finalise_grads(dq, dk, dv, hk, squeeze)
+
+
+# ---------------------------------------------------------------------------
+# Variable length (packed sequences)
+# ---------------------------------------------------------------------------
+
+
+def _check_cu_seqlens(cu, total, name):
+    """int array ``(batch + 1,)``: 0, non-decreasing, ending at ``total``."""
+    cu = np.asarray(cu)
+    if cu.ndim != 1 or cu.size < 1 or not np.issubdtype(cu.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D integer array (batch + 1,), got "
+                         f"{cu.dtype} {cu.shape}")
+    if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
+        raise ValueError(f"{name} must start at 0, never decrease and end at {total} "
+                         f"(the packed length), got {cu.tolist()}")
+    return cu.astype(np.int64)
+
+
+def _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+    """Per sequence ``b``: slices of rows, and q, k, v as ``(H, L, D)`` views, slopes."""
+    if not (np.ndim(q) == np.ndim(k) == np.ndim(v) == 3):
+        raise ValueError(f"varlen q, k, v must be (total, H, D), got shapes "
+                         f"{np.shape(q)}, {np.shape(k)}, {np.shape(v)}")
+    cu_q = _check_cu_seqlens(cu_seqlens_q, np.shape(q)[0], "cu_seqlens_q")
+    cu_k = _check_cu_seqlens(cu_seqlens_k, np.shape(k)[0], "cu_seqlens_k")
+    if cu_q.size != cu_k.size:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_q.size} and {cu_k.size}")
+    slopes = None if alibi_slopes is None else np.broadcast_to(
+        np.asarray(alibi_slopes, np.float64), (cu_q.size - 1, np.shape(q)[1]))
+    for b in range(cu_q.size - 1):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        views = (np.swapaxes(np.asarray(x)[rows], 0, 1) for x, rows in
+                 ((q, rows_q), (k, rows_k), (v, rows_k)))
+        yield rows_q, rows_k, *views, None if slopes is None else slopes[b]
+
+
+def attention_varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
+                           window=None, softcap=0.0, alibi_slopes=None):
+    """Attention over packed sequences: :func:`attention_naive` on each.
+
+    Sequence ``b`` is the rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and attends to
+    the rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k and v; causal and window
+    alignment are per sequence (bottom-right of each). ``alibi_slopes`` is ``(Hq,)`` or
+    ``(batch, Hq)``.
+
+    Parameters
+    ----------
+    q, k, v : array_like
+        ``(total_q, Hq, D)``, ``(total_k, Hk, D)``, ``(total_k, Hk, Dv)``.
+    cu_seqlens_q, cu_seqlens_k : array_like of int
+        ``(batch + 1,)`` prefix sums of the sequence lengths.
+    causal, scale, window, softcap, alibi_slopes
+        As in :func:`attention_naive`.
+
+    Returns
+    -------
+    out : numpy.ndarray
+        float64, ``(total_q, Hq, Dv)``.
+    lse : numpy.ndarray
+        float64, ``(Hq, total_q)``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((7, 2, 4)) for _ in range(3))
+    >>> out, lse = attention_varlen_naive(q, k, v, [0, 3, 3, 7], [0, 3, 3, 7], causal=True)
+    >>> out.shape, lse.shape
+    ((7, 2, 4), (2, 7))
+    >>> one, _ = attention_naive(q[3:].swapaxes(0, 1), k[3:].swapaxes(0, 1),
+    ...                          v[3:].swapaxes(0, 1), causal=True)
+    >>> bool(np.allclose(out[3:], one.swapaxes(0, 1)))
+    True
+    """
+    total_q, hq = np.shape(q)[:2]
+    out = np.zeros((total_q, hq, np.shape(v)[-1]))
+    lse = np.full((hq, total_q), -np.inf)
+    for rows_q, _, qb, kb, vb, slopes in _varlen_sequences(q, k, v, cu_seqlens_q,
+                                                           cu_seqlens_k, alibi_slopes):
+        o, l = attention_naive(qb, kb, vb, causal=causal, scale=scale, window=window,
+                               softcap=softcap, alibi_slopes=slopes)
+        out[rows_q], lse[:, rows_q] = np.swapaxes(o, 0, 1), l
+    return out, lse
+
+
+def attention_varlen_backward_naive(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
+                                    causal=False, scale=None, window=None, softcap=0.0,
+                                    alibi_slopes=None):
+    """Gradients of :func:`attention_varlen_naive`: :func:`attention_backward_naive` on
+    each sequence. ``dout`` is ``(total_q, Hq, Dv)``; returns float64 ``dq, dk, dv`` with
+    the shapes of q, k and v."""
+    dout = np.asarray(dout)
+    if dout.shape != np.shape(q)[:2] + np.shape(v)[-1:]:
+        raise ValueError(f"dout must have shape {np.shape(q)[:2] + np.shape(v)[-1:]}, "
+                         f"got {dout.shape}")
+    dq, dk, dv = (np.zeros(np.shape(x)) for x in (q, k, v))
+    for rows_q, rows_k, qb, kb, vb, slopes in _varlen_sequences(q, k, v, cu_seqlens_q,
+                                                                cu_seqlens_k, alibi_slopes):
+        grads = attention_backward_naive(np.swapaxes(dout[rows_q], 0, 1), qb, kb, vb,
+                                         causal=causal, scale=scale, window=window,
+                                         softcap=softcap, alibi_slopes=slopes)
+        for g_all, rows, g in zip((dq, dk, dv), (rows_q, rows_k, rows_k), grads):
+            g_all[rows] = np.swapaxes(g, 0, 1)
+    return dq, dk, dv

@@ -656,3 +656,58 @@ def test_alibi_2d_inputs_and_errors():
         ref.attention_naive(q, k, v, softcap=-1.0)
     with pytest.raises(ValueError, match="softcap"):
         ref.attention_backward_naive(q, q, k, v, softcap=float("inf"))
+
+
+# ---------------------------------------------------------------------------
+# variable length
+# ---------------------------------------------------------------------------
+
+VARLEN = {
+    "mixed": ([0, 5, 5, 6, 40], [0, 7, 8, 9, 50]),  # lengths 0 and 1, Lq != Lk
+    "100x": ([0, 2, 202], [0, 3, 303]),             # lengths that differ by 100x
+}
+
+
+@pytest.mark.parametrize("case", [dict(), dict(causal=True), dict(causal=True, softcap=2.0),
+                                  dict(window=(3, 1), alibi_slopes=(0.5, 0.25, 0.125, 0.1))],
+                         ids=["full", "causal", "causal-softcap", "window-alibi"])
+@pytest.mark.parametrize("lens", sorted(VARLEN))
+def test_varlen_matches_each_sequence(lens, case):
+    cu_q, cu_k = VARLEN[lens]
+    rng = np.random.default_rng(50)
+    q = rng.standard_normal((cu_q[-1], 4, 8))
+    k, v = rng.standard_normal((cu_k[-1], 2, 8)), rng.standard_normal((cu_k[-1], 2, 6))
+    dout = rng.standard_normal((cu_q[-1], 4, 6))
+    out, lse = ref.attention_varlen_naive(q, k, v, cu_q, cu_k, **case)
+    grads = ref.attention_varlen_backward_naive(dout, q, k, v, cu_q, cu_k, **case)
+    assert out.shape == (cu_q[-1], 4, 6) and lse.shape == (4, cu_q[-1])
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    for b in range(len(cu_q) - 1):
+        rq, rk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        qb, kb, vb, dob = (np.swapaxes(x, 0, 1) for x in (q[rq], k[rk], v[rk], dout[rq]))
+        o, l = ref.attention_naive(qb, kb, vb, **case)
+        np.testing.assert_allclose(out[rq], np.swapaxes(o, 0, 1), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(np.isneginf(lse[:, rq]), np.isneginf(l))
+        want = ref.attention_backward_naive(dob, qb, kb, vb, **case)
+        for g, w, rows in zip(grads, want, (rq, rk, rk)):
+            np.testing.assert_allclose(g[rows], np.swapaxes(w, 0, 1), rtol=1e-12, atol=1e-12)
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+
+
+def test_varlen_per_batch_alibi_and_errors():
+    cu = [0, 3, 9]
+    rng = np.random.default_rng(51)
+    q, k, v = (rng.standard_normal((9, 2, 4)) for _ in range(3))
+    slopes = np.array([[0.5, 1.0], [0.0, 2.0]])
+    out, _ = ref.attention_varlen_naive(q, k, v, cu, cu, alibi_slopes=slopes)
+    o1, _ = ref.attention_naive(*(np.swapaxes(x[3:], 0, 1) for x in (q, k, v)),
+                                alibi_slopes=slopes[1])
+    np.testing.assert_allclose(out[3:], np.swapaxes(o1, 0, 1), rtol=1e-12)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        ref.attention_varlen_naive(q, k, v, [0, 3, 8], cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        ref.attention_varlen_naive(q, k, v, cu, [0, 5, 3, 9])
+    with pytest.raises(ValueError, match="same length"):
+        ref.attention_varlen_naive(q, k, v, cu, [0, 9])
+    with pytest.raises(ValueError, match="total, H, D"):
+        ref.attention_varlen_naive(q[None], k, v, cu, cu)
