@@ -9,6 +9,8 @@ import warnings
 
 import numpy as np
 
+from . import _api
+
 try:
     import ml_dtypes
 
@@ -21,6 +23,17 @@ def _cupy():
     import cupy
 
     return cupy
+
+
+def check_call(q, k, v, causal, scale, deterministic) -> float:
+    """The adapters' checks before tracing or launching: the flags, and the shapes with
+    :func:`cuflash.attention`'s messages (``.shape`` and ``.ndim`` are all they read).
+    Returns the scale (default ``1 / sqrt(D)``)."""
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    head_dim, _ = _api._check_shapes(q, k, v)
+    return _api._check_scale(scale, head_dim)
 
 
 def borrow(x, dtype=None):

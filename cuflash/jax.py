@@ -11,8 +11,6 @@ launches the kernels on that stream. See ``docs/interop.md``.
 """
 
 import functools
-import math
-import types
 from typing import Optional
 
 import jax
@@ -101,16 +99,6 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
             raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")
         if x.dtype not in (jnp.float16, jnp.bfloat16):
             raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if len(q.shape) < 2:
-        raise ValueError(f"q must have at least 2 dimensions (..., L, D), got shape {q.shape}")
-    scale = _api._check_scale(scale, q.shape[-1]) if scale is not None else 1.0 / math.sqrt(
-        q.shape[-1])
-    # shapes are checked here, at trace time, with the same messages as cuflash.attention
-    _api._check_shapes(*(types.SimpleNamespace(shape=tuple(x.shape), ndim=len(x.shape))
-                         for x in (q, k, v)))
+    scale = _interop.check_call(q, k, v, causal, scale, deterministic)  # at trace time
     out, lse = _attention(q, k, v, causal, scale, deterministic)
     return (out, lse) if return_lse else out

@@ -13,7 +13,6 @@ Inputs are borrowed through DLPack, outputs are allocated by torch's caching all
 and the kernels are launched on ``torch.cuda.current_stream()``. See ``docs/interop.md``.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -182,14 +181,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise TypeError(f"{name}.dtype must be torch.float16 or torch.bfloat16, got {x.dtype}")
         if x.device.type != "cuda":
             raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if q.dim() < 2:
-        raise ValueError(f"q must have at least 2 dimensions (..., L, D), got shape {tuple(q.shape)}")
-    scale = _api._check_scale(scale, q.shape[-1]) if scale is not None else 1.0 / math.sqrt(
-        q.shape[-1])
+    scale = _interop.check_call(q, k, v, causal, scale, deterministic)
     run = _attention_fwd if torch.compiler.is_compiling() else _Attention.apply
     out, lse = run(q, k, v, causal, scale, deterministic)
     return (out, lse) if return_lse else out
