@@ -33,15 +33,14 @@ def device_arch() -> int:
     return int(_cupy().cuda.Device().compute_capability)
 
 
-def _selected(select, *args):
-    """``select(*args, arch)`` on the current device, memoised: spec selection builds and
-    sizes several candidate specs, which would otherwise cost every call."""
+def _selected(select, *args, **kwargs):
+    """``select(*args, arch, **kwargs)`` on the current device, memoised: spec selection
+    builds and sizes several candidate specs, which would otherwise cost every call."""
     dev = _cupy().cuda.Device().id
-    key = (select, args, dev)
+    key = (select, args, tuple(sorted(kwargs.items())), dev)
     specs = _spec_cache.get(key)
     if specs is None:
-        arch = device_arch()
-        specs = _spec_cache[key] = select(*args[:5], arch, *args[5:])
+        specs = _spec_cache[key] = select(*args, device_arch(), **kwargs)
     return specs
 
 
@@ -206,7 +205,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         return
     vec = is_vec_aligned((q, k, v, dout, dq, dk, dv), D, Dv)
     prep, main, dq_pass = _selected(select_bwd_specs, _dtype_name(q.dtype), D, Dv, causal,
-                                    vec, deterministic)
+                                    vec, deterministic=deterministic)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec
     if dq_spec is not None and deterministic:

@@ -286,3 +286,37 @@ def test_select_bwd_switches_to_deterministic_where_atomic_tiles_do_not_fit(monk
     assert not main.atomic_dq and dq is not None and main.smem_bytes <= 99 * 1024
     _, main, dq = _dispatch.select_bwd_specs("float16", 128, 128, True, True, 86, False)
     assert main.atomic_dq and dq is None and main.smem_bytes <= 99 * 1024
+
+
+def test_spec_selection_is_memoised_per_device(monkeypatch):
+    """forward() and backward() pick specs through _selected: the selector's own result,
+    with the device's arch in its place, computed once per (arguments, device)."""
+    import types
+
+    from cuflash import _dispatch
+
+    device = types.SimpleNamespace(id=0)
+    stub = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: device))
+    monkeypatch.setattr(_dispatch, "_cupy", lambda: stub)
+    monkeypatch.setattr(_dispatch, "device_arch", lambda: 80)
+    monkeypatch.setattr(_dispatch, "max_smem_per_block", lambda: 163 * 1024)
+    monkeypatch.setattr(_dispatch, "_spec_cache", {})
+    calls = []
+
+    def counting(select):
+        def run(*args, **kwargs):
+            calls.append(select.__name__)
+            return select(*args, **kwargs)
+        run.__name__ = select.__name__
+        return run
+
+    fwd, bwd = counting(_dispatch.select_fwd_spec), counting(_dispatch.select_bwd_specs)
+    for _ in range(3):
+        got = _dispatch._selected(fwd, "float16", 64, 64, True, True)
+        assert got == _dispatch.select_fwd_spec("float16", 64, 64, True, True, 80)
+        got = _dispatch._selected(bwd, "bfloat16", 128, 128, False, True, deterministic=True)
+        assert got == _dispatch.select_bwd_specs("bfloat16", 128, 128, False, True, 80, True)
+    assert calls == ["select_fwd_spec", "select_bwd_specs"]
+    device.id = 1  # another device: chosen again
+    _dispatch._selected(fwd, "float16", 64, 64, True, True)
+    assert calls[-1] == "select_fwd_spec" and len(calls) == 3
