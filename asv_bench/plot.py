@@ -13,7 +13,6 @@ Writes, for one machine (default: the one with the most results) and one commit
 from __future__ import annotations
 
 import argparse
-import collections
 import pathlib
 import sys
 
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
     if not rows:
         print("no results in asv_bench/results", file=sys.stderr)
         return 1
-    machine = args.machine or collections.Counter(r.machine for r in rows).most_common(1)[0][0]
+    machine = args.machine or results_io.busiest_machine(rows)
     rows = [r for r in rows if r.machine == machine]
     commit = args.commit or results_io.latest_commit(rows)
     at_commit = [r for r in rows if r.commit.startswith(commit)]

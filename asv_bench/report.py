@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no results under {args.results}", file=sys.stderr)
         return 1
-    machine = args.machine or collections.Counter(r.machine for r in rows).most_common(1)[0][0]
+    machine = args.machine or results_io.busiest_machine(rows)
     rows = [r for r in rows if r.machine == machine]
     commit = args.commit or results_io.latest_commit(rows)
     rows = [r for r in rows if r.commit.startswith(commit)

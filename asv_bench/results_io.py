@@ -8,6 +8,7 @@ parameter lists.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import itertools
 import json
@@ -47,27 +48,37 @@ def machines(results: pathlib.Path = RESULTS) -> dict[str, dict]:
             for p in sorted(results.glob("*/machine.json"))}
 
 
+def _result_files(results: pathlib.Path, machine: str | None):
+    """(machine name, parsed JSON) of each result file, optionally of one machine."""
+    for path in sorted(results.glob("*/*.json")):
+        if path.name != "machine.json" and (machine is None or path.parent.name == machine):
+            yield path.parent.name, json.loads(path.read_text())
+
+
+def _measured(data: dict, benchmark: str):
+    """(values, parameter lists) of one benchmark in a result file; None where it is
+    absent or failed as a whole (its setup_cache)."""
+    entry = data["results"].get(benchmark)
+    columns = data["result_columns"]
+    if entry is None or entry[columns.index("result")] is None:
+        return None
+    params = [[ast.literal_eval(p) for p in plist] for plist in entry[columns.index("params")]]
+    return entry[columns.index("result")], params
+
+
 def load(results: pathlib.Path = RESULTS, machine: str | None = None) -> list[Row]:
     rows = []
-    for path in sorted(results.glob("*/*.json")):
-        if path.name == "machine.json" or (machine and path.parent.name != machine):
-            continue
-        data = json.loads(path.read_text())
-        columns = data["result_columns"]
-        for name, direction in GRIDS.items():
-            entry = data["results"].get(name)
-            if entry is None:
+    for name, data in _result_files(results, machine):
+        for benchmark, direction in GRIDS.items():
+            measured = _measured(data, benchmark)
+            if measured is None:
                 continue
-            values = entry[columns.index("result")]
-            if values is None:  # the whole grid failed (its setup_cache)
-                continue
-            params = [[ast.literal_eval(p) for p in plist]
-                      for plist in entry[columns.index("params")]]
+            values, params = measured
             for combo, seconds in zip(itertools.product(*params), values):
                 if seconds is None or seconds != seconds:  # skipped, failed, NaN
                     continue
                 impl, dtype, head_dim, causal, seqlen = combo
-                rows.append(Row(path.parent.name, data["commit_hash"], data["date"],
+                rows.append(Row(name, data["commit_hash"], data["date"],
                                 direction, impl, dtype, head_dim, causal, seqlen, seconds))
     return rows
 
@@ -75,17 +86,17 @@ def load(results: pathlib.Path = RESULTS, machine: str | None = None) -> list[Ro
 def first_call(results: pathlib.Path = RESULTS, machine: str | None = None):
     """(machine, commit, date, {'cold': s, 'warm_cache': s}) per results file."""
     out = []
-    for path in sorted(results.glob("*/*.json")):
-        if path.name == "machine.json" or (machine and path.parent.name != machine):
-            continue
-        data = json.loads(path.read_text())
-        entry = data["results"].get("attention.FirstCall.track_seconds")
-        if entry and entry[0] is not None:
-            cols = data["result_columns"]
-            names = [ast.literal_eval(p) for p in entry[cols.index("params")][0]]
-            out.append((path.parent.name, data["commit_hash"], data["date"],
-                        dict(zip(names, entry[cols.index("result")]))))
+    for name, data in _result_files(results, machine):
+        measured = _measured(data, "attention.FirstCall.track_seconds")
+        if measured is not None:
+            values, (caches,) = measured
+            out.append((name, data["commit_hash"], data["date"], dict(zip(caches, values))))
     return out
+
+
+def busiest_machine(rows: list[Row]) -> str:
+    """The machine with the most results (the default of the report and the plots)."""
+    return collections.Counter(r.machine for r in rows).most_common(1)[0][0]
 
 
 def latest_commit(rows: list[Row], impl: str = "cuflash") -> str:
