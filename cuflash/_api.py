@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from . import _reference
+from . import _options, _reference
 
 try:  # bfloat16 for NumPy (and CuPy, which reuses NumPy's dtype objects)
     import ml_dtypes
@@ -149,12 +149,6 @@ def _check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def _check_options(options: dict) -> None:
-    if options:
-        names = ", ".join(sorted(options))
-        raise NotImplementedError(f"options not supported yet: {names}")
-
-
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, **options):
     r"""Exact scaled dot-product attention, fused (FlashAttention-2 forward).
 
@@ -186,6 +180,16 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     out : array, optional
         Where to write the output: shape ``(..., Hq, Lq, Dv)``, dtype of q, any strides
         with a contiguous last dimension.
+    window : (int, int), optional
+        Sliding window ``(left, right)``: query ``i`` sees key ``j`` iff
+        ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``; -1 is unbounded on that side.
+        With ``causal=True`` the right side is at most 0. Key tiles wholly outside the
+        window are skipped, so the cost is about ``Lq * (left + right + 1)`` pairs.
+    softcap : float, optional
+        Scores become ``softcap * tanh(s / softcap)`` (Gemma 2); 0 (default) is off.
+    alibi_slopes : array, float32, shape ``(Hq,)`` or ``(..., Hq)``, optional
+        ALiBi: adds ``-slope * |i + Lk - Lq - j|`` to the (capped) scores, per head, or
+        per batch element and head.
 
     Returns
     -------
@@ -223,20 +227,21 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     ((2, 4, 128, 64), dtype('float16'), (2, 4, 128), dtype('float32'))
     """
     xp = _array_module(q=q, k=k, v=v, **({} if out is None else {"out": out}))
-    _check_options(options)
     return_lse = _check_bool("return_lse", return_lse)
     causal, scale, out = _check_forward(xp, q, k, v, causal, scale, out)
+    opts = _options.parse(xp, q, causal, options)
 
     if xp is np:
         ref_out, ref_lse = _reference.attention_tiled_fa2(q, k, v, causal=causal, scale=scale,
-                                                          block_m=128, block_n=128)
+                                                          block_m=128, block_n=128,
+                                                          **opts.reference_kwargs())
         if out is None:
             out = ref_out.astype(q.dtype)
         else:
             out[...] = ref_out.astype(q.dtype)
         lse = ref_lse.astype(np.float32)
     else:
-        out, lse = _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale)
+        out, lse = _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, opts=opts)
     return (out, lse) if return_lse else out
 
 
@@ -252,7 +257,7 @@ def _check_forward(xp, q, k, v, causal, scale, out):
     return causal, scale, out
 
 
-def attention_into(q, k, v, out, lse, *, causal, scale):
+def attention_into(q, k, v, out, lse, *, causal, scale, **options):
     """The forward on CuPy arrays, into the caller's ``out`` and ``lse`` (float32, shape
     ``q.shape[:-1]``, any strides). For the framework adapters, whose framework owns
     every output; same checks as :func:`attention`."""
@@ -260,11 +265,12 @@ def attention_into(q, k, v, out, lse, *, causal, scale):
     if xp is np:
         raise TypeError("attention_into runs on CuPy arrays only")
     causal, scale, out = _check_forward(xp, q, k, v, causal, scale, out)
+    opts = _options.parse(xp, q, causal, options)
     if lse.shape != q.shape[:-1] or lse.dtype != np.float32:
         raise ValueError(f"lse must be float32 of shape {q.shape[:-1]}, "
                          f"got {lse.dtype} {lse.shape}")
     _check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v})
-    _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, lse=lse)
+    _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, lse=lse, opts=opts)
 
 
 def _check_device(cp, **arrays) -> None:
@@ -275,10 +281,10 @@ def _check_device(cp, **arrays) -> None:
             raise ValueError(f"{name} is on device {x.device.id}, but the current device is {dev}")
 
 
-def _gpu_forward(cp, q, k, v, out, *, causal, scale, lse=None):
+def _gpu_forward(cp, q, k, v, out, *, causal, scale, lse=None, opts=_options.NONE):
     from . import _dispatch
 
-    _check_device(cp, q=q, k=k, v=v, out=out, lse=lse)
+    _check_device(cp, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=opts.alibi_slopes)
     if out is None:
         out = cp.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
     if lse is None:
@@ -286,8 +292,12 @@ def _gpu_forward(cp, q, k, v, out, *, causal, scale, lse=None):
     if out.size == 0:
         return out, lse
     lead = None if q.ndim == 2 else q.shape[:-3]
-    for qv, kv, vv, ov, lv in _batched_views(lead, ((q, 3), (k, 3), (v, 3), (out, 3), (lse, 2))):
-        _dispatch.forward(qv, kv, vv, ov, lv, causal=causal, scale=scale)
+    arrays = [(q, 3), (k, 3), (v, 3), (out, 3), (lse, 2)]
+    if opts.alibi_slopes is not None:
+        arrays.append((opts.alibi_slopes, 1))
+    for views in _batched_views(lead, arrays):
+        _dispatch.forward(*views[:5], causal=causal, scale=scale, options=opts,
+                          alibi_slopes=views[5] if len(views) > 5 else None)
     return out, lse
 
 
@@ -349,6 +359,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
         Bottom-right aligned causal mask, as in the forward call.
     scale : float, optional
         As in the forward call; defaults to ``1 / sqrt(D)``.
+    window, softcap, alibi_slopes : optional
+        As in the forward call (see :func:`attention`). The softcap's derivative,
+        ``1 - tanh^2``, multiplies the score gradients; the ALiBi bias is constant.
     deterministic : bool, default False
         Bit-identical results on every run. The default accumulates dq with float32
         atomics, whose order varies between runs; deterministic mode computes dq in a
@@ -383,7 +396,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
     """
     grads = {n: x for n, x in (("dq", dq), ("dk", dk), ("dv", dv)) if x is not None}
     xp = _array_module(dout=dout, q=q, k=k, v=v, out=out, lse=lse, **grads)
-    _check_options(options)
     causal = _check_bool("causal", causal)
     deterministic = _check_bool("deterministic", deterministic)
     _check_dtypes(q, k, v)
@@ -407,10 +419,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
     dv = _check_output("dv", dv, xp, v.shape, q.dtype)
     _check_no_overlap({"dq": dq, "dk": dk, "dv": dv},
                       {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse})
+    opts = _options.parse(xp, q, causal, options)
 
     if xp is np:
         grads = _reference.attention_backward_tiled(dout, q, k, v, out, lse, causal=causal,
-                                                    scale=scale)
+                                                    scale=scale, **opts.reference_kwargs())
         result = []
         for given, g in zip((dq, dk, dv), grads):
             if given is None:
@@ -420,20 +433,25 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
                 result.append(given)
         return tuple(result)
     return _gpu_backward(xp, dout, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale,
-                         deterministic=deterministic)
+                         deterministic=deterministic, opts=opts)
 
 
-def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, deterministic):
+def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, deterministic,
+                  opts=_options.NONE):
     from . import _dispatch
 
-    _check_device(cp, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    _check_device(cp, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dq=dq, dk=dk, dv=dv,
+                  alibi_slopes=opts.alibi_slopes)
     dq = cp.empty(q.shape, q.dtype) if dq is None else dq
     dk = cp.empty(k.shape, q.dtype) if dk is None else dk
     dv = cp.empty(v.shape, q.dtype) if dv is None else dv
     if dq.size + dk.size + dv.size == 0:
         return dq, dk, dv
     lead = None if q.ndim == 2 else q.shape[:-3]
-    arrays = ((dout, 3), (q, 3), (k, 3), (v, 3), (out, 3), (lse, 2), (dq, 3), (dk, 3), (dv, 3))
+    arrays = [(dout, 3), (q, 3), (k, 3), (v, 3), (out, 3), (lse, 2), (dq, 3), (dk, 3), (dv, 3)]
+    if opts.alibi_slopes is not None:
+        arrays.append((opts.alibi_slopes, 1))
     for views in _batched_views(lead, arrays):
-        _dispatch.backward(*views, causal=causal, scale=scale, deterministic=deterministic)
+        _dispatch.backward(*views[:9], causal=causal, scale=scale, deterministic=deterministic,
+                           options=opts, alibi_slopes=views[9] if len(views) > 9 else None)
     return dq, dk, dv

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _options
 
 _MAX_GRID_YZ = 65535
 _ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -110,20 +110,47 @@ def _first_fitting(specs):
 
 
 def select_fwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
-                    arch: int) -> _kernels.FwdSpec:
-    spec = _kernels.fwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch)
+                    arch: int, options: bool = False) -> _kernels.FwdSpec:
+    spec = _kernels.fwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, options=options)
     candidates = [spec]
     if spec.tile.stages == 2:
         # Smaller parts (sm_86/sm_89: 99 KB) get FlashAttention-2's single-stage schedule.
         t = spec.tile
         candidates.append(_kernels.fwd_spec(
             dtype, head_dim, head_dim_v, causal, vec, arch,
-            tile=_kernels.FwdTile(t.block_m, t.block_n, t.num_warps, 1, 1)))
+            tile=_kernels.FwdTile(t.block_m, t.block_n, t.num_warps, 1, 1), options=options))
     return _first_fitting(candidates)
 
 
-def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None) -> None:
-    """Launch the forward kernel on 4-D views ``(B, H, L, D)``; lse is ``(B, Hq, Lq)``.
+def _kernel_mask(causal: bool, options) -> tuple[bool, bool]:
+    """(causal template flag, options kernel) for a call: a window other than causal runs
+    the options kernel's mask, with the causal flag off."""
+    return (causal or options.causal) and not options.local, options.kernel
+
+
+def _option_args(options, scale: float, seqlen_q: int, seqlen_k: int, alibi_slopes) -> tuple:
+    """The options' kernel arguments: window, softcap, ALiBi slopes (B, Hq) and their batch
+    stride (plain kernels receive and ignore them)."""
+    left, right = options.window_args(seqlen_q, seqlen_k)
+    softcap_in, softcap_out = options.softcap_args(scale)
+    if alibi_slopes is None:
+        slopes, slopes_stride = np.uint64(0), 0
+    else:
+        slopes, slopes_stride = alibi_slopes, alibi_slopes.strides[0] // 4
+    return (np.int32(left), np.int32(right), np.float32(softcap_in), np.float32(softcap_out),
+            slopes, np.int64(slopes_stride))
+
+
+def _batch_slice(args: tuple, sl: slice) -> tuple:
+    """_option_args for the batch elements ``sl`` (the slopes array is sliced)."""
+    slopes = args[4]
+    return args[:4] + ((slopes if isinstance(slopes, np.generic) else slopes[sl]),) + args[5:]
+
+
+def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
+            options=_options.NONE, alibi_slopes=None) -> None:
+    """Launch the forward kernel on 4-D views ``(B, H, L, D)``; lse is ``(B, Hq, Lq)``;
+    ``alibi_slopes`` (with ``options``) is ``(B, Hq)``.
 
     ``out`` and ``lse`` are written in full (every row of every head).
     """
@@ -131,9 +158,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None) -> None
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if B == 0 or Hq == 0 or Lq == 0:
         return
+    causal, with_options = _kernel_mask(causal, options)
     if spec is None:
         vec = is_vec_aligned((q, k, v, out), D, Dv)
-        spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec)
+        spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec,
+                         options=with_options)
+    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes)
     kern = get_kernel(spec)
     qs, ks, vs, os_ = (_elem_strides(x) for x in (q, k, v, out))
     ls = tuple(s // 4 for s in lse.strides)
@@ -149,6 +179,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None) -> None
             np.int64(ls[0]), np.int64(ls[1]),
             np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Dv), np.int32(Hq // Hk),
             np.float32(scale * math.log2(math.e)),
+            *_batch_slice(option_args, slice(b0, b0 + nb)),
         )
         kern((grid_m, Hq, nb), (spec.threads, 1, 1), args, shared_mem=spec.smem_bytes)
 
@@ -161,7 +192,7 @@ def _dtype_name(dtype) -> str:
 
 
 def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
-                     arch: int, deterministic: bool):
+                     arch: int, deterministic: bool, options: bool = False):
     """(preprocess spec, main spec, dQ-pass spec or None) for one backward call.
 
     Where no atomic-dQ tile fits the device's shared memory (head dims above 224 on
@@ -171,8 +202,9 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
     bucket = max(_kernels.head_dim_bucket(head_dim), _kernels.head_dim_bucket(head_dim_v))
 
     def main_specs(atomic):
-        return [_kernels.bwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, atomic, tile=t)
-                for t in _kernels.bwd_tiles(bucket, atomic)]
+        return [_kernels.bwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, atomic, tile=t,
+                                  options=options)
+                for t in _kernels.bwd_tiles(bucket, atomic, options)]
 
     limit = max_smem_per_block()
     if not deterministic and all(s.smem_bytes > limit for s in main_specs(True)):
@@ -181,7 +213,8 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
     dq = None
     if deterministic:
         dq = _first_fitting([
-            _kernels.bwd_dq_spec(dtype, head_dim, head_dim_v, causal, vec, arch, tile=t)
+            _kernels.bwd_dq_spec(dtype, head_dim, head_dim_v, causal, vec, arch, tile=t,
+                                 options=options)
             for t in _kernels.bwd_dq_tiles(bucket)])
     return _kernels.BwdPrepSpec(dtype, arch), main, dq
 
@@ -191,7 +224,8 @@ def _i64(*xs):
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
-             deterministic: bool, main_spec=None, dq_spec=None) -> None:
+             deterministic: bool, main_spec=None, dq_spec=None, options=_options.NONE,
+             alibi_slopes=None) -> None:
     """Launch the backward pass on 4-D views ``(B, H, L, D)`` (lse: ``(B, Hq, Lq)``).
 
     dq, dk and dv are written in full. Launches: preprocess (delta, lse in log2 units),
@@ -203,9 +237,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if B == 0 or Hk == 0:
         return
+    causal, with_options = _kernel_mask(causal, options)
     vec = is_vec_aligned((q, k, v, dout, dq, dk, dv), D, Dv)
     prep, main, dq_pass = _selected(select_bwd_specs, _dtype_name(q.dtype), D, Dv, causal,
-                                    vec, deterministic=deterministic)
+                                    vec, deterministic=deterministic, options=with_options)
+    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec
     if dq_spec is not None and deterministic:
@@ -241,7 +277,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], accum, dk[sl], dv[sl],
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dks[:3], *dvs[:3]),
                  np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(Hq), np.int32(D),
-                 np.int32(Dv), np.int32(Hq // Hk), scale_log2, np.float32(scale)),
+                 np.int32(Dv), np.int32(Hq // Hk), scale_log2, np.float32(scale),
+                 *_batch_slice(option_args, sl)),
                 shared_mem=main.smem_bytes)
         if Lq == 0 or Hq == 0:
             continue
@@ -251,7 +288,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], dq[sl],
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dqs[:3]),
                  np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(D), np.int32(Dv),
-                 np.int32(Hq // Hk), scale_log2, np.float32(scale)),
+                 np.int32(Hq // Hk), scale_log2, np.float32(scale),
+                 *_batch_slice(option_args, sl)),
                 shared_mem=dq_pass.smem_bytes)
         else:
             get_kernel(prep, prep.name_expressions[1])(

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from . import _api
+from . import _api, _options
 
 try:
     import ml_dtypes
@@ -25,15 +25,17 @@ def _cupy():
     return cupy
 
 
-def check_call(q, k, v, causal, scale, deterministic) -> float:
-    """The adapters' checks before tracing or launching: the flags, and the shapes with
-    :func:`cuflash.attention`'s messages (``.shape`` and ``.ndim`` are all they read).
-    Returns the scale (default ``1 / sqrt(D)``)."""
+def check_call(q, k, v, causal, scale, deterministic, window=None, softcap=0.0):
+    """The adapters' checks before tracing or launching: the flags, the shapes with
+    :func:`cuflash.attention`'s messages (``.shape`` and ``.ndim`` are all they read), and
+    the window and softcap. Returns ``(scale, window, softcap)``: the scale (default
+    ``1 / sqrt(D)``), the window as a pair (-1: unbounded) and the softcap as a float."""
     for name, flag in (("causal", causal), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     head_dim, _ = _api._check_shapes(q, k, v)
-    return _api._check_scale(scale, head_dim)
+    return (_api._check_scale(scale, head_dim), _options._check_window(window),
+            _options._check_softcap(softcap))
 
 
 def borrow(x, dtype=None):

@@ -55,6 +55,13 @@ FWD_TILES = {
 }
 
 
+# Where the options kernels (window, softcap, ALiBi; kernels/scores.cuh) need a tile of
+# their own: the d128 tile has no registers to spare for the ALiBi distances.
+FWD_OPTION_TILES = {
+    128: FwdTile(64, 64, 4, 1, 2),
+}
+
+
 def head_dim_bucket(d: int) -> int:
     """The smallest bucket that holds head dim ``d`` (1 <= d <= 256)."""
     for b in HEAD_DIM_BUCKETS:
@@ -66,8 +73,9 @@ def head_dim_bucket(d: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class _KernelSpec:
     """What every attention kernel specialisation has: element type, head-dim buckets,
-    causal, 16-byte copies (vec), arch and a tile. Subclasses name the source, the
-    template and the tile's template arguments."""
+    causal, 16-byte copies (vec), arch, a tile, and ``options``: whether the kernel takes
+    the API's window, softcap and ALiBi options (run-time values; kernels/scores.cuh).
+    Subclasses name the source, the template and the tile's template arguments."""
 
     dtype: str
     head_dim: int
@@ -76,6 +84,7 @@ class _KernelSpec:
     vec: bool
     arch: int
     tile: object
+    options: bool = False
 
     kind = ""
     template = ""
@@ -95,7 +104,8 @@ class _KernelSpec:
     @property
     def name_expression(self) -> str:
         args = [_ELEM_TAG[self.dtype], self.head_dim, self.head_dim_v, *self._tile_args(),
-                _cbool(self.causal), _cbool(self.vec), *self._extra_args()]
+                _cbool(self.causal), _cbool(self.vec), *self._extra_args(),
+                _cbool(self.options)]
         return f"cuflash::{self.template}<" + ", ".join(str(a) for a in args) + ">"
 
     @property
@@ -103,7 +113,7 @@ class _KernelSpec:
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} dv{self.head_dim_v:<3d} "
                 f"{'causal' if self.causal else 'full  '} {'vec' if self.vec else 'scl'} "
                 f"sm_{self.arch} {self.tile.block_m}x{self.tile.block_n} "
-                f"w{self.tile.num_warps}{self._label_tail()}")
+                f"w{self.tile.num_warps}{self._label_tail()}{' opt' if self.options else ''}")
 
     def _label_tail(self) -> str:
         return f" s{self.tile.stages}"
@@ -127,20 +137,20 @@ def _cbool(b: bool) -> str:
 
 
 def fwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
-             arch: int, tile: FwdTile | None = None) -> FwdSpec:
+             arch: int, tile: FwdTile | None = None, options: bool = False) -> FwdSpec:
     """The forward specialisation for real head dims ``head_dim`` / ``head_dim_v``."""
     d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     if tile is None:
-        tile = FWD_TILES[max(d, dv)]
-    return FwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile)
+        tile = (FWD_OPTION_TILES if options else FWD_TILES).get(max(d, dv), FWD_TILES[max(d, dv)])
+    return FwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
 
 
 def shipped_fwd_specs(archs=SHIPPED_ARCHS) -> list[FwdSpec]:
     """Every forward specialisation that the dispatcher can pick (head_dim_v == head_dim)."""
     return [
-        fwd_spec(dtype, d, d, causal, vec, arch)
-        for arch, dtype, d, causal, vec in itertools.product(
-            archs, DTYPES, HEAD_DIM_BUCKETS, (False, True), (True, False))
+        fwd_spec(dtype, d, d, causal, vec, arch, options=options)
+        for arch, dtype, d, causal, vec, options in itertools.product(
+            archs, DTYPES, HEAD_DIM_BUCKETS, (False, True), (True, False), (False, True))
     ]
 
 
@@ -179,6 +189,12 @@ BWD_TILES = {
     192: (BwdTile(64, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),
     224: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(32, 64, 8, 2, 2, 1)),
     256: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(32, 64, 8, 2, 2, 1)),
+}
+
+# Where the options kernels need a tile of their own (as FWD_OPTION_TILES): at d64 the
+# 4-warp atomic-dQ tile spills with them (bf16, sm_90).
+BWD_OPTION_TILES = {
+    64: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
 }
 
 # The deterministic dQ pass: (block_m, block_n, warps, K/V stages, blocks per SM).
@@ -291,9 +307,10 @@ def _smaller(tile):
     return out
 
 
-def bwd_tiles(bucket: int, atomic_dq: bool) -> list[BwdTile]:
+def bwd_tiles(bucket: int, atomic_dq: bool, options: bool = False) -> list[BwdTile]:
     """Main backward tiles for a head-dim bucket: the tuned one first, then smaller ones."""
-    tile = BWD_TILES[bucket][0 if atomic_dq else 1]
+    tile = (BWD_OPTION_TILES if options else BWD_TILES).get(bucket, BWD_TILES[bucket])
+    tile = tile[0 if atomic_dq else 1]
     return [tile, *_smaller(tile)]
 
 
@@ -303,19 +320,20 @@ def bwd_dq_tiles(bucket: int) -> list[FwdTile]:
 
 
 def bwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
-             atomic_dq: bool, tile: BwdTile | None = None) -> BwdSpec:
+             atomic_dq: bool, tile: BwdTile | None = None, options: bool = False) -> BwdSpec:
     d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     if tile is None:
-        tile = bwd_tiles(max(d, dv), atomic_dq)[0]
-    return BwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(atomic_dq))
+        tile = bwd_tiles(max(d, dv), atomic_dq, options)[0]
+    return BwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options),
+                   bool(atomic_dq))
 
 
 def bwd_dq_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
-                tile: FwdTile | None = None) -> BwdDqSpec:
+                tile: FwdTile | None = None, options: bool = False) -> BwdDqSpec:
     d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     if tile is None:
         tile = bwd_dq_tiles(max(d, dv))[0]
-    return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile)
+    return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
 
 
 def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
@@ -327,11 +345,12 @@ def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
     for arch, dtype in itertools.product(archs, DTYPES):
         specs.append(BwdPrepSpec(dtype, arch))
         n_tiles = None if fallbacks and arch == archs[0] else 1
-        for d, causal, vec in itertools.product(HEAD_DIM_BUCKETS, (False, True), (True, False)):
+        for d, causal, vec, opt in itertools.product(
+                HEAD_DIM_BUCKETS, (False, True), (True, False), (False, True)):
             for atomic in (True, False):
-                specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t)
-                          for t in bwd_tiles(d, atomic)[:n_tiles]]
-            specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t)
+                specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t, options=opt)
+                          for t in bwd_tiles(d, atomic, opt)[:n_tiles]]
+            specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t, options=opt)
                       for t in bwd_dq_tiles(d)[:n_tiles]]
     return specs
 

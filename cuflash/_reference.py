@@ -324,6 +324,8 @@ def _alibi_slopes(alibi_slopes, lead, squeeze):
         return None
     slopes = np.asarray(alibi_slopes, dtype=np.float64)
     target = lead[1:] if squeeze else lead
+    if squeeze and slopes.shape == (1,):  # one head, as cuflash.attention also takes it
+        slopes = slopes.reshape(())
     try:
         slopes = np.broadcast_to(slopes, target)
     except ValueError:

@@ -25,55 +25,76 @@ def _borrow(buf):
     return _interop.borrow(buf, np.dtype(buf.dtype))
 
 
-def _forward(q, k, v, causal, scale):
-    def run(ctx, outs, q, k, v):
+def _options(window, softcap, slopes) -> dict:
+    """cuflash.attention's keyword options; ``slopes`` is a borrowed buffer or None."""
+    opts = {}
+    if window != (-1, -1):
+        opts["window"] = window
+    if softcap:
+        opts["softcap"] = softcap
+    if slopes is not None:
+        opts["alibi_slopes"] = _borrow(slopes)
+    return opts
+
+
+def _forward(q, k, v, slopes, causal, scale, window, softcap):
+    def run(ctx, outs, q, k, v, *slopes):
         out, lse = outs
         with _interop.on_stream(ctx.stream, _device_id(q)):
             _api.attention_into(_borrow(q), _borrow(k), _borrow(v), _borrow(out),
-                                _borrow(lse), causal=causal, scale=scale)
+                                _borrow(lse), causal=causal, scale=scale,
+                                **_options(window, softcap, slopes[0] if slopes else None))
 
     shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + (v.shape[-1],), q.dtype),
               jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
-    return buffer_callback(run, shapes)(q, k, v)
+    extra = () if slopes is None else (slopes,)
+    return buffer_callback(run, shapes)(q, k, v, *extra)
 
 
-def _backward(dout, q, k, v, out, lse, causal, scale, deterministic):
-    def run(ctx, grads, dout, q, k, v, out, lse):
+def _backward(dout, q, k, v, out, lse, slopes, causal, scale, deterministic, window, softcap):
+    def run(ctx, grads, dout, q, k, v, out, lse, *slopes):
         dq, dk, dv = grads
         with _interop.on_stream(ctx.stream, _device_id(q)):
             _api.attention_backward(*(_borrow(x) for x in (dout, q, k, v, out, lse)),
                                     causal=causal, scale=scale, deterministic=deterministic,
-                                    dq=_borrow(dq), dk=_borrow(dk), dv=_borrow(dv))
+                                    dq=_borrow(dq), dk=_borrow(dk), dv=_borrow(dv),
+                                    **_options(window, softcap, slopes[0] if slopes else None))
 
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
-    return buffer_callback(run, shapes)(dout, q, k, v, out, lse)
+    extra = () if slopes is None else (slopes,)
+    return buffer_callback(run, shapes)(dout, q, k, v, out, lse, *extra)
 
 
 def _device_id(buf) -> int:
     return buf.__dlpack_device__()[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, causal, scale, deterministic):
-    return _forward(q, k, v, causal, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention(q, k, v, slopes, causal, scale, deterministic, window, softcap):
+    return _forward(q, k, v, slopes, causal, scale, window, softcap)
 
 
-def _attention_fwd(q, k, v, causal, scale, deterministic):
-    out, lse = _forward(q, k, v, causal, scale)
-    return (out, lse), (q, k, v, out, lse)
+def _attention_fwd(q, k, v, slopes, causal, scale, deterministic, window, softcap):
+    out, lse = _forward(q, k, v, slopes, causal, scale, window, softcap)
+    return (out, lse), (q, k, v, out, lse, slopes)
 
 
-def _attention_bwd(causal, scale, deterministic, residuals, cotangents):
-    q, k, v, out, lse = residuals
+def _attention_bwd(causal, scale, deterministic, window, softcap, residuals, cotangents):
+    q, k, v, out, lse, slopes = residuals
     dout, _ = cotangents  # lse is not differentiated (as in FlashAttention)
-    return _backward(dout.astype(q.dtype), q, k, v, out, lse, causal, scale, deterministic)
+    dq, dk, dv = _backward(dout.astype(q.dtype), q, k, v, out, lse, slopes, causal, scale,
+                           deterministic, window, softcap)
+    # the ALiBi slopes are constants here: zero cotangent
+    return dq, dk, dv, None if slopes is None else jnp.zeros_like(slopes)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
-              return_lse: bool = False, deterministic: bool = False):
+              return_lse: bool = False, deterministic: bool = False,
+              window: Optional[tuple[int, int]] = None, softcap: float = 0.0,
+              alibi_slopes=None):
     """:func:`cuflash.attention` on JAX GPU arrays, differentiable in q, k and v.
 
     Parameters
@@ -87,6 +108,10 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     return_lse : bool
         Also return the float32 log-sum-exp ``(..., Hq, Lq)`` (its gradient is not
         propagated).
+    window, softcap : optional, static
+        Sliding window ``(left, right)`` and score softcap, as in :func:`cuflash.attention`.
+    alibi_slopes : jax.Array, float32, ``(Hq,)`` or ``(..., Hq)``, optional
+        ALiBi slopes; treated as constants (zero gradient).
 
     Examples
     --------
@@ -99,6 +124,9 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
             raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")
         if x.dtype not in (jnp.float16, jnp.bfloat16):
             raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
-    scale = _interop.check_call(q, k, v, causal, scale, deterministic)  # at trace time
-    out, lse = _attention(q, k, v, causal, scale, deterministic)
+    scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
+                                                 window, softcap)  # at trace time
+    if alibi_slopes is not None and getattr(alibi_slopes, "dtype", None) != jnp.float32:
+        raise TypeError("alibi_slopes must be a float32 jax.Array")
+    out, lse = _attention(q, k, v, alibi_slopes, causal, scale, deterministic, window, softcap)
     return (out, lse) if return_lse else out

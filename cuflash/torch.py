@@ -55,16 +55,29 @@ def _stream(t: torch.Tensor):
     return _interop.on_stream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
 
 
-def _forward_impl(q, k, v, causal, scale):
+def _options(window, softcap, alibi_slopes) -> dict:
+    """The keyword options of cuflash.attention, from the ops' flat arguments."""
+    opts = {}
+    if tuple(window) != (-1, -1):
+        opts["window"] = tuple(window)
+    if softcap:
+        opts["softcap"] = softcap
+    if alibi_slopes is not None:
+        opts["alibi_slopes"] = _cp(alibi_slopes)
+    return opts
+
+
+def _forward_impl(q, k, v, causal, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     with _stream(q):
         _api.attention_into(_cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), causal=causal,
-                            scale=scale)
+                            scale=scale, **_options(window, softcap, alibi_slopes))
     return out, lse
 
 
-def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic):
+def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window=(-1, -1),
+                   softcap=0.0, alibi_slopes=None):
     if dout.dim() and dout.stride(-1) != 1:
         # autograd may hand over a broadcast gradient (stride 0, e.g. from .sum()); the
         # kernels read rows of contiguous elements
@@ -73,7 +86,8 @@ def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic):
     with _stream(q):
         _api.attention_backward(_cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse),
                                 causal=causal, scale=scale, deterministic=deterministic,
-                                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv))
+                                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv),
+                                **_options(window, softcap, alibi_slopes))
     return dq, dk, dv
 
 
@@ -82,12 +96,13 @@ def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic):
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=(), device_types="cuda")
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, causal, scale)
+                   scale: float, deterministic: bool, window: list[int], softcap: float,
+                   alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, causal, scale, window, softcap, alibi_slopes)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, deterministic):
+def _(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes):
     return (q.new_empty(q.shape[:-1] + (v.shape[-1],)),
             q.new_empty(q.shape[:-1], dtype=torch.float32))
 
@@ -95,28 +110,35 @@ def _(q, k, v, causal, scale, deterministic):
 @torch.library.custom_op("cuflash::attention_bwd", mutates_args=(), device_types="cuda")
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic)
+                   deterministic: bool, window: list[int], softcap: float,
+                   alibi_slopes: Optional[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window,
+                          softcap, alibi_slopes)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, deterministic):
+def _(dout, q, k, v, out, lse, causal, scale, deterministic, window, softcap, alibi_slopes):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+_N_FLAGS = 6  # the non-tensor-gradient inputs after q, k, v
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, deterministic = inputs
+    q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.window, ctx.softcap = window, softcap
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-                                ctx.deterministic)
-    return dq, dk, dv, None, None, None
+                                ctx.deterministic, ctx.window, ctx.softcap, alibi_slopes)
+    return (dq, dk, dv) + (None,) * _N_FLAGS
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -129,22 +151,24 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, deterministic):
-        out, lse = _forward_impl(q, k, v, causal, scale)
-        _setup_context(ctx, (q, k, v, causal, scale, deterministic), (out, lse))
+    def forward(ctx, q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes):
+        out, lse = _forward_impl(q, k, v, causal, scale, window, softcap, alibi_slopes)
+        _setup_context(ctx, (q, k, v, causal, scale, deterministic, window, softcap,
+                             alibi_slopes), (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-                                    ctx.deterministic)
-        return dq, dk, dv, None, None, None
+                                    ctx.deterministic, ctx.window, ctx.softcap, alibi_slopes)
+        return (dq, dk, dv) + (None,) * _N_FLAGS
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, return_lse: bool = False,
-              deterministic: bool = False):
+              deterministic: bool = False, window: Optional[tuple[int, int]] = None,
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None):
     """:func:`cuflash.attention` on torch CUDA tensors, differentiable in q, k and v.
 
     Parameters
@@ -161,6 +185,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         Also return the float32 log-sum-exp ``(..., Hq, Lq)`` (not differentiable).
     deterministic : bool
         Bit-identical gradients on every run (see :func:`cuflash.attention_backward`).
+    window, softcap : optional
+        Sliding window ``(left, right)`` and score softcap, as in :func:`cuflash.attention`.
+    alibi_slopes : torch.Tensor, optional
+        float32 CUDA tensor ``(Hq,)`` or ``(..., Hq)``; not differentiated.
 
     Returns
     -------
@@ -181,7 +209,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise TypeError(f"{name}.dtype must be torch.float16 or torch.bfloat16, got {x.dtype}")
         if x.device.type != "cuda":
             raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
-    scale = _interop.check_call(q, k, v, causal, scale, deterministic)
+    scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
+                                                 window, softcap)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError("alibi_slopes must be a float32 torch.Tensor")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on {q.device}, got {alibi_slopes.device}")
+        alibi_slopes = alibi_slopes.detach()
     run = _attention_fwd if torch.compiler.is_compiling() else _Attention.apply
-    out, lse = run(q, k, v, causal, scale, deterministic)
+    out, lse = run(q, k, v, causal, scale, deterministic, list(window), softcap, alibi_slopes)
     return (out, lse) if return_lse else out

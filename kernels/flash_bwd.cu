@@ -29,7 +29,7 @@ struct BwdBlock {
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
           int kDSplit, int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kAtomicDQ,
-          bool kSwap>
+          bool kSwap, bool kOptions>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                      const u16* __restrict__ v, const u16* __restrict__ dout,
@@ -43,7 +43,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
                      int seqlen_q, int seqlen_k, int seqlen_q_pad, int num_heads_q,
                      int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
-                     float scale) {
+                     float scale, int window_left, int window_right, float softcap_in,
+                     float softcap_out, const float* __restrict__ alibi_slopes,
+                     i64 alibi_batch_stride) {
   using T = BwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kDSplit, kStages,
                       kAtomicDQ, kSwap>;
   extern __shared__ unsigned char smem[];
@@ -55,7 +57,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int warp = tid >> 5;
   const int n0 = n_block * kBlockN;
 
-  BwdMainloop<T, kCausal, kVec> mainloop;
+  BwdMainloop<T, kCausal, kVec, kOptions> mainloop;
   mainloop.q = q;
   mainloop.dout = dout;
   mainloop.q_batch_stride = q_batch_stride;
@@ -74,18 +76,22 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.head_dim = head_dim;
   mainloop.head_dim_v = head_dim_v;
   mainloop.head0 = kv_head * heads_per_kv;
-  mainloop.mask = Mask<kCausal>{seqlen_q, seqlen_k};
+  mainloop.mask = Mask<kCausal, kOptions>{seqlen_q, seqlen_k, window_left, window_right};
   mainloop.m_block_min = mainloop.mask.template m_block_min<kBlockM>(n0);
-  mainloop.m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
+  mainloop.m_block_end = mainloop.mask.template m_block_end<kBlockM, kBlockN>(n0);
   mainloop.n_block = n_block;
   mainloop.scale_log2 = scale_log2;
+  mainloop.softcap_in = softcap_in;
+  mainloop.softcap_out = softcap_out;
+  mainloop.alibi_slopes = alibi_slopes;
+  mainloop.alibi_batch_stride = alibi_batch_stride;
   mainloop.smem = smem_addr(smem);
   mainloop.tid = tid;
   mainloop.key_row0 = (warp / kDSplit) * 16 * T::kNRep;
   mainloop.d_part = warp % kDSplit;
   mainloop.lp.init(mainloop.key_row0, tid & 31);
 
-  const int tiles = max(0, mainloop.m_blocks - mainloop.m_block_min);
+  const int tiles = max(0, mainloop.m_block_end - mainloop.m_block_min);
   const int n_iters = tiles * heads_per_kv;
   const int rows_k = min(kBlockN, seqlen_k - n0);
   const u16* k_tile = k + batch * k_batch_stride + kv_head * k_head_stride + n0 * k_row_stride;

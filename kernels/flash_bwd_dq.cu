@@ -7,7 +7,7 @@
 namespace cuflash {
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
-          int kStages, int kMinBlocks, bool kCausal, bool kVec>
+          int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kOptions>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                         const u16* __restrict__ v, const u16* __restrict__ dout,
@@ -19,7 +19,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                         i64 do_row_stride, i64 dq_batch_stride, i64 dq_head_stride,
                         i64 dq_row_stride, int seqlen_q, int seqlen_k, int seqlen_q_pad,
                         int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
-                        float scale) {
+                        float scale, int window_left, int window_right, float softcap_in,
+                        float softcap_out, const float* __restrict__ alibi_slopes,
+                        i64 alibi_batch_stride) {
   using T = BwdDqTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kStages>;
   extern __shared__ unsigned char smem[];
 
@@ -33,7 +35,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int warp_row0 = (tid >> 5) * 16 * T::kMRep;
   const int rows_q = min(kBlockM, seqlen_q - m0);
 
-  BwdDqMainloop<T, kCausal, kVec> mainloop;
+  BwdDqMainloop<T, kCausal, kVec, kOptions> mainloop;
   mainloop.k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
   mainloop.v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
   mainloop.k_row_stride = k_row_stride;
@@ -42,7 +44,11 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.head_dim = head_dim;
   mainloop.head_dim_v = head_dim_v;
   mainloop.scale_log2 = scale_log2;
-  mainloop.mask = Mask<kCausal>{seqlen_q, seqlen_k};
+  mainloop.scores = ScoreMod<kOptions>{
+      scale_log2, softcap_in, softcap_out,
+      alibi_slopes ? -kLog2e * alibi_slopes[batch * alibi_batch_stride + head] : 0.f,
+      seqlen_k - seqlen_q};
+  mainloop.mask = Mask<kCausal, kOptions>{seqlen_q, seqlen_k, window_left, window_right};
   mainloop.smem = smem_addr(smem);
   mainloop.m0 = m0;
   mainloop.warp_row0 = warp_row0;
@@ -59,9 +65,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     }
 
   const int n_block_max = mainloop.mask.template n_block_max<kBlockN>(m0, kBlockM);
+  mainloop.n_block_min = mainloop.mask.template n_block_min<kBlockN>(m0);
   float dq_acc[T::kMRep][T::kDTiles][4];
   zero_acc(dq_acc);
-  if (n_block_max > 0) {
+  if (n_block_max > mainloop.n_block_min) {
     load_tile<kBlockM, kHeadDim, T::kThreads, kVec>(
         mainloop.sQ(), q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
         q_row_stride, rows_q, head_dim, tid);

@@ -4,7 +4,8 @@
 // tiles from the last to the first. Per tile:
 //   tile load   K_j, V_j -> shared memory (cp.async, double-buffered)   tile_load.cuh
 //   S = Q K_j^T on tensor cores                                         warp_gemm.cuh
-//   mask (only on the ragged/diagonal tiles)                            mask.cuh
+//   scale (kOptions: softcap, ALiBi), in log2 units                     scores.cuh
+//   mask (only on the ragged/diagonal/window-edge tiles)                mask.cuh
 //   online softmax: m_i, l_i, rescale of o_acc, P = exp2(S - m_i)        softmax.cuh
 //   O += P V_j                                                          warp_gemm.cuh
 // then o_acc / l_i and lse are written once                             epilogue_fwd.cuh
@@ -17,7 +18,7 @@
 namespace cuflash {
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
-          int kStages, int kMinBlocks, bool kCausal, bool kVec>
+          int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kOptions>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                      const u16* __restrict__ v, u16* __restrict__ o, float* __restrict__ lse,
@@ -26,7 +27,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
                      i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
                      i64 lse_batch_stride, i64 lse_head_stride, int seqlen_q, int seqlen_k,
-                     int head_dim, int head_dim_v, int heads_per_kv, float scale_log2) {
+                     int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
+                     int window_left, int window_right, float softcap_in, float softcap_out,
+                     const float* __restrict__ alibi_slopes, i64 alibi_batch_stride) {
   using T = FwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kStages>;
   extern __shared__ unsigned char smem[];
 
@@ -40,10 +43,11 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int warp_row0 = (tid >> 5) * 16 * T::kMRep;
   const int rows_q = min(kBlockM, seqlen_q - m0);
 
-  const Mask<kCausal> mask{seqlen_q, seqlen_k};
+  const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
   const int n_block_max = mask.template n_block_max<kBlockN>(m0, kBlockM);
+  const int n_block_min = mask.template n_block_min<kBlockN>(m0);
 
-  FwdMainloop<T, kCausal, kVec> mainloop;
+  FwdMainloop<T, kCausal, kVec, kOptions> mainloop;
   mainloop.k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
   mainloop.v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
   mainloop.k_row_stride = k_row_stride;
@@ -51,7 +55,11 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.seqlen_k = seqlen_k;
   mainloop.head_dim = head_dim;
   mainloop.head_dim_v = head_dim_v;
-  mainloop.scale_log2 = scale_log2;
+  mainloop.n_block_min = n_block_min;
+  mainloop.scores = ScoreMod<kOptions>{
+      scale_log2, softcap_in, softcap_out,
+      alibi_slopes ? -kLog2e * alibi_slopes[batch * alibi_batch_stride + head] : 0.f,
+      seqlen_k - seqlen_q};
   mainloop.mask = mask;
   mainloop.sQ = smem_addr(smem);
   mainloop.m0 = m0;
@@ -69,7 +77,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   OnlineSoftmax<T::kMRep> softmax;
   softmax.init();
 
-  if (n_block_max > 0) {
+  if (n_block_max > n_block_min) {
     const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
     load_tile<kBlockM, kHeadDim, T::kThreads, kVec>(mainloop.sQ, q_tile, q_row_stride, rows_q,
                                                     head_dim, tid);

@@ -6,10 +6,12 @@
 // Each warp owns kNRep slabs of 16 keys and holds the scores transposed (keys as rows),
 // so that P^T and dS^T are already the A operands of dV and dK:
 //   S^T  = K Q^T                    recompute          gemm_rows_rows
+//                                   (kOptions: softcap, ALiBi; scores.cuh)
 //   P^T  = exp2(S^T - lse)          from the saved log-sum-exp, no online softmax
 //   dV  += P^T dO                                      gemm_regs_trans
 //   dP^T = V dO^T                                      gemm_rows_rows
 //   dS^T = P^T (dP^T - delta)       delta = rowsum(dO o O), from the preprocess
+//                                   (times 1 - tanh^2 with a softcap)
 //   dK  += dS^T Q                   (times scale at the end)
 //   dQ  += dS K                     kAtomicDQ: dS^T through shared memory, then float
 //                                   atomics into a float32 buffer; otherwise a separate
@@ -21,6 +23,7 @@
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
+#include "scores.cuh"
 #include "tile_load.cuh"
 #include "warp_gemm.cuh"
 
@@ -94,7 +97,7 @@ struct BwdTraits {
       kStages * kStageBytes;
 };
 
-template <class T, bool kCausal, bool kVec>
+template <class T, bool kCausal, bool kVec, bool kOptions>
 struct BwdMainloop {
   static constexpr bool kAtomicDQ = T::kAtomicDQ;
   // Query-side operands, as the kernel received them: offsets are computed where they are
@@ -109,10 +112,13 @@ struct BwdMainloop {
   float* dq_accum;        // (batch, heads, seqlen_q_pad, kHeadDim), float32
   int batch, num_heads_q;
   int seqlen_q, seqlen_q_pad, head_dim, head_dim_v;
-  int head0, m_block_min, m_blocks;  // query heads head0.., tiles m_block_min..m_blocks-1
+  int head0, m_block_min, m_block_end;  // query heads head0.., tiles m_block_min..m_block_end-1
   int n_block;
   float scale_log2;
-  Mask<kCausal> mask;
+  float softcap_in, softcap_out;  // kOptions (scores.cuh)
+  const float* alibi_slopes;      // kOptions: (batch, num_heads_q) with this batch stride, or null
+  i64 alibi_batch_stride;
+  Mask<kCausal, kOptions> mask;
   u32 smem;
   int tid, key_row0, d_part;
   LanePatterns lp;
@@ -130,7 +136,7 @@ struct BwdMainloop {
   CUFLASH_DEVICE u32 sDelta(int st) const { return sLse(st) + T::kBlockM * 4; }
 
   // The steps visit query heads head0, head0 + 1, ... and, for each, the query tiles
-  // m_block_min .. m_blocks - 1; a cursor walks them without divisions.
+  // m_block_min .. m_block_end - 1; a cursor walks them without divisions.
   struct Cursor {
     int head, m_block;
   };
@@ -138,9 +144,81 @@ struct BwdMainloop {
   CUFLASH_DEVICE void advance(Cursor& c) const {
     // (the bounds are recomputed from the parameters and the block index rather than
     // kept live across the loop)
-    if (++c.m_block == (mask.seqlen_q + T::kBlockM - 1) / T::kBlockM) {
-      c.m_block = mask.template m_block_min<T::kBlockM>(block_index<kCausal ? 2 : 0>() * T::kBlockN);
+    const int n0 = block_index<kCausal ? 2 : 0>() * T::kBlockN;
+    if (++c.m_block == mask.template m_block_end<T::kBlockM, T::kBlockN>(n0)) {
+      c.m_block = mask.template m_block_min<T::kBlockM>(n0);
       ++c.head;
+    }
+  }
+
+  // The score transform of query head `head` (kOptions: its ALiBi slope).
+  CUFLASH_DEVICE ScoreMod<kOptions> scores(int head) const {
+    float alibi_log2 = 0.f;
+    if (kOptions && alibi_slopes) {
+      alibi_log2 = -kLog2e * alibi_slopes[batch * alibi_batch_stride + head];
+    }
+    return ScoreMod<kOptions>{scale_log2, softcap_in, softcap_out, alibi_log2,
+                              mask.offset()};
+  }
+
+  // P^T = exp2(S^T - lse) from the raw products of a (kMTiles x 8)-query slice starting at
+  // query q0 of the tile; kOptions also gives the softcap's 1 - tanh^2 (dtanh).
+  template <bool kMasked, int kMTiles>
+  CUFLASH_DEVICE void probabilities(float (&s)[T::kNRep][kMTiles][4],
+                                    u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int head, int m0,
+                                    int q0, int st) const {
+    const int lane = tid & 31;
+    const int key0 = n_block * T::kBlockN + key_row0;
+    if constexpr (kOptions) {
+      scores(head).apply_transposed(s, dtanh, key0, m0 + q0, lane);
+      if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane);
+    } else {
+      if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane);
+    }
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      float lse[2];
+      ld_shared_f2(lse[0], lse[1], sLse(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+      for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[r][m][e] = kOptions ? exp2_approx(s[r][m][e] - lse[e & 1])
+                                : exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
+        }
+    }
+  }
+
+  // dS^T = P^T (dP^T - delta) (times 1 - tanh^2 with a softcap), in place of dP^T; p16
+  // holds P^T as fp16 pairs.
+  template <int kMTiles>
+  CUFLASH_DEVICE void scores_grad(float (&dp)[T::kNRep][kMTiles][4],
+                                  const u32 (&p16)[T::kNRep][kMTiles / 2][4],
+                                  const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
+                                  int st) const {
+    const int lane = tid & 31;
+    const bool softcap = kOptions && softcap_in != 0.f;
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      float delta[2];
+      ld_shared_f2(delta[0], delta[1], sDelta(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+      for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // p16[r][m/2][2(m%2) + h] holds P^T at this fragment's two columns
+          const int i = 2 * (m & 1) + h;
+          float p0, p1;
+          unpack2<false>(p16[r][m >> 1][i], p0, p1);
+          if (softcap) {
+            float d0, d1;
+            unpack2<false>(dtanh[r][m >> 1][i], d0, d1);
+            p0 *= d0;
+            p1 *= d1;
+          }
+          dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
+          dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
+        }
     }
   }
 
@@ -188,7 +266,7 @@ struct BwdMainloop {
   // One query tile. `prev` is the previous step's tile, whose dQ this step computes from
   // the other dS^T buffer (when has_prev).
   template <bool kMasked>
-  CUFLASH_DEVICE void step(int m0, int st, int ds_buf, const Cursor& prev, bool has_prev,
+  CUFLASH_DEVICE void step(int head, int m0, int st, int ds_buf, const Cursor& prev, bool has_prev,
                            float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
                            float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
     constexpr bool kBf16 = T::kIsBf16;
@@ -200,21 +278,12 @@ struct BwdMainloop {
     // dS's error at a plain implementation's level where bf16's 8 would double it.
     u32 p[T::kNRep][T::kBlockM / 16][4];
     u32 p_in[T::kNRep][T::kBlockM / 16][4];  // bf16 inputs: P^T in bf16, for dV
+    u32 dtanh[T::kNRep][T::kBlockM / 16][4];  // kOptions with a softcap
     {
       float s[T::kNRep][T::kMTiles][4];
       gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDim, typename T::TileK,
                      typename T::TileQ>(s, sK(), lp, sQ(st));
-      if (kMasked) mask.apply_transposed(s, n_block * T::kBlockN + key_row0, m0, lane);
-#pragma unroll
-      for (int m = 0; m < T::kMTiles; ++m) {
-        float lse[2];
-        ld_shared_f2(lse[0], lse[1], sLse(st) + (m * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-        for (int r = 0; r < T::kNRep; ++r)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[r][m][e] = exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
-      }
+      probabilities<kMasked>(s, dtanh, head, m0, 0, st);
       pack_frags<false, T::kNRep, T::kBlockM>(p, s);
       if (kBf16) pack_frags<true, T::kNRep, T::kBlockM>(p_in, s);
     }
@@ -230,21 +299,7 @@ struct BwdMainloop {
       float dp[T::kNRep][T::kMTiles][4];
       gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDimV, typename T::TileV,
                      typename T::TileDO>(dp, sV(), lp, sDO(st));
-#pragma unroll
-      for (int m = 0; m < T::kMTiles; ++m) {
-        float delta[2];
-        ld_shared_f2(delta[0], delta[1], sDelta(st) + (m * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-        for (int r = 0; r < T::kNRep; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            // p[r][m/2][2(m%2) + h] holds P^T at this fragment's two columns
-            float p0, p1;
-            unpack2<false>(p[r][m >> 1][2 * (m & 1) + h], p0, p1);
-            dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
-            dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
-          }
-      }
+      scores_grad(dp, p, dtanh, 0, st);
       pack_frags<kBf16, T::kNRep, T::kBlockM>(p, dp);
     }
     pending_dq(3, prev, has_prev, ds_buf);
@@ -275,7 +330,8 @@ struct BwdMainloop {
   // half of the queries, stores its halves of P^T and dS^T, and after a barrier runs the
   // dV and dK products on the whole tiles, for its half of the columns.
   template <bool kMasked>
-  CUFLASH_DEVICE void step_swap(int m0, int st, int ds_buf, const Cursor& prev, bool has_prev,
+  CUFLASH_DEVICE void step_swap(int head, int m0, int st, int ds_buf, const Cursor& prev,
+                                bool has_prev,
                                 float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
                                 float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
     constexpr bool kBf16 = T::kIsBf16;
@@ -284,21 +340,12 @@ struct BwdMainloop {
     const int q0 = d_part * kHalfM;  // this warp's first query of the tile
     pending_dq(0, prev, has_prev, ds_buf);
     u32 p16[T::kNRep][kHalfM / 16][4];  // P^T in fp16, for dS (see step)
+    u32 dtanh[T::kNRep][kHalfM / 16][4];  // kOptions with a softcap
     {
       float s[T::kNRep][kHalfM / 8][4];
       gemm_rows_rows<kBf16, T::kNRep, kHalfM, T::kHeadDim, typename T::TileK,
                      typename T::TileQ>(s, sK(), lp, sQ(st), q0);
-      if (kMasked) mask.apply_transposed(s, n_block * T::kBlockN + key_row0, m0 + q0, lane);
-#pragma unroll
-      for (int m = 0; m < kHalfM / 8; ++m) {
-        float lse[2];
-        ld_shared_f2(lse[0], lse[1], sLse(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-        for (int r = 0; r < T::kNRep; ++r)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[r][m][e] = exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
-      }
+      probabilities<kMasked>(s, dtanh, head, m0, q0, st);
       pack_frags<false, T::kNRep, kHalfM>(p16, s);
       u32 p_in[T::kNRep][kHalfM / 16][4];
       pack_frags<kBf16, T::kNRep, kHalfM>(p_in, s);
@@ -309,20 +356,7 @@ struct BwdMainloop {
       float dp[T::kNRep][kHalfM / 8][4];
       gemm_rows_rows<kBf16, T::kNRep, kHalfM, T::kHeadDimV, typename T::TileV,
                      typename T::TileDO>(dp, sV(), lp, sDO(st), q0);
-#pragma unroll
-      for (int m = 0; m < kHalfM / 8; ++m) {
-        float delta[2];
-        ld_shared_f2(delta[0], delta[1], sDelta(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-        for (int r = 0; r < T::kNRep; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float p0, p1;
-            unpack2<false>(p16[r][m >> 1][2 * (m & 1) + h], p0, p1);
-            dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
-            dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
-          }
-      }
+      scores_grad(dp, p16, dtanh, q0, st);
       pack_frags<kBf16, T::kNRep, kHalfM>(p16, dp);
       store_packed<typename T::TileDS, T::kNRep, kHalfM>(sDS(ds_buf), p16, key_row0, lane, q0);
     }
@@ -412,18 +446,18 @@ struct BwdMainloop {
       // Masks: the causal diagonal and a ragged last key tile; padded query rows need
       // none (their lse is +inf, so P = 0).
       const int ds_buf = kAtomicDQ ? it & 1 : 0;
-      const bool masked = mask.template tile_needs_mask<T::kBlockN>(n_block, m0);
+      const bool masked = mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n_block, m0);
       if constexpr (T::kSwap) {
         if (masked) {
-          step_swap<true>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+          step_swap<true>(cur.head, m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
         } else {
-          step_swap<false>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+          step_swap<false>(cur.head, m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
         }
       } else {
         if (masked) {
-          step<true>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+          step<true>(cur.head, m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
         } else {
-          step<false>(m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
+          step<false>(cur.head, m0, st, ds_buf, prev, it > 0, dk_acc, dv_acc);
         }
       }
       st = T::kStages == 2 ? st ^ 1 : 0;

@@ -3,13 +3,14 @@
 // One thread block owns kBlockM query rows of one (batch, head) and walks the key tiles
 // in a fixed order, like the forward pass, so every dQ element is summed in the same
 // order on every run. It recomputes what the main backward kernel already had:
-//   S  = Q K^T, P = exp2(S - lse)                   gemm_rows_rows
+//   S  = Q K^T, P = exp2(S - lse)                   gemm_rows_rows (kOptions: scores.cuh)
 //   dP = dO V^T, dS = P (dP - delta)                gemm_rows_rows
 //   dQ += dS K                                      gemm_regs_trans (dS from registers)
 // which costs three extra matrix products per tile pair (docs/perf-log.md gives the price).
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
+#include "scores.cuh"
 #include "tile_load.cuh"
 #include "warp_gemm.cuh"
 
@@ -44,14 +45,16 @@ struct BwdDqTraits {
   static constexpr int kSmemBytes = TileQ::kBytes + TileDO::kBytes + kStages * kStageBytes;
 };
 
-template <class T, bool kCausal, bool kVec>
+template <class T, bool kCausal, bool kVec, bool kOptions>
 struct BwdDqMainloop {
   const u16* k_head;
   const u16* v_head;
   i64 k_row_stride, v_row_stride;
   int seqlen_k, head_dim, head_dim_v;
   float scale_log2;
-  Mask<kCausal> mask;
+  int n_block_min;
+  ScoreMod<kOptions> scores;
+  Mask<kCausal, kOptions> mask;
   u32 smem;  // [Q][dO][K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;
   float lse_log2[T::kMRep][2];  // this thread's rows: lse * log2(e), +inf where no key
@@ -79,7 +82,7 @@ struct BwdDqMainloop {
     if (T::kStages == 2) {
       cp_async_wait<0>();
       __syncthreads();
-      if (n > 0) load_kv(n - 1, st ^ 1);
+      if (n > n_block_min) load_kv(n - 1, st ^ 1);
       cp_async_commit();
     } else {
       __syncthreads();
@@ -92,7 +95,26 @@ struct BwdDqMainloop {
     float s[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDim, typename T::TileQ,
                    typename T::TileK>(s, sQ(), lp, sK(st));
-    if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
+    if constexpr (kOptions) {
+      // P, times 1 - tanh^2 with a softcap, right away: this pass needs no bare P.
+#pragma unroll
+      for (int r = 0; r < T::kMRep; ++r)
+#pragma unroll
+        for (int j = 0; j < T::kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + warp_row0 + r * 16 + (lane >> 2) + (e >> 1) * 8;
+            const int col = n * T::kBlockN + j * 8 + (lane & 3) * 2 + (e & 1);
+            float t = 0.f;
+            float x = scores.score(s[r][j][e], row, col, t);
+            if (kMasked && mask.hidden_at(row, col)) x = neg_inf();
+            float p = exp2_approx(x - lse_log2[r][e >> 1]);
+            if (scores.has_softcap()) p *= fmaf(-t, t, 1.f);
+            s[r][j][e] = p;
+          }
+    } else {
+      if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
+    }
     float dp[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDimV, typename T::TileDO,
                    typename T::TileV>(dp, sDO(), lp, sV(st));
@@ -102,7 +124,9 @@ struct BwdDqMainloop {
       for (int j = 0; j < T::kNTiles; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float p = exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
+          const float p = kOptions
+              ? s[r][j][e]
+              : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
           s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);  // dS
         }
     u32 ds[T::kMRep][T::kBlockN / 16][4];
@@ -111,19 +135,30 @@ struct BwdDqMainloop {
                                                                                  sK(st), lp);
   }
 
-  // Key tiles n_block_max-1 down to 0: the masked ones (ragged end, causal diagonal) first.
+  // Key tiles n_block_max-1 down to n_block_min: the masked ones (ragged end, causal
+  // diagonal, window edges) apart, as in the forward pass.
   CUFLASH_DEVICE void run(int n_block_max, float (&dq_acc)[T::kMRep][T::kDTiles][4]) const {
     int n = n_block_max - 1;
     int st = 0;
-    for (; n >= 0 && mask.template tile_needs_mask<T::kBlockN>(n, m0); --n) {
+    for (; n >= n_block_min && needs_mask(n); --n) {
       step<true>(n, st, dq_acc);
       st = T::kStages == 2 ? st ^ 1 : 0;
     }
-    for (; n >= 0; --n) {
+    for (; n >= n_block_min && !(kOptions && needs_mask(n)); --n) {
       step<false>(n, st, dq_acc);
       st = T::kStages == 2 ? st ^ 1 : 0;
     }
+    if (kOptions) {
+      for (; n >= n_block_min; --n) {
+        step<true>(n, st, dq_acc);
+        st = T::kStages == 2 ? st ^ 1 : 0;
+      }
+    }
     cp_async_wait<0>();
+  }
+
+  CUFLASH_DEVICE bool needs_mask(int n) const {
+    return mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0);
   }
 };
 

@@ -5,6 +5,7 @@
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
+#include "scores.cuh"
 #include "softmax.cuh"
 #include "tile_load.cuh"
 #include "warp_gemm.cuh"
@@ -44,18 +45,20 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kQBytes + kStages * (TileK::kBytes + TileV::kBytes);
 };
 
-// The key/value loop of one thread block: tiles n_block_max-1 down to 0.
+// The key/value loop of one thread block: tiles n_block_max-1 down to n_block_min (0
+// unless a window bounds the keys on the left).
 // kStages == 2: tile n-1 streams into the other stage during the whole step for tile n.
 // kStages == 1 (FlashAttention-2's schedule, half the shared memory): V_n streams during
 // S = Q K^T, and K_{n-1} during the softmax and P V.
-template <class T, bool kCausal, bool kVec>
+template <class T, bool kCausal, bool kVec, bool kOptions>
 struct FwdMainloop {
   const u16* k_head;
   const u16* v_head;
   i64 k_row_stride, v_row_stride;
   int seqlen_k, head_dim, head_dim_v;
-  float scale_log2;
-  Mask<kCausal> mask;
+  int n_block_min;
+  ScoreMod<kOptions> scores;
+  Mask<kCausal, kOptions> mask;
   u32 sQ;  // K and V stages follow Q's space: [K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;
   LanePatterns lp;
@@ -89,7 +92,7 @@ struct FwdMainloop {
     cp_async_wait<0>();
     __syncthreads();
     if (T::kStages == 2) {
-      if (n > 0) {
+      if (n > n_block_min) {
         load_k(n - 1, st ^ 1);
         load_v(n - 1, st ^ 1);
       }
@@ -101,18 +104,13 @@ struct FwdMainloop {
     float s[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<T::kIsBf16, T::kMRep, T::kBlockN, T::kHeadDim, typename T::TileQ,
                    typename T::TileK>(s, sQ, lp, sK(st));
-#pragma unroll
-    for (int r = 0; r < T::kMRep; ++r)
-#pragma unroll
-      for (int j = 0; j < T::kNTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[r][j][e] *= scale_log2;
+    scores.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
     if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
 
     if (T::kStages == 1) {
       cp_async_wait<0>();
       __syncthreads();
-      if (n > 0) load_k(n - 1, 0);
+      if (n > n_block_min) load_k(n - 1, 0);
       cp_async_commit();
     }
     softmax.update(s, o_acc);
@@ -122,20 +120,31 @@ struct FwdMainloop {
         o_acc, p, sV(st), lp);
   }
 
-  // Masking regimes: the last tiles (ragged end of the keys, causal diagonal) take an
-  // element-wise mask; the bulk runs without one.
+  // Masking regimes: the last tiles (ragged end of the keys, causal diagonal, right edge
+  // of a window) take an element-wise mask, the bulk runs without one, and with a window
+  // the first tiles (its left edge) take one again.
   CUFLASH_DEVICE void run(int n_block_max, OnlineSoftmax<T::kMRep>& softmax,
                           float (&o_acc)[T::kMRep][T::kDTiles][4]) const {
     int n = n_block_max - 1;
     int st = 0;
-    for (; n >= 0 && mask.template tile_needs_mask<T::kBlockN>(n, m0); --n) {
+    for (; n >= n_block_min && needs_mask(n); --n) {
       step<true>(n, st, softmax, o_acc);
       st = T::kStages == 2 ? st ^ 1 : 0;
     }
-    for (; n >= 0; --n) {
+    for (; n >= n_block_min && !(kOptions && needs_mask(n)); --n) {
       step<false>(n, st, softmax, o_acc);
       st = T::kStages == 2 ? st ^ 1 : 0;
     }
+    if (kOptions) {
+      for (; n >= n_block_min; --n) {
+        step<true>(n, st, softmax, o_acc);
+        st = T::kStages == 2 ? st ^ 1 : 0;
+      }
+    }
+  }
+
+  CUFLASH_DEVICE bool needs_mask(int n) const {
+    return mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0);
   }
 };
 

@@ -78,25 +78,49 @@ def random_qkv(cp, shape_q, shape_k, shape_v, name, rng):
     return [random_array(cp, shape, name, rng) for shape in (shape_q, shape_k, shape_v)]
 
 
-def visible(cp, Lq, Lk, causal):
+def visible(cp, Lq, Lk, causal, window=None):
+    """Which keys each query sees: causal and/or window (left, right), -1 unbounded."""
     i = cp.arange(Lq)[:, None]
     j = cp.arange(Lk)[None, :]
-    return (j <= i + Lk - Lq) if causal else cp.ones((Lq, Lk), dtype=bool)
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    seen = cp.ones((Lq, Lk), dtype=bool)
+    if right >= 0:
+        seen &= j <= i + Lk - Lq + right
+    if left >= 0:
+        seen &= j >= i + Lk - Lq - left
+    return seen
 
 
-def reference(cp, q, k, v, causal, scale, plain_dtype=None):
-    """float64 attention (plain_dtype None), or the plain same-precision version."""
+def scores(cp, q, k, causal, scale, rnd, window=None, softcap=0.0, alibi_slopes=None):
+    """Masked scores ``s`` and the softcap's ``ds/d(scale q k^T)`` (None without one);
+    ``rnd`` rounds where a plain same-precision implementation would."""
+    s = rnd(cp.matmul(q, cp.swapaxes(k, -1, -2)) * scale)
+    jac = None
+    if softcap:
+        t = cp.tanh(s / softcap)
+        s, jac = rnd(softcap * t), 1 - t * t
+    if alibi_slopes is not None:
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        dist = cp.abs(cp.arange(Lq)[:, None] + Lk - Lq - cp.arange(Lk)[None, :])
+        slopes = alibi_slopes.astype(s.dtype).reshape(alibi_slopes.shape + (1, 1))
+        s = rnd(s - slopes * dist)
+    s = cp.where(visible(cp, q.shape[-2], k.shape[-2], causal, window), s, -cp.inf)
+    return s, jac
+
+
+def reference(cp, q, k, v, causal, scale, plain_dtype=None, **opts):
+    """float64 attention (plain_dtype None), or the plain same-precision version;
+    opts: window, softcap, alibi_slopes."""
     f = (lambda x: x.astype(cp.float64)) if plain_dtype is None else (lambda x: x)
+    rnd = (lambda x: round_to(cp, x, plain_dtype)) if plain_dtype else (lambda x: x)
     q, k, v = f(q), f(k), f(v)
     rep = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1
     if rep > 1:
         k = cp.repeat(k, rep, axis=-3)
         v = cp.repeat(v, rep, axis=-3)
-    s = cp.matmul(q, cp.swapaxes(k, -1, -2)) * scale
-    if plain_dtype is not None:
-        s = round_to(cp, s, plain_dtype)
-    mask = visible(cp, q.shape[-2], k.shape[-2], causal)
-    s = cp.where(mask, s, -cp.inf)
+    s, _ = scores(cp, q, k, causal, scale, rnd, **opts)
     m = s.max(axis=-1, keepdims=True)
     m = cp.where(cp.isfinite(m), m, 0)
     p = cp.exp(s - m)
@@ -111,7 +135,7 @@ def reference(cp, q, k, v, causal, scale, plain_dtype=None):
     return out, lse
 
 
-def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=None):
+def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=None, **opts):
     """Closed-form gradients ``(dq, dk, dv)`` of attention.
 
     plain_dtype None: float64 throughout. Otherwise the plain same-precision version:
@@ -130,8 +154,7 @@ def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=N
         k = cp.repeat(k, rep, axis=-3)
         v = cp.repeat(v, rep, axis=-3)
     t = lambda x: cp.swapaxes(x, -1, -2)  # noqa: E731
-    s = rnd(cp.matmul(q, t(k)) * scale)
-    s = cp.where(visible(cp, q.shape[-2], k.shape[-2], causal), s, -cp.inf)
+    s, jac = scores(cp, q, k, causal, scale, rnd, **opts)
     m = s.max(axis=-1, keepdims=True)
     p = cp.exp(s - cp.where(cp.isfinite(m), m, 0))
     l = p.sum(axis=-1, keepdims=True)
@@ -141,6 +164,8 @@ def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=N
     dp = rnd(cp.matmul(dout, t(v)))
     delta = (dout * o).sum(axis=-1, keepdims=True)
     ds = rnd(p * (dp - delta))
+    if jac is not None:
+        ds = rnd(ds * jac)
     dq = rnd(cp.matmul(ds, k) * scale)
     dk = rnd(cp.matmul(t(ds), q) * scale)
     if rep > 1:
@@ -159,8 +184,9 @@ def max_err(cp, a, b):
     return float(d.max()) if d.size else 0.0
 
 
-def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None):
-    """Shapes, dtypes, no NaN, the tolerance rule, and dq = 0 on rows that see no key."""
+def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None, **opts):
+    """Shapes, dtypes, no NaN, the tolerance rule, and dq = 0 on rows that see no key;
+    opts: window, softcap, alibi_slopes."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     for label, g, x in zip(GRADS, grads, (q, k, v)):
         assert g.shape == x.shape, f"{label}.shape {g.shape} != {x.shape}"
@@ -169,13 +195,13 @@ def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None):
     for label, g in zip(GRADS, g32):
         assert not bool(cp.isnan(g).any()), f"NaN (or an unwritten element) in {label}"
     q32, k32, v32, do32, o32 = (to_f32(cp, x) for x in (q, k, v, dout, out))
-    ref = reference_backward(cp, q32, k32, v32, do32, causal, scale)
+    ref = reference_backward(cp, q32, k32, v32, do32, causal, scale, **opts)
     plain = reference_backward(cp, q32, k32, v32, do32, causal, scale, plain_dtype=name,
-                               out=o32)
+                               out=o32, **opts)
     for label, g, r, p in zip(GRADS, g32, ref, plain):
         err, tol = max_err(cp, g, r), 2 * max_err(cp, p, r) + 1e-5
         assert err <= tol, f"{label} error {err:.3g} > {tol:.3g}"
     # query rows that see no key: dq exactly 0
-    empty = ~visible(cp, q.shape[-2], k.shape[-2], causal).any(axis=1)
+    empty = ~visible(cp, q.shape[-2], k.shape[-2], causal, opts.get("window")).any(axis=1)
     if bool(empty.any()):
         assert bool((g32[0][..., empty, :] == 0).all())

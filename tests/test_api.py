@@ -140,8 +140,10 @@ def test_bad_out():
 
 def test_unknown_option_is_named():
     q, k, v = _qkv((4, 8), (6, 8))
-    with pytest.raises(NotImplementedError, match="softcap"):
-        cuflash.attention(q, k, v, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        cuflash.attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(TypeError, match="alibi"):
+        cuflash.attention(q, k, v, alibi=None)
 
 
 def test_default_scale_is_inverse_sqrt_d():
@@ -455,10 +457,10 @@ def test_backward_numpy_bool_flags_accepted():
 
 
 def test_backward_unknown_options_are_named():
-    with pytest.raises(NotImplementedError, match="softcap"):
-        cuflash.attention_backward(*_bwd_args(), softcap=30.0)
-    with pytest.raises(NotImplementedError, match="alibi, window"):
-        cuflash.attention_backward(*_bwd_args(), window=(4, 0), alibi=None)
+    with pytest.raises(NotImplementedError, match="dropout_p, seed"):
+        cuflash.attention_backward(*_bwd_args(), dropout_p=0.1, seed=3)
+    with pytest.raises(TypeError, match="alibi, windows"):
+        cuflash.attention_backward(*_bwd_args(), windows=(4, 0), alibi=None)
 
 
 def test_backward_outputs_must_not_overlap_inputs():

@@ -26,7 +26,9 @@ def test_spec_name_and_smem():
     assert spec.head_dim == 96
     assert spec.name_expression == (
         f"cuflash::flash_fwd_kernel<cuflash::bf16_t, 96, 96, {t.block_m}, {t.block_n}, "
-        f"{t.num_warps}, {t.stages}, {t.min_blocks}, true, true>")
+        f"{t.num_warps}, {t.stages}, {t.min_blocks}, true, true, false>")
+    assert _kernels.fwd_spec("bfloat16", 80, 80, True, True, 90, options=True).name_expression \
+        .endswith("true, true, true>")
     assert spec.smem_bytes == t.block_m * 96 * 2 + t.stages * t.block_n * 192 * 2
     assert spec.threads == 32 * t.num_warps
 
@@ -42,7 +44,8 @@ def test_shipped_specs_are_unique_and_complete():
     specs = _kernels.shipped_fwd_specs()
     names = {(s.arch, s.name_expression) for s in specs}
     assert len(names) == len(specs)
-    assert len(specs) == len(_kernels.SHIPPED_ARCHS) * 2 * len(_kernels.HEAD_DIM_BUCKETS) * 2 * 2
+    # archs x dtypes x buckets x causal x vec x options
+    assert len(specs) == len(_kernels.SHIPPED_ARCHS) * 2 * len(_kernels.HEAD_DIM_BUCKETS) * 2 * 2 * 2
 
 
 def test_source_hash_covers_headers(tmp_path, monkeypatch):
@@ -81,21 +84,22 @@ def test_shipped_bwd_specs_are_unique_and_complete():
         mine = [s for s in specs if s.arch == arch]
         prep = {s.dtype for s in mine if isinstance(s, _kernels.BwdPrepSpec)}
         assert prep == set(_kernels.DTYPES)
-        for dtype, d, causal, vec in itertools.product(
-                _kernels.DTYPES, _kernels.HEAD_DIM_BUCKETS, (False, True), (True, False)):
+        for dtype, d, causal, vec, opt in itertools.product(
+                _kernels.DTYPES, _kernels.HEAD_DIM_BUCKETS, (False, True), (True, False),
+                (False, True)):
             for atomic in (True, False):
-                tiles = _kernels.bwd_tiles(d, atomic)
+                tiles = _kernels.bwd_tiles(d, atomic, opt)
                 want = tiles if arch == fallback_arch else tiles[:1]
                 got = [s.tile for s in mine if isinstance(s, _kernels.BwdSpec)
-                       and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.atomic_dq)
-                       == (dtype, d, d, causal, vec, atomic)]
-                assert got == want, (arch, dtype, d, causal, vec, atomic)
+                       and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.atomic_dq,
+                            s.options) == (dtype, d, d, causal, vec, atomic, opt)]
+                assert got == want, (arch, dtype, d, causal, vec, atomic, opt)
             dq_tiles = _kernels.bwd_dq_tiles(d)
             want = dq_tiles if arch == fallback_arch else dq_tiles[:1]
             got = [s.tile for s in mine if isinstance(s, _kernels.BwdDqSpec)
-                   and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec)
-                   == (dtype, d, d, causal, vec)]
-            assert got == want, (arch, dtype, d, causal, vec)
+                   and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.options)
+                   == (dtype, d, d, causal, vec, opt)]
+            assert got == want, (arch, dtype, d, causal, vec, opt)
 
 
 def test_bwd_spec_name():
@@ -105,7 +109,7 @@ def test_bwd_spec_name():
     assert spec.name_expression == (
         f"cuflash::flash_bwd_kernel<cuflash::f16_t, 96, 96, {t.block_m}, {t.block_n}, "
         f"{t.num_warps}, {t.d_split}, {t.stages}, {t.min_blocks}, true, false, true, "
-        f"{'true' if t.swap else 'false'}>")
+        f"{'true' if t.swap else 'false'}, false>")
     assert spec.threads == 32 * t.num_warps
 
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from gpu_util import check_grads, max_err, reference, to_f32
+from gpu_util import check_grads, max_err, reference, to_dtype, to_f32
 from gpu_util import cp  # noqa: F401
 
 pytestmark = pytest.mark.gpu
@@ -65,7 +65,8 @@ def test_torch_zero_copy_in_and_out(cp):
         # the same kernel on the same memory: bit-identical
         assert bool((ct._cp(out).view(cp.uint16) == expect.view(cp.uint16)).all())
         # the custom op (what torch.compile calls) and the eager path agree bitwise
-        op_out, _ = torch.ops.cuflash.attention_fwd(q, k, v, False, 64 ** -0.5, False)
+        op_out, _ = torch.ops.cuflash.attention_fwd(q, k, v, False, 64 ** -0.5, False,
+                                                    [-1, -1], 0.0, None)
         assert torch.equal(op_out.view(torch.int16), out.view(torch.int16))
 
 
@@ -182,12 +183,15 @@ def test_torch_opcheck(cp):
     import cuflash.torch as ct  # noqa: F401
 
     q, k, v = (_tensor((1, 2, 64, 32), "float16", i, True) for i in range(3))
-    torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, True, 0.2, False))
-    out, lse = torch.ops.cuflash.attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.2,
-                                               False)
-    torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
-                          (torch.ones_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-                           True, 0.2, False))
+    slopes = torch.tensor([0.5, 0.25], device="cuda")
+    for opts in (([-1, -1], 0.0, None), ([8, 0], 1.5, slopes)):
+        torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
+                              (q, k, v, True, 0.2, False, *opts))
+        out, lse = torch.ops.cuflash.attention_fwd(q.detach(), k.detach(), v.detach(), True,
+                                                   0.2, False, *opts)
+        torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
+                              (torch.ones_like(out), q.detach(), k.detach(), v.detach(), out,
+                               lse, True, 0.2, False, *opts))
 
 
 def test_torch_errors(cp):
@@ -203,6 +207,46 @@ def test_torch_errors(cp):
         ct.attention(strided, q, q)
     with pytest.raises(TypeError, match="causal"):
         ct.attention(q, q, q, causal=1)
+    with pytest.raises(ValueError, match="window left"):
+        ct.attention(q, q, q, window=(-3, 0))
+    with pytest.raises(ValueError, match="softcap"):
+        ct.attention(q, q, q, softcap=-1.0)
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        ct.attention(q, q, q, alibi_slopes=torch.ones(2, device="cuda", dtype=torch.float16))
+
+
+@pytest.mark.parametrize("compiled", (False, True), ids=("eager", "compile"))
+def test_torch_options_autograd(cp, torch_poison, compiled):
+    """window + softcap + ALiBi through the adapter: the tolerance rule on out and grads;
+    under torch.compile with no graph break."""
+    import cuflash.torch as ct
+
+    torch._dynamo.reset()
+    name = "bfloat16"
+    q = _tensor((2, 4, 177, 64), name, 0, True, "blhd")
+    k, v = (_tensor((2, 2, 201, 64), name, i, True, "blhd") for i in (1, 2))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device="cuda")
+    opts = {"window": (40, 3), "softcap": 1.5}
+
+    def fn(q, k, v):
+        return ct.attention(q, k, v, causal=True, alibi_slopes=slopes, **opts)
+
+    out = (torch.compile(fn, fullgraph=True) if compiled else fn)(q, k, v)
+    dout = _tensor(out.shape, name, 3)
+    out.backward(dout)
+    qc, kc, vc = (to_f32(cp, _cupy(cp, x)) for x in (q, k, v))
+    ref_opts = dict(opts, alibi_slopes=_cupy(cp, slopes))
+    scale = 1 / 8
+    ref_out, _ = reference(cp, qc, kc, vc, True, scale, **ref_opts)
+    plain_out, _ = reference(cp, qc, kc, vc, True, scale, plain_dtype=name, **ref_opts)
+    o32 = to_f32(cp, _cupy(cp, out))
+    assert max_err(cp, o32, ref_out) <= 2 * max_err(cp, plain_out, ref_out) + 1e-5
+    check_grads(cp, [_cupy(cp, x.grad) for x in (q, k, v)], *(_cupy(cp, x) for x in (q, k, v)),
+                _cupy(cp, dout), _cupy(cp, out), name, True, **ref_opts)
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 # ----------------------------------------------------------------------------------- JAX
@@ -262,6 +306,29 @@ def test_jax_jit_grad_vs_dot_product_attention(jax, cp, causal, dtype):
         their_err = np.abs(_f64(results["theirs"][i]) - ref).max()
         assert np.isfinite(_f64(results["ours"][i])).all()
         assert ours_err <= 2 * their_err + 1e-5, (i, ours_err, their_err)
+
+
+def test_jax_options_vjp(jax, cp):
+    """window + softcap + ALiBi under jit and vjp: out, dq, dk, dv within the project's
+    tolerance rule against the float64 reference (gpu_util)."""
+    import cuflash.jax as cj
+
+    jnp = jax.numpy
+    q, k, v, dout = _jax_inputs(jax, (1, 4, 150, 64), (1, 2, 190, 64), jnp.bfloat16)
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+    opts = {"window": (30, 10), "softcap": 2.0}
+    fn = jax.jit(lambda q, k, v: cj.attention(q, k, v, alibi_slopes=slopes, **opts))
+    out, vjp = jax.vjp(fn, q, k, v)
+    grads = vjp(dout)
+    as_cp = lambda x: cp.asarray(np.asarray(x.astype(jnp.float32)))  # noqa: E731
+    qc, kc, vc, dc, oc = (as_cp(x) for x in (q, k, v, dout, out))
+    ref_opts = dict(opts, alibi_slopes=cp.asarray(np.asarray(slopes)))
+    ref_out, _ = reference(cp, qc, kc, vc, False, 1 / 8, **ref_opts)
+    plain_out, _ = reference(cp, qc, kc, vc, False, 1 / 8, plain_dtype="bfloat16", **ref_opts)
+    assert max_err(cp, oc, ref_out) <= 2 * max_err(cp, plain_out, ref_out) + 1e-5
+    bf = lambda x: to_dtype(cp, x, "bfloat16")  # noqa: E731
+    check_grads(cp, [bf(as_cp(g)) for g in grads], bf(qc), bf(kc), bf(vc), bf(dc), bf(oc),
+                "bfloat16", False, scale=1 / 8, **ref_opts)
 
 
 def test_jax_grad_of_jit_loss(jax, cp):

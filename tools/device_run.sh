@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: run it from the source tree, in one device call.
 #   bash tools/device_run.sh [tests] [sanitize] [racecheck] [compile-time] [bench] [tune]
-#                            [tune-bwd] [asv]   (default: all but the tile sweeps and asv)
+#                            [tune-bwd] [asv] [options-bench]
+#   (default: all but the tile sweeps and asv)
 # PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py"),
 # BENCH_ARGS the benchmark (e.g. BENCH_ARGS="--direction bwd").
 # Full logs and tables go under $OUT (./.out when unset); a short summary is printed last.
@@ -48,6 +49,10 @@ for s in $stages; do
     asv)  # needs tools/asv_prepare.py's .asv/ and .whl/ carried; see docs/benchmarks.md
       bash tools/asv_device.sh > "$OUT/asv.txt" 2>&1
       summary+=("asv: $(grep -c 'rc=0' "$OUT/asv.txt") of $(grep -c '^==' "$OUT/asv.txt") commits ran clean") ;;
+    options-bench)
+      python3 tools/bench_options.py ${OPTIONS_BENCH_ARGS:-} --json "$OUT/options_bench.json" \
+        > "$OUT/options_bench.txt" 2> "$OUT/options_bench_progress.txt"
+      summary+=("options bench: rc=$?") ;;
     tune-bwd)
       python3 tools/tune_bwd.py ${TUNE_ARGS:-} > "$OUT/tune_bwd.txt" 2> "$OUT/tune_bwd_progress.txt"
       cat "$OUT/tune_bwd.txt" ;;
@@ -58,4 +63,5 @@ echo
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench.txt" ] && cat "$OUT/bench.txt"
+[ -f "$OUT/options_bench.txt" ] && cat "$OUT/options_bench.txt"
 exit 0

@@ -1,6 +1,6 @@
 """Small forward and backward cases for compute-sanitizer (memcheck / racecheck): odd
 sizes, every masking regime, the aligned and the element-wise load paths, GQA, both
-backward modes.
+backward modes, and the options kernels (window, softcap, ALiBi).
 
     python3 tools/sanitize_cases.py [--small]   (--small: a few cases, for racecheck)
 """
@@ -13,21 +13,27 @@ import cuflash
 from cuflash import _bench
 
 rs = cp.random.RandomState(0)
-cases = [((1, 2, 113, 64), (1, 2, 203, 64), True), ((1, 1, 1, 40), (1, 1, 239, 40), False),
-         ((2, 2, 239, 128), (2, 2, 1, 128), True), ((1, 2, 130, 256), (1, 2, 77, 256), True),
-         ((1, 2, 65, 33), (1, 2, 90, 33), True), ((1, 2, 64, 96), (1, 2, 64, 96), False),
-         ((1, 4, 100, 160), (1, 2, 150, 160), True)]
+slopes = cp.asarray([0.5, 0.25, 0.125, 0.0625], dtype=cp.float32)
+options = {"window": (40, 7), "softcap": 2.0}
+# (q shape, k shape, causal, options)
+cases = [((1, 2, 113, 64), (1, 2, 203, 64), True, {}), ((1, 1, 1, 40), (1, 1, 239, 40), False, {}),
+         ((2, 2, 239, 128), (2, 2, 1, 128), True, {}), ((1, 2, 130, 256), (1, 2, 77, 256), True, {}),
+         ((1, 2, 65, 33), (1, 2, 90, 33), True, {}), ((1, 2, 64, 96), (1, 2, 64, 96), False, {}),
+         ((1, 4, 100, 160), (1, 2, 150, 160), True, {}),
+         ((1, 4, 300, 128), (1, 2, 260, 128), False, dict(options, alibi_slopes=slopes)),
+         ((1, 4, 97, 64), (1, 1, 333, 64), True, dict(options, alibi_slopes=slopes)),
+         ((1, 2, 150, 72), (1, 2, 150, 72), False, {"window": (0, 0)})]
 if "--small" in sys.argv:
-    cases = [cases[0], cases[2], cases[4]]
+    cases = [cases[0], cases[2], cases[4], cases[7]]
 for dtype in ("float16", "bfloat16"):
-    for sq, sk, causal in cases:
+    for sq, sk, causal, opts in cases:
         q = _bench.random_array(sq, dtype, rs)
         k = _bench.random_array(sk, dtype, rs)
         v = _bench.random_array(sk, dtype, rs)
-        out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+        out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True, **opts)
         dout = _bench.random_array(out.shape, dtype, rs)
         for deterministic in (False, True):
             cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, **opts)
 cp.cuda.runtime.deviceSynchronize()
 print("sanitizer cases done")

@@ -1,0 +1,129 @@
+// cuflash: raw dot products q.k -> scores in log2 units, as the softmax uses them.
+//
+//   plain:     s = scale * q.k
+//   softcap c: s = c * tanh(scale * q.k / c)
+//   ALiBi:     s -= slope * |i + seqlen_k - seqlen_q - j|
+// and every score is then multiplied by log2(e) (the softmax works in base 2).
+// The options are run-time values of the kOptions kernels: a plain kernel has none of
+// this code. The backward pass also needs the softcap's derivative,
+// d s / d (scale q.k) = 1 - tanh^2, which multiplies dS.
+#pragma once
+#include "common.cuh"
+
+namespace cuflash {
+
+CUFLASH_DEVICE float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// tanh(y) = 1 - 2 / (1 + e^(2y)), with an absolute error of a few 1e-7 over the whole
+// range (tanh.approx.f32 is ~5e-4 relative, as coarse as the fp16 rounding of a score
+// near the cap). e^(2y) overflows to +inf for large y, which gives exactly 1.
+CUFLASH_DEVICE float tanh_accurate(float y) {
+  return 1.f - 2.f * rcp_approx(1.f + exp2_approx(y * (2.f * kLog2e)));
+}
+
+template <bool kOptions>
+struct ScoreMod {
+  float scale_log2;   // scale * log2(e)
+  float softcap_in;   // kOptions: scale / c, or 0 when there is no softcap
+  float softcap_out;  // c * log2(e)
+  float alibi_log2;   // kOptions: -slope * log2(e) of this block's head, or 0
+  int offset;         // seqlen_k - seqlen_q, the ALiBi alignment
+
+  CUFLASH_DEVICE bool has_softcap() const { return kOptions && softcap_in != 0.f; }
+  CUFLASH_DEVICE bool has_alibi() const { return kOptions && alibi_log2 != 0.f; }
+
+  // One score; `dist` is i + offset - j as a float (exact below 2^24), t gets the
+  // softcap's tanh (unused without one).
+  CUFLASH_DEVICE float score(float x, float dist, float& t) const {
+    const float s = capped(x, t);
+    return has_alibi() ? fmaf(alibi_log2, fabsf(dist), s) : s;
+  }
+
+  // The scaled (and capped) score, without the ALiBi bias.
+  CUFLASH_DEVICE float capped(float x, float& t) const {
+    if (!has_softcap()) return x * scale_log2;
+    t = tanh_accurate(x * softcap_in);
+    return t * softcap_out;
+  }
+  CUFLASH_DEVICE float score(float x, int row, int col, float& t) const {
+    return score(x, float(row + offset - col), t);
+  }
+
+  // s: one warp's dot products in mma C layout (kMRep slabs of 16 rows x kNTiles n8
+  // tiles); row0: first row of slab 0, col0: first key of the tile.
+  template <int kMRep, int kNTiles>
+  CUFLASH_DEVICE void apply(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane) const {
+    if (!has_softcap() && !has_alibi()) {
+#pragma unroll
+      for (int r = 0; r < kMRep; ++r)
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[r][n][e] *= scale_log2;
+      return;
+    }
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r)
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float t;
+          s[r][n][e] = capped(s[r][n][e], t);
+        }
+    if (!has_alibi()) return;
+    // i + offset - j of each element: a per-thread float plus a compile-time step
+    const float dist0 = float(row0 + (lane >> 2) + offset - col0 - (lane & 3) * 2);
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r)
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float dist = dist0 + float(r * 16 + (e >> 1) * 8 - n * 8 - (e & 1));
+          s[r][n][e] = fmaf(alibi_log2, fabsf(dist), s[r][n][e]);
+        }
+  }
+
+  // The same on transposed scores (rows are keys, columns are queries), as the backward
+  // pass holds them; dtanh gets 1 - tanh^2 as fp16 pairs in the layout of pack_frags
+  // (filled only with a softcap).
+  template <int kNRep, int kMTiles>
+  CUFLASH_DEVICE void apply_transposed(float (&st)[kNRep][kMTiles][4],
+                                       u32 (&dtanh)[kNRep][kMTiles / 2][4], int key0,
+                                       int query0, int lane) const {
+    if (!has_softcap() && !has_alibi()) {
+#pragma unroll
+      for (int r = 0; r < kNRep; ++r)
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[r][m][e] *= scale_log2;
+      return;
+    }
+    const float dist0 = float(query0 + (lane & 3) * 2 + offset - key0 - (lane >> 2));
+#pragma unroll
+    for (int r = 0; r < kNRep; ++r)
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float t[2] = {0.f, 0.f};
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float dist = dist0 + float(m * 8 + e - r * 16 - h * 8);
+            st[r][m][2 * h + e] = score(st[r][m][2 * h + e], dist, t[e]);
+          }
+          if (has_softcap()) {
+            dtanh[r][m >> 1][2 * (m & 1) + h] =
+                pack2<false>(fmaf(-t[0], t[0], 1.f), fmaf(-t[1], t[1], 1.f));
+          }
+        }
+  }
+};
+
+}  // namespace cuflash
