@@ -103,7 +103,7 @@ def scores(cp, q, k, causal, scale, rnd, window=None, softcap=0.0, alibi_slopes=
         s, jac = rnd(softcap * t), 1 - t * t
     if alibi_slopes is not None:
         Lq, Lk = q.shape[-2], k.shape[-2]
-        dist = cp.abs(cp.arange(Lq)[:, None] + Lk - Lq - cp.arange(Lk)[None, :])
+        dist = cp.abs(cp.arange(Lq)[:, None] + Lk - Lq - cp.arange(Lk)[None, :]).astype(s.dtype)
         slopes = alibi_slopes.astype(s.dtype).reshape(alibi_slopes.shape + (1, 1))
         s = rnd(s - slopes * dist)
     s = cp.where(visible(cp, q.shape[-2], k.shape[-2], causal, window), s, -cp.inf)
