@@ -18,17 +18,22 @@ CUFLASH_DEVICE float rcp_approx(float x) {
   return y;
 }
 
-// tanh(y) with a relative error of about 1e-6 over the whole range: an odd Taylor
-// polynomial below |y| = 1/8 (next term < 2e-10 y), and 1 - 2 / (1 + e^(2y)) above, whose
-// absolute error of ~1e-7 is then small against |tanh y| >= 0.12. (The hardware's
-// tanh.approx.f32 is ~5e-4 relative, an fp16 rounding on every capped score; the
-// exponential form alone loses all relative precision for small y, which a large cap c
-// multiplies back up.) e^(2y) overflows to +inf for large y, which gives exactly 1.
-CUFLASH_DEVICE float tanh_accurate(float y) {
+// tanh for the softcap. Default: the special-function unit's tanh.approx.f32 (one
+// instruction; relative error about 2^-11, the size of an fp16 rounding of the capped
+// score). With CUFLASH_TANH_ACCURATE: relative error about 1e-6, from an odd Taylor
+// polynomial below |y| = 1/8 and 1 - 2 / (1 + e^(2y)) above (two special-function
+// instructions, ex2 and rcp; e^(2y) overflows to +inf for large y, which gives 1).
+CUFLASH_DEVICE float tanh_softcap(float y) {
+#ifdef CUFLASH_TANH_ACCURATE
   const float y2 = y * y;
   const float poly = y * fmaf(y2, fmaf(y2, fmaf(y2, -17.f / 315.f, 2.f / 15.f), -1.f / 3.f), 1.f);
   const float expo = 1.f - 2.f * rcp_approx(1.f + exp2_approx(y * (2.f * kLog2e)));
   return fabsf(y) < 0.125f ? poly : expo;
+#else
+  float t;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
+  return t;
+#endif
 }
 
 template <bool kOptions>
@@ -52,7 +57,7 @@ struct ScoreMod {
   // The scaled (and capped) score, without the ALiBi bias.
   CUFLASH_DEVICE float capped(float x, float& t) const {
     if (!has_softcap()) return x * scale_log2;
-    t = tanh_accurate(x * softcap_in);
+    t = tanh_softcap(x * softcap_in);
     return t * softcap_out;
   }
   CUFLASH_DEVICE float score(float x, int row, int col, float& t) const {

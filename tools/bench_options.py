@@ -88,7 +88,7 @@ def flex_fns(q, k, v, causal, opts):
         right = 0 if right < 0 else min(right, 0)
     cap = opts.get("softcap", 0.0)
     slopes = opts.get("alibi_slopes")
-    tslopes = None if slopes is None else torch.from_dlpack(slopes)
+    tslopes = None if slopes is None else torch.tensor(slopes.get(), device="cuda")
 
     def mask_mod(b, h, i, j):
         ok = j >= 0
@@ -108,6 +108,7 @@ def flex_fns(q, k, v, causal, opts):
     block_mask = None
     if left >= 0 or right >= 0:
         block_mask = create_block_mask(mask_mod, None, None, L, Lk, device="cuda")
+    torch._functorch.config.donated_buffer = False  # the timed backward retains its graph
     compiled = torch.compile(flex_attention)
     mods = {"score_mod": score_mod} if (cap or tslopes is not None) else {}
 

@@ -24,10 +24,21 @@ CASES = [  # (name, Lq, Lk, Hq, Hk, d, causal, options)
     ("bfloat16", 300, 450, 2, 2, 64, False, {}),
     ("bfloat16", 300, 450, 2, 2, 64, False, {"window": (4096, 4096)}),
     ("float16", 113, 203, 4, 2, 64, False, {"softcap": 0.8}),
+    ("float16", 500, 700, 4, 2, 128, True, {"softcap": 5.0}),
+    ("bfloat16", 500, 700, 4, 2, 128, True, {"softcap": 5.0}),
+    ("float16", 300, 300, 2, 2, 64, False, {"softcap": 0.3}),
+    ("float16", 1, 239, 2, 2, 64, False, {"softcap": 1.0}),
 ]
+from cuflash import _dispatch, _kernels
+
+if "--accurate-tanh" in sys.argv:
+    _kernels.EXTRA_OPTIONS[:] = ["-DCUFLASH_TANH_ACCURATE"]
+    _dispatch.clear_kernel_cache()
+    CASES = [c for c in CASES if "softcap" in c[-1]]
+    print("CUFLASH_TANH_ACCURATE")
 for name, lq, lk, hq, hk, d, causal, opt in CASES:
     ratios = {"dq": [], "dk": [], "dv": []}
-    for seed in range(int(sys.argv[1]) if len(sys.argv) > 1 else 8):
+    for seed in range(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 8):
         rng = np.random.default_rng(seed)
         q, k, v = random_qkv(cp, (2, hq, lq, d), (2, hk, lk, d), (2, hk, lk, d), name, rng)
         opts = make_options(cp, opt, q.shape)
