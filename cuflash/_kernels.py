@@ -56,9 +56,10 @@ FWD_TILES = {
 
 
 # Where the options kernels (window, softcap, ALiBi; kernels/scores.cuh) need a tile of
-# their own: the d128 tile has no registers to spare for the ALiBi distances.
+# their own: the d128 tile has no registers to spare for the ALiBi distances (the
+# 64x128 tile was the fastest of seven in tools/tune_fwd.py --options, docs/perf-log.md).
 FWD_OPTION_TILES = {
-    128: FwdTile(64, 64, 4, 1, 2),
+    128: FwdTile(64, 128, 4, 1, 2),
 }
 
 

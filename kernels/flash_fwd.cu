@@ -56,10 +56,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.head_dim = head_dim;
   mainloop.head_dim_v = head_dim_v;
   mainloop.n_block_min = n_block_min;
-  mainloop.scores = ScoreMod<kOptions>{
+  mainloop.scores = ScoreMod<kOptions>::make(
       scale_log2, softcap_in, softcap_out,
-      alibi_slopes ? -kLog2e * alibi_slopes[batch * alibi_batch_stride + head] : 0.f,
-      seqlen_k - seqlen_q};
+      alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f, seqlen_k - seqlen_q);
   mainloop.mask = mask;
   mainloop.sQ = smem_addr(smem);
   mainloop.m0 = m0;
@@ -86,7 +85,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   }
 
   float lse_rows[T::kMRep][2];
-  softmax.finalize(o_acc, lse_rows);
+  softmax.finalize(o_acc, lse_rows, mainloop.scores.units());
   u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
   float* lse_tile = lse + batch * lse_batch_stride + head * lse_head_stride + m0;
   store_output<T, kVec>(o_tile, o_row_stride, lse_tile, rows_q, head_dim_v, o_acc, lse_rows, mainloop.sQ,

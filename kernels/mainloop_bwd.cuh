@@ -153,12 +153,9 @@ struct BwdMainloop {
 
   // The score transform of query head `head` (kOptions: its ALiBi slope).
   CUFLASH_DEVICE ScoreMod<kOptions> scores(int head) const {
-    float alibi_log2 = 0.f;
-    if (kOptions && alibi_slopes) {
-      alibi_log2 = -kLog2e * alibi_slopes[batch * alibi_batch_stride + head];
-    }
-    return ScoreMod<kOptions>{scale_log2, softcap_in, softcap_out, alibi_log2,
-                              mask.offset()};
+    const float slope =
+        kOptions && alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
+    return ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope, mask.offset());
   }
 
   // P^T = exp2(S^T - lse) from the raw products of a (kMTiles x 8)-query slice starting at
@@ -169,8 +166,11 @@ struct BwdMainloop {
                                     int q0, int st) const {
     const int lane = tid & 31;
     const int key0 = n_block * T::kBlockN + key_row0;
+    float units = 1.f;
     if constexpr (kOptions) {
-      scores(head).apply_transposed(s, dtanh, key0, m0 + q0, lane);
+      const ScoreMod<kOptions> mod = scores(head);
+      mod.apply_transposed(s, dtanh, key0, m0 + q0, lane);
+      units = mod.units();
       if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane);
     } else {
       if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane);
@@ -183,8 +183,7 @@ struct BwdMainloop {
       for (int r = 0; r < T::kNRep; ++r)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[r][m][e] = kOptions ? exp2_approx(s[r][m][e] - lse[e & 1])
-                                : exp2_approx(fmaf(s[r][m][e], scale_log2, -lse[e & 1]));
+          s[r][m][e] = exp2_approx(fmaf(s[r][m][e], kOptions ? units : scale_log2, -lse[e & 1]));
         }
     }
   }

@@ -108,7 +108,7 @@ struct BwdDqMainloop {
             float t = 0.f;
             float x = scores.score(s[r][j][e], row, col, t);
             if (kMasked && mask.hidden_at(row, col)) x = neg_inf();
-            float p = exp2_approx(x - lse_log2[r][e >> 1]);
+            float p = exp2_approx(fmaf(x, scores.units(), -lse_log2[r][e >> 1]));
             if (scores.has_softcap()) p *= fmaf(-t, t, 1.f);
             s[r][j][e] = p;
           }

@@ -113,7 +113,7 @@ struct FwdMainloop {
       if (n > n_block_min) load_k(n - 1, 0);
       cp_async_commit();
     }
-    softmax.update(s, o_acc);
+    softmax.template update<kOptions>(s, o_acc, scores.units());
     u32 p[T::kMRep][T::kBlockN / 16][4];
     pack_frags<T::kIsBf16, T::kMRep, T::kBlockN>(p, s);
     gemm_regs_trans<T::kIsBf16, T::kMRep, T::kHeadDimV, T::kBlockN, typename T::TileV>(

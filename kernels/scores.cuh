@@ -1,12 +1,12 @@
-// cuflash: raw dot products q.k -> scores in log2 units, as the softmax uses them.
+// cuflash: raw dot products q.k -> scores, as the softmax uses them.
 //
 //   plain:     s = scale * q.k
 //   softcap c: s = c * tanh(scale * q.k / c)
 //   ALiBi:     s -= slope * |i + seqlen_k - seqlen_q - j|
-// and every score is then multiplied by log2(e) (the softmax works in base 2).
-// The options are run-time values of the kOptions kernels: a plain kernel has none of
-// this code. The backward pass also needs the softcap's derivative,
-// d s / d (scale q.k) = 1 - tanh^2, which multiplies dS.
+// in log2 units (times log2(e): the softmax works in base 2), or with a softcap in units
+// of c * log2(e) (see ScoreMod). The options are run-time values of the kOptions kernels:
+// a plain kernel has none of this code. The backward pass also needs the softcap's
+// derivative, d s / d (scale q.k) = 1 - tanh^2, which multiplies dS.
 #pragma once
 #include "common.cuh"
 
@@ -36,32 +36,43 @@ CUFLASH_DEVICE float tanh_softcap(float y) {
 #endif
 }
 
+// With a softcap the scores are kept in units of c * log2(e): s' = tanh(.) + ALiBi / (c
+// log2 e), and the softmax multiplies by units() inside the exp2 it already computes
+// (exp2(units * s' - m)), which saves a multiply per score.
 template <bool kOptions>
 struct ScoreMod {
   float scale_log2;   // scale * log2(e)
   float softcap_in;   // kOptions: scale / c, or 0 when there is no softcap
   float softcap_out;  // c * log2(e)
-  float alibi_log2;   // kOptions: -slope * log2(e) of this block's head, or 0
+  float alibi;        // kOptions: -slope * log2(e) / units() of this block's head, or 0
   int offset;         // seqlen_k - seqlen_q, the ALiBi alignment
 
+  static CUFLASH_DEVICE ScoreMod make(float scale_log2, float softcap_in, float softcap_out,
+                                      float slope, int offset) {
+    const float units = softcap_in != 0.f ? softcap_out : 1.f;
+    return ScoreMod{scale_log2, softcap_in, softcap_out, -slope * kLog2e / units, offset};
+  }
+
   CUFLASH_DEVICE bool has_softcap() const { return kOptions && softcap_in != 0.f; }
-  CUFLASH_DEVICE bool has_alibi() const { return kOptions && alibi_log2 != 0.f; }
+  CUFLASH_DEVICE bool has_alibi() const { return kOptions && alibi != 0.f; }
+  // What the scores below are in, relative to log2 units.
+  CUFLASH_DEVICE float units() const { return has_softcap() ? softcap_out : 1.f; }
 
   // One score; `dist` is i + offset - j as a float (exact below 2^24), t gets the
   // softcap's tanh (unused without one).
   CUFLASH_DEVICE float score(float x, float dist, float& t) const {
     const float s = capped(x, t);
-    return has_alibi() ? fmaf(alibi_log2, fabsf(dist), s) : s;
-  }
-
-  // The scaled (and capped) score, without the ALiBi bias.
-  CUFLASH_DEVICE float capped(float x, float& t) const {
-    if (!has_softcap()) return x * scale_log2;
-    t = tanh_softcap(x * softcap_in);
-    return t * softcap_out;
+    return has_alibi() ? fmaf(alibi, fabsf(dist), s) : s;
   }
   CUFLASH_DEVICE float score(float x, int row, int col, float& t) const {
     return score(x, float(row + offset - col), t);
+  }
+
+  // The scaled (or capped) score, without the ALiBi bias.
+  CUFLASH_DEVICE float capped(float x, float& t) const {
+    if (!has_softcap()) return x * scale_log2;
+    t = tanh_softcap(x * softcap_in);
+    return t;
   }
 
   // s: one warp's dot products in mma C layout (kMRep slabs of 16 rows x kNTiles n8
@@ -96,7 +107,7 @@ struct ScoreMod {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float dist = dist0 + float(r * 16 + (e >> 1) * 8 - n * 8 - (e & 1));
-          s[r][n][e] = fmaf(alibi_log2, fabsf(dist), s[r][n][e]);
+          s[r][n][e] = fmaf(alibi, fabsf(dist), s[r][n][e]);
         }
   }
 

@@ -29,8 +29,11 @@ struct OnlineSoftmax {
 
   // One key tile: m_new = max(m_i, rowmax(s)); alpha = exp2(m_i - m_new) rescales l_i and
   // o_acc; s becomes p = exp2(s - m_new) and is added to l_i.
-  template <int kNTiles, int kDTiles>
-  CUFLASH_DEVICE void update(float (&s)[kMRep][kNTiles][4], float (&o_acc)[kMRep][kDTiles][4]) {
+  // kScaled: s and m_i are in `units` (> 0) of log2 units, and every exp2 multiplies by it.
+  template <bool kScaled = false, int kNTiles, int kDTiles>
+  CUFLASH_DEVICE void update(float (&s)[kMRep][kNTiles][4], float (&o_acc)[kMRep][kDTiles][4],
+                             float units = 1.f) {
+    const float u = kScaled ? units : 1.f;
 #pragma unroll
     for (int r = 0; r < kMRep; ++r) {
 #pragma unroll
@@ -44,14 +47,16 @@ struct OnlineSoftmax {
         // A row that has seen only masked keys has m_new = -inf; measuring from 0 instead
         // keeps exp2(-inf - (-inf)) = NaN out: its p and alpha are then exactly 0.
         const float m_ref = m_new == neg_inf() ? 0.f : m_new;
-        const float alpha = exp2_approx(m_i[r][h] - m_ref);
+        const float alpha = exp2_approx(kScaled ? (m_i[r][h] - m_ref) * u : m_i[r][h] - m_ref);
+        const float m_scaled = m_ref * u;
         m_i[r][h] = m_new;
         float row_sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = exp2_approx(s[r][n][2 * h + e] - m_ref);
+            const float p = exp2_approx(kScaled ? fmaf(s[r][n][2 * h + e], u, -m_scaled)
+                                                : s[r][n][2 * h + e] - m_ref);
             s[r][n][2 * h + e] = p;
             row_sum += p;
           }
@@ -66,10 +71,12 @@ struct OnlineSoftmax {
     }
   }
 
-  // Ends the row: o_acc /= l_i, and lse = ln(sum exp(s)) in natural-log units.
+  // Ends the row: o_acc /= l_i, and lse = ln(sum exp(s)) in natural-log units (m_i times
+  // `units` as in update).
   // A row that saw no key (l_i == 0) gets output 0 and lse = -inf.
   template <int kDTiles>
-  CUFLASH_DEVICE void finalize(float (&o_acc)[kMRep][kDTiles][4], float (&lse)[kMRep][2]) {
+  CUFLASH_DEVICE void finalize(float (&o_acc)[kMRep][kDTiles][4], float (&lse)[kMRep][2],
+                               float units = 1.f) {
 #pragma unroll
     for (int r = 0; r < kMRep; ++r) {
 #pragma unroll
@@ -77,7 +84,7 @@ struct OnlineSoftmax {
         const float l = quad_sum(l_i[r][h]);
         const bool empty = !(l > 0.f);
         const float inv_l = empty ? 0.f : 1.f / l;
-        lse[r][h] = empty ? neg_inf() : (m_i[r][h] + log2_approx(l)) * kLn2;
+        lse[r][h] = empty ? neg_inf() : fmaf(m_i[r][h], units, log2_approx(l)) * kLn2;
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {
           o_acc[r][d][2 * h] *= inv_l;
