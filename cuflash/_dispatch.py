@@ -215,7 +215,7 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
         dq = _first_fitting([
             _kernels.bwd_dq_spec(dtype, head_dim, head_dim_v, causal, vec, arch, tile=t,
                                  options=options)
-            for t in _kernels.bwd_dq_tiles(bucket)])
+            for t in _kernels.bwd_dq_tiles(bucket, options)])
     return _kernels.BwdPrepSpec(dtype, arch), main, dq
 
 

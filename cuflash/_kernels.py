@@ -210,6 +210,11 @@ BWD_DQ_TILES = {
     256: FwdTile(64, 32, 4, 2, 1),
 }
 
+# ... and for the options kernels, where the dQ tile above spills (d96, sm_90, scalar loads).
+BWD_DQ_OPTION_TILES = {
+    96: FwdTile(64, 64, 4, 2, 1),
+}
+
 #: Row statistics and the float32 dQ buffer are padded to a multiple of this many rows,
 #: which every query tile (forward, backward, dQ pass) divides.
 BWD_ROW_PAD = 128
@@ -315,8 +320,8 @@ def bwd_tiles(bucket: int, atomic_dq: bool, options: bool = False) -> list[BwdTi
     return [tile, *_smaller(tile)]
 
 
-def bwd_dq_tiles(bucket: int) -> list[FwdTile]:
-    tile = BWD_DQ_TILES[bucket]
+def bwd_dq_tiles(bucket: int, options: bool = False) -> list[FwdTile]:
+    tile = (BWD_DQ_OPTION_TILES if options else BWD_DQ_TILES).get(bucket, BWD_DQ_TILES[bucket])
     return [tile] + ([dataclasses.replace(tile, stages=1)] if tile.stages == 2 else [])
 
 
@@ -333,7 +338,7 @@ def bwd_dq_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: b
                 tile: FwdTile | None = None, options: bool = False) -> BwdDqSpec:
     d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     if tile is None:
-        tile = bwd_dq_tiles(max(d, dv))[0]
+        tile = bwd_dq_tiles(max(d, dv), options)[0]
     return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
 
 
@@ -352,7 +357,7 @@ def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
                 specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t, options=opt)
                           for t in bwd_tiles(d, atomic, opt)[:n_tiles]]
             specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t, options=opt)
-                      for t in bwd_dq_tiles(d)[:n_tiles]]
+                      for t in bwd_dq_tiles(d, opt)[:n_tiles]]
     return specs
 
 

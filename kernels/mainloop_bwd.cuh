@@ -159,22 +159,17 @@ struct BwdMainloop {
   }
 
   // P^T = exp2(S^T - lse) from the raw products of a (kMTiles x 8)-query slice starting at
-  // query q0 of the tile; kOptions also gives the softcap's 1 - tanh^2 (dtanh).
+  // query q0 of the tile; kOptions also gives the softcap's 1 - tanh^2 (dtanh). Hidden
+  // entries are zeroed after the exp2 (not set to -inf before it, which a scale <= 0
+  // would turn into +inf or NaN).
   template <bool kMasked, int kMTiles>
   CUFLASH_DEVICE void probabilities(float (&s)[T::kNRep][kMTiles][4],
                                     u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int head, int m0,
                                     int q0, int st) const {
     const int lane = tid & 31;
     const int key0 = n_block * T::kBlockN + key_row0;
-    float units = 1.f;
-    if constexpr (kOptions) {
-      const ScoreMod<kOptions> mod = scores(head);
-      mod.apply_transposed(s, dtanh, key0, m0 + q0, lane);
-      units = mod.units();
-      if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane);
-    } else {
-      if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane);
-    }
+    float units = scale_log2;
+    if constexpr (kOptions) units = scores(head).apply_transposed(s, dtanh, key0, m0 + q0, lane);
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
       float lse[2];
@@ -182,10 +177,9 @@ struct BwdMainloop {
 #pragma unroll
       for (int r = 0; r < T::kNRep; ++r)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[r][m][e] = exp2_approx(fmaf(s[r][m][e], kOptions ? units : scale_log2, -lse[e & 1]));
-        }
+        for (int e = 0; e < 4; ++e) s[r][m][e] = exp2_approx(fmaf(s[r][m][e], units, -lse[e & 1]));
     }
+    if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane, 0.f);
   }
 
   // dS^T = P^T (dP^T - delta) (times 1 - tanh^2 with a softcap), in place of dP^T; p16

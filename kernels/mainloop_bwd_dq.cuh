@@ -106,14 +106,23 @@ struct BwdDqMainloop {
             const int row = m0 + warp_row0 + r * 16 + (lane >> 2) + (e >> 1) * 8;
             const int col = n * T::kBlockN + j * 8 + (lane & 3) * 2 + (e & 1);
             float t = 0.f;
-            float x = scores.score(s[r][j][e], row, col, t);
-            if (kMasked && mask.hidden_at(row, col)) x = neg_inf();
+            const float x = scores.score(s[r][j][e], row, col, t);
             float p = exp2_approx(fmaf(x, scores.units(), -lse_log2[r][e >> 1]));
+            if (kMasked && mask.hidden_at(row, col)) p = 0.f;
             if (scores.has_softcap()) p *= fmaf(-t, t, 1.f);
             s[r][j][e] = p;
           }
     } else {
-      if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
+      // P, with hidden entries zeroed after the exp2 (a scale <= 0 would turn a -inf
+      // score into +inf or NaN)
+#pragma unroll
+      for (int r = 0; r < T::kMRep; ++r)
+#pragma unroll
+        for (int j = 0; j < T::kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[r][j][e] = exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
+      if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane, 0.f);
     }
     float dp[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDimV, typename T::TileDO,
@@ -123,12 +132,8 @@ struct BwdDqMainloop {
 #pragma unroll
       for (int j = 0; j < T::kNTiles; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = kOptions
-              ? s[r][j][e]
-              : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
-          s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);  // dS
-        }
+        for (int e = 0; e < 4; ++e)
+          s[r][j][e] *= dp[r][j][e] - delta[r][e >> 1];  // dS = P (dP - delta)
     u32 ds[T::kMRep][T::kBlockN / 16][4];
     pack_frags<kBf16, T::kMRep, T::kBlockN>(ds, s);
     gemm_regs_trans<kBf16, T::kMRep, T::kHeadDim, T::kBlockN, typename T::TileK>(dq_acc, ds,

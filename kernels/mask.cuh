@@ -83,10 +83,12 @@ struct Mask {
     return hidden(col, first_key(row), last_key(row));
   }
 
-  // s: one warp's scores, kMRep slabs of 16 rows x kBlockN columns, in mma C layout.
+  // s: one warp's scores, kMRep slabs of 16 rows x kBlockN columns, in mma C layout; hidden
+  // ones become `fill` (-inf for scores; 0 for probabilities).
   // row0: first row of this warp's slab 0; col0: first key of the tile.
   template <int kMRep, int kNTiles>
-  CUFLASH_DEVICE void apply(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane) const {
+  CUFLASH_DEVICE void apply(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane,
+                            float fill = neg_inf()) const {
 #pragma unroll
     for (int r = 0; r < kMRep; ++r) {
 #pragma unroll
@@ -98,7 +100,7 @@ struct Mask {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = col0 + n * 8 + (lane & 3) * 2 + e;
-            if (hidden(col, lo, limit)) s[r][n][2 * h + e] = neg_inf();
+            if (hidden(col, lo, limit)) s[r][n][2 * h + e] = fill;
           }
         }
       }
@@ -109,7 +111,7 @@ struct Mask {
   // pass holds them. key0: first key of this warp's slab 0; query0: first query of the tile.
   template <int kNRep, int kMTiles>
   CUFLASH_DEVICE void apply_transposed(float (&st)[kNRep][kMTiles][4], int key0, int query0,
-                                       int lane) const {
+                                       int lane, float fill = neg_inf()) const {
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
@@ -121,7 +123,7 @@ struct Mask {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             if (hidden(key0 + r * 16 + (lane >> 2) + h * 8, lo, limit)) {
-              st[r][m][2 * h + e] = neg_inf();
+              st[r][m][2 * h + e] = fill;
             }
           }
         }

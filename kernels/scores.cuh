@@ -49,8 +49,8 @@ struct ScoreMod {
 
   static CUFLASH_DEVICE ScoreMod make(float scale_log2, float softcap_in, float softcap_out,
                                       float slope, int offset) {
-    const float units = softcap_in != 0.f ? softcap_out : 1.f;
-    return ScoreMod{scale_log2, softcap_in, softcap_out, -slope * kLog2e / units, offset};
+    const float per_unit = softcap_in != 0.f ? kLog2e * rcp_approx(softcap_out) : kLog2e;
+    return ScoreMod{scale_log2, softcap_in, softcap_out, -slope * per_unit, offset};
   }
 
   CUFLASH_DEVICE bool has_softcap() const { return kOptions && softcap_in != 0.f; }
@@ -113,20 +113,15 @@ struct ScoreMod {
 
   // The same on transposed scores (rows are keys, columns are queries), as the backward
   // pass holds them; dtanh gets 1 - tanh^2 as fp16 pairs in the layout of pack_frags
-  // (filled only with a softcap).
+  // (filled only with a softcap). Returns the units of the result, relative to log2
+  // units: with neither softcap nor ALiBi the dot products are left as they are and the
+  // caller's exp2 multiplies by scale * log2(e) (which may be <= 0: the backward pass has
+  // no running max).
   template <int kNRep, int kMTiles>
-  CUFLASH_DEVICE void apply_transposed(float (&st)[kNRep][kMTiles][4],
-                                       u32 (&dtanh)[kNRep][kMTiles / 2][4], int key0,
-                                       int query0, int lane) const {
-    if (!has_softcap() && !has_alibi()) {
-#pragma unroll
-      for (int r = 0; r < kNRep; ++r)
-#pragma unroll
-        for (int m = 0; m < kMTiles; ++m)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) st[r][m][e] *= scale_log2;
-      return;
-    }
+  CUFLASH_DEVICE float apply_transposed(float (&st)[kNRep][kMTiles][4],
+                                        u32 (&dtanh)[kNRep][kMTiles / 2][4], int key0,
+                                        int query0, int lane) const {
+    if (!has_softcap() && !has_alibi()) return scale_log2;
     const float dist0 = float(query0 + (lane & 3) * 2 + offset - key0 - (lane >> 2));
 #pragma unroll
     for (int r = 0; r < kNRep; ++r)
@@ -145,6 +140,7 @@ struct ScoreMod {
                 pack2<false>(fmaf(-t[0], t[0], 1.f), fmaf(-t[1], t[1], 1.f));
           }
         }
+    return units();
   }
 };
 

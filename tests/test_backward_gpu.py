@@ -206,6 +206,16 @@ def test_backward_custom_scale(cp, name):
     check_backward(cp, q, k, v, name, False, rng, scale=0.3, deterministic=True)
 
 
+@pytest.mark.parametrize("scale", (-0.3, 0.0))
+@pytest.mark.parametrize("deterministic", (False, True), ids=("atomic", "det"))
+def test_backward_nonpositive_scale(cp, scale, deterministic):
+    """scale <= 0 with masked tiles (causal diagonal, ragged ends): hidden scores must give
+    P = 0, never exp2(-inf * scale) = +inf or NaN."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (1, 2, 150, 64), (1, 2, 213, 64), (1, 2, 213, 64), "bfloat16", rng)
+    check_backward(cp, q, k, v, "bfloat16", True, rng, scale=scale, deterministic=deterministic)
+
+
 def test_backward_matches_numpy_path(cp):
     rng = np.random.default_rng()
     q, k, v = random_qkv(cp, (1, 2, 129, 80), (1, 2, 131, 80), (1, 2, 131, 80), "float16", rng)

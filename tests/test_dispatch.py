@@ -94,7 +94,7 @@ def test_shipped_bwd_specs_are_unique_and_complete():
                        and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.atomic_dq,
                             s.options) == (dtype, d, d, causal, vec, atomic, opt)]
                 assert got == want, (arch, dtype, d, causal, vec, atomic, opt)
-            dq_tiles = _kernels.bwd_dq_tiles(d)
+            dq_tiles = _kernels.bwd_dq_tiles(d, opt)
             want = dq_tiles if arch == fallback_arch else dq_tiles[:1]
             got = [s.tile for s in mine if isinstance(s, _kernels.BwdDqSpec)
                    and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.options)
