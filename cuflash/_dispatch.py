@@ -5,6 +5,7 @@ Input checking is done by :mod:`cuflash._api`; this module trusts its arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -147,15 +148,51 @@ def _batch_slice(args: tuple, sl: slice) -> tuple:
     return args[:4] + ((slopes if isinstance(slopes, np.generic) else slopes[sl]),) + args[5:]
 
 
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Packed variable-length sequences (cuflash.attention_varlen): the arrays are views
+    ``(1, H, total, D)`` (lse ``(1, Hq, total_q)``); sequence b is the rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q (and the matching rows of k, v)."""
+
+    cu_seqlens_q: object  # int32 device arrays (batch + 1,)
+    cu_seqlens_k: object
+    batch: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    def stats_rows(self, total_q: int) -> int:
+        """Rows per head of the backward's row statistics: each sequence padded to whole
+        tiles of BWD_ROW_PAD rows (kernels/seqlens.cuh, SeqLens::stats_start)."""
+        pad = _kernels.BWD_ROW_PAD
+        return (total_q + pad * (self.batch + 2)) // pad * pad
+
+
+_NULL = np.uint64(0)
+
+
+def _shape(q, k, v, packed):
+    """(B, Hq, Lq, D, Hk, Lk, Dv) of a launch: for packed sequences B is their number and
+    Lq, Lk their maxima."""
+    B, Hq, Lq, D = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if packed is not None:
+        B, Lq, Lk = packed.batch, packed.max_seqlen_q, packed.max_seqlen_k
+    return B, Hq, Lq, D, Hk, Lk, Dv
+
+
+def _batch_view(x, b0, packed):
+    """``x`` from batch element b0 on (packed views have one batch row, stride 0)."""
+    return x if packed is not None else x[b0:]
+
+
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
-            options=_options.NONE, alibi_slopes=None) -> None:
+            options=_options.NONE, alibi_slopes=None, packed: Packed | None = None) -> None:
     """Launch the forward kernel on 4-D views ``(B, H, L, D)``; lse is ``(B, Hq, Lq)``;
-    ``alibi_slopes`` (with ``options``) is ``(B, Hq)``.
+    ``alibi_slopes`` (with ``options``) is ``(B, Hq)``; ``packed``: see :class:`Packed`.
 
     ``out`` and ``lse`` are written in full (every row of every head).
     """
-    B, Hq, Lq, D = q.shape
-    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, Hq, Lq, D, Hk, Lk, Dv = _shape(q, k, v, packed)
     if B == 0 or Hq == 0 or Lq == 0:
         return
     causal, with_options = _kernel_mask(causal, options)
@@ -168,10 +205,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
     qs, ks, vs, os_ = (_elem_strides(x) for x in (q, k, v, out))
     ls = tuple(s // 4 for s in lse.strides)
     grid_m = math.ceil(Lq / spec.tile.block_m)
+    cu = (_NULL, _NULL) if packed is None else (packed.cu_seqlens_q, packed.cu_seqlens_k)
     for b0 in range(0, B, _MAX_GRID_YZ):
         nb = min(_MAX_GRID_YZ, B - b0)
+        at = lambda x: _batch_view(x, b0, packed)  # noqa: E731
         args = (
-            q[b0:], k[b0:], v[b0:], out[b0:], lse[b0:],
+            at(q), at(k), at(v), at(out), at(lse),
             np.int64(qs[0]), np.int64(qs[1]), np.int64(qs[2]),
             np.int64(ks[0]), np.int64(ks[1]), np.int64(ks[2]),
             np.int64(vs[0]), np.int64(vs[1]), np.int64(vs[2]),
@@ -180,6 +219,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
             np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Dv), np.int32(Hq // Hk),
             np.float32(scale * math.log2(math.e)),
             *_batch_slice(option_args, slice(b0, b0 + nb)),
+            *(c if packed is None else c[b0:] for c in cu),
         )
         kern((grid_m, Hq, nb), (spec.threads, 1, 1), args, shared_mem=spec.smem_bytes)
 
@@ -225,7 +265,7 @@ def _i64(*xs):
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
              deterministic: bool, main_spec=None, dq_spec=None, options=_options.NONE,
-             alibi_slopes=None) -> None:
+             alibi_slopes=None, packed: Packed | None = None) -> None:
     """Launch the backward pass on 4-D views ``(B, H, L, D)`` (lse: ``(B, Hq, Lq)``).
 
     dq, dk and dv are written in full. Launches: preprocess (delta, lse in log2 units),
@@ -233,8 +273,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     atomics), then the dQ conversion, or the deterministic dQ pass.
     """
     cp = _cupy()
-    B, Hq, Lq, D = q.shape
-    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, Hq, Lq, D, Hk, Lk, Dv = _shape(q, k, v, packed)
     if B == 0 or Hk == 0:
         return
     causal, with_options = _kernel_mask(causal, options)
@@ -252,10 +291,14 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                          f"{_MAX_GRID_YZ * main.tile.block_n} keys at head dim {D}, "
                          f"got Lk = {Lk}")
     pad = _kernels.BWD_ROW_PAD
-    lq_pad = -(-Lq // pad) * pad
-    lse_log2 = cp.empty((B, Hq, lq_pad), dtype=cp.float32)
-    delta = cp.empty((B, Hq, lq_pad), dtype=cp.float32)
-    dq_accum = None if deterministic else cp.zeros((B, Hq, lq_pad, main.head_dim), cp.float32)
+    lq_pad = -(-Lq // pad) * pad  # rows of statistics per (batch, head) and sequence
+    stats_pad = lq_pad if packed is None else packed.stats_rows(q.shape[2])  # per head
+    nb_stats = B if packed is None else 1
+    lse_log2 = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
+    delta = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
+    dq_accum = None if deterministic else cp.zeros((nb_stats, Hq, stats_pad, main.head_dim),
+                                                  cp.float32)
+    cu = (_NULL, _NULL) if packed is None else (packed.cu_seqlens_q, packed.cu_seqlens_k)
     qs, ks, vs, dos, os_, dqs, dks, dvs = (
         _elem_strides(x) for x in (q, k, v, dout, out, dq, dk, dv))
     ls = tuple(s // 4 for s in lse.strides)
@@ -263,37 +306,43 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     for b0 in range(0, B, _MAX_GRID_YZ):
         nb = min(_MAX_GRID_YZ, B - b0)
         sl = slice(b0, b0 + nb)
+        at = lambda x: _batch_view(x, b0, packed)  # noqa: E731
+        cu_at = tuple(c if packed is None else c[b0:] for c in cu)
+        # packed: sequence b0 + i's statistics start BWD_ROW_PAD * b0 rows further on than
+        # the kernels compute from i (kernels/seqlens.cuh)
+        st = at if packed is None else (lambda x: x[:, :, pad * b0:])  # noqa: E731
         if lq_pad and Hq:
             get_kernel(prep, prep.name_expressions[0])(
                 (lq_pad // prep.rows_per_block, Hq, nb), (prep.threads, 1, 1),
-                (out[sl], dout[sl], lse[sl], lse_log2[sl], delta[sl], *_i64(*os_[:3]),
-                 *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(lq_pad), np.int32(Dv)))
+                (at(out), at(dout), at(lse), st(lse_log2), st(delta), *_i64(*os_[:3]),
+                 *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(stats_pad), np.int32(Dv),
+                 cu_at[0]))
         if Lk:
-            accum = dq_accum[sl] if dq_accum is not None else delta[sl]  # unused if None
+            accum = st(dq_accum) if dq_accum is not None else st(delta)  # unused if None
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
             grid = (Hk, nb, n_blocks) if causal else (n_blocks, Hk, nb)
             get_kernel(main)(
                 grid, (main.threads, 1, 1),
-                (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], accum, dk[sl], dv[sl],
+                (at(q), at(k), at(v), at(dout), st(lse_log2), st(delta), accum, at(dk), at(dv),
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dks[:3], *dvs[:3]),
-                 np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(Hq), np.int32(D),
+                 np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(Hq), np.int32(D),
                  np.int32(Dv), np.int32(Hq // Hk), scale_log2, np.float32(scale),
-                 *_batch_slice(option_args, sl)),
+                 *_batch_slice(option_args, sl), *cu_at),
                 shared_mem=main.smem_bytes)
         if Lq == 0 or Hq == 0:
             continue
         if dq_pass is not None:
             get_kernel(dq_pass)(
                 (-(-Lq // dq_pass.tile.block_m), Hq, nb), (dq_pass.threads, 1, 1),
-                (q[sl], k[sl], v[sl], dout[sl], lse_log2[sl], delta[sl], dq[sl],
+                (at(q), at(k), at(v), at(dout), st(lse_log2), st(delta), at(dq),
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dqs[:3]),
-                 np.int32(Lq), np.int32(Lk), np.int32(lq_pad), np.int32(D), np.int32(Dv),
+                 np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(D), np.int32(Dv),
                  np.int32(Hq // Hk), scale_log2, np.float32(scale),
-                 *_batch_slice(option_args, sl)),
+                 *_batch_slice(option_args, sl), *cu_at),
                 shared_mem=dq_pass.smem_bytes)
         else:
             get_kernel(prep, prep.name_expressions[1])(
                 (-(-Lq * D // 256), Hq, nb), (256, 1, 1),
-                (dq_accum[sl], dq[sl], *_i64(*dqs[:3]), np.int32(Lq), np.int32(lq_pad),
+                (st(dq_accum), at(dq), *_i64(*dqs[:3]), np.int32(Lq), np.int32(stats_pad),
                  np.int32(D), np.int32(main.head_dim),
-                 *(np.int32(x) for x in main.dq_layout), np.float32(scale)))
+                 *(np.int32(x) for x in main.dq_layout), np.float32(scale), cu_at[0]))

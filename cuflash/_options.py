@@ -65,9 +65,10 @@ class Options:
 NONE = Options()
 
 
-def parse(xp, q, causal: bool, options: dict) -> Options:
+def parse(xp, q, causal: bool, options: dict, heads_shape=None) -> Options:
     """Check ``options`` (the ``**options`` of a public call) against q; ``causal`` is
-    already a checked bool."""
+    already a checked bool. ``heads_shape``: the batch and head dims that ALiBi slopes
+    broadcast to (default ``q.shape[:-2]``; packed sequences pass ``(batch, Hq)``)."""
     if not options and not causal:
         return NONE
     unknown = sorted(set(options) - {"window", "softcap", "alibi_slopes"})
@@ -81,7 +82,7 @@ def parse(xp, q, causal: bool, options: dict) -> Options:
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return Options((left, right), _check_softcap(options.get("softcap", 0.0)),
-                   _check_slopes(xp, q, options.get("alibi_slopes")))
+                   _check_slopes(xp, q, options.get("alibi_slopes"), heads_shape))
 
 
 def _check_window(window) -> tuple[int, int]:
@@ -110,7 +111,7 @@ def _check_softcap(softcap) -> float:
     return softcap
 
 
-def _check_slopes(xp, q, slopes):
+def _check_slopes(xp, q, slopes, heads_shape=None):
     """float32 slopes broadcast to ``q.shape[:-2]`` (batch dims + Hq; ``(1,)`` for 2-D q,
     which also takes a 0-d array)."""
     if slopes is None:
@@ -120,7 +121,7 @@ def _check_slopes(xp, q, slopes):
                         f"got {type(slopes).__name__}")
     if slopes.dtype != np.float32:
         raise TypeError(f"alibi_slopes.dtype must be float32, got {slopes.dtype}")
-    target = q.shape[:-2] if q.ndim > 2 else (1,)
+    target = heads_shape or (q.shape[:-2] if q.ndim > 2 else (1,))
     if q.ndim == 2 and slopes.ndim == 0:
         slopes = slopes.reshape(1)
     if slopes.ndim == 0 or slopes.shape[-1] != target[-1] or slopes.ndim > len(target):

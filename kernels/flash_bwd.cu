@@ -10,6 +10,7 @@
 // The probabilities are recomputed from the saved lse; no score matrix is stored.
 #include "common.cuh"
 #include "mainloop_bwd.cuh"
+#include "seqlens.cuh"
 
 namespace cuflash {
 
@@ -45,7 +46,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                      float scale, int window_left, int window_right, float softcap_in,
                      float softcap_out, const float* __restrict__ alibi_slopes,
-                     i64 alibi_batch_stride) {
+                     i64 alibi_batch_stride, const int* __restrict__ cu_seqlens_q,
+                     const int* __restrict__ cu_seqlens_k) {
   using T = BwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kDSplit, kStages,
                       kAtomicDQ, kSwap>;
   extern __shared__ unsigned char smem[];
@@ -56,6 +58,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int n0 = n_block * kBlockN;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, int(batch), seqlen_q, seqlen_k);
+  if (n0 >= seq.seqlen_k) return;  // packed: a shorter sequence than the grid's
+  seqlen_q = seq.seqlen_q;
+  seqlen_k = seq.seqlen_k;
 
   BwdMainloop<T, kCausal, kVec, kOptions> mainloop;
   mainloop.q = q;
@@ -70,6 +76,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.delta = delta;
   mainloop.dq_accum = dq_accum;
   mainloop.batch = int(batch);
+  mainloop.cu_seqlens_q = cu_seqlens_q;
   mainloop.num_heads_q = num_heads_q;
   mainloop.seqlen_q = seqlen_q;
   mainloop.seqlen_q_pad = seqlen_q_pad;
@@ -94,8 +101,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int tiles = max(0, mainloop.m_block_end - mainloop.m_block_min);
   const int n_iters = tiles * heads_per_kv;
   const int rows_k = min(kBlockN, seqlen_k - n0);
-  const u16* k_tile = k + batch * k_batch_stride + kv_head * k_head_stride + n0 * k_row_stride;
-  const u16* v_tile = v + batch * v_batch_stride + kv_head * v_head_stride + n0 * v_row_stride;
+  const u16* k_tile = k + batch * k_batch_stride + kv_head * k_head_stride +
+                      (seq.k_start + n0) * k_row_stride;
+  const u16* v_tile = v + batch * v_batch_stride + kv_head * v_head_stride +
+                      (seq.k_start + n0) * v_row_stride;
   mainloop.prologue(k_tile, k_row_stride, v_tile, v_row_stride, rows_k, n_iters);
 
   float dk_acc[T::kNRep][T::kDKCols / 8][4];
@@ -119,8 +128,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     __syncthreads();
     const BwdBlock<kCausal> blk = BwdBlock<kCausal>::get();
     const i64 b = blk.batch;
-    const int kv = blk.kv_head, n0_e = blk.n_block * kBlockN;
-    const int rows = min(kBlockN, seqlen_k - n0_e);
+    const SeqLens seq_e = SeqLens::get(cu_seqlens_q, cu_seqlens_k, int(b), 0, seqlen_k);
+    const int kv = blk.kv_head, n0_e = blk.n_block * kBlockN + seq_e.k_start;
+    const int rows = min(kBlockN, seq_e.seqlen_k + seq_e.k_start - n0_e);
     store_tile<kBlockN, kHeadDim, T::kThreads, kVec>(
         dk + b * dk_batch_stride + kv * dk_head_stride + n0_e * dk_row_stride, dk_row_stride,
         rows, head_dim, sK, tid_e);

@@ -3,6 +3,7 @@
 // writes only dK and dV.
 #include "common.cuh"
 #include "mainloop_bwd_dq.cuh"
+#include "seqlens.cuh"
 
 namespace cuflash {
 
@@ -21,7 +22,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                         int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                         float scale, int window_left, int window_right, float softcap_in,
                         float softcap_out, const float* __restrict__ alibi_slopes,
-                        i64 alibi_batch_stride) {
+                        i64 alibi_batch_stride, const int* __restrict__ cu_seqlens_q,
+                        const int* __restrict__ cu_seqlens_k) {
   using T = BwdDqTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kStages>;
   extern __shared__ unsigned char smem[];
 
@@ -31,6 +33,15 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const i64 batch = blockIdx.z;
   const int kv_head = head / heads_per_kv;
   const int m0 = m_block * kBlockM;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, int(batch), seqlen_q, seqlen_k);
+  if (m0 >= seq.seqlen_q) return;  // packed: a shorter sequence than the grid's
+  seqlen_q = seq.seqlen_q;
+  seqlen_k = seq.seqlen_k;
+  q += seq.q_start * q_row_stride;
+  dout += seq.q_start * do_row_stride;
+  dq += seq.q_start * dq_row_stride;
+  k += seq.k_start * k_row_stride;
+  v += seq.k_start * v_row_stride;
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp_row0 = (tid >> 5) * 16 * T::kMRep;
   const int rows_q = min(kBlockM, seqlen_q - m0);
@@ -53,8 +64,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.warp_row0 = warp_row0;
   mainloop.tid = tid;
   mainloop.lp.init(warp_row0, lane);
-  // Row statistics are padded to seqlen_q_pad (a multiple of kBlockM): no bounds checks.
-  const i64 stats = (batch * gridDim.y + head) * seqlen_q_pad + m0 + warp_row0 + (lane >> 2);
+  // Row statistics are padded to whole tiles (seqlens.cuh): no bounds checks.
+  const i64 stats = seq.stats_start(int(batch), gridDim.y, seqlen_q_pad) +
+                    i64(head) * seqlen_q_pad + m0 + warp_row0 + (lane >> 2);
 #pragma unroll
   for (int r = 0; r < T::kMRep; ++r)
 #pragma unroll

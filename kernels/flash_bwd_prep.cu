@@ -5,11 +5,13 @@
 //   lse_log2_i = lse_i * log2(e), or +inf for a row that sees no key (lse = -inf), so that
 //                P = exp2(S * scale * log2(e) - lse_log2) is 0 there instead of NaN.
 // Rows seqlen_q .. seqlen_q_pad - 1 are padding: delta 0, lse_log2 +inf, so the main
-// kernel reads whole tiles of statistics and padded query rows contribute nothing.
+// kernel reads whole tiles of statistics and padded query rows contribute nothing. For
+// packed sequences each is padded to a multiple of kStatsRowPad rows (seqlens.cuh).
 //
 // flash_bwd_convert_dq_kernel, after it: dQ = scale * dq_accum, rounded to fp16/bf16;
 // dq_accum's tiles are in the main kernel's fragment order (DqAccumLayout).
 #include "common.cuh"
+#include "seqlens.cuh"
 
 namespace cuflash {
 
@@ -23,14 +25,21 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
                                 i64 o_head_stride, i64 o_row_stride, i64 do_batch_stride,
                                 i64 do_head_stride, i64 do_row_stride, i64 lse_batch_stride,
                                 i64 lse_head_stride, i64 lse_row_stride, int seqlen_q,
-                                int seqlen_q_pad,
-                                int head_dim_v) {
+                                int seqlen_q_pad, int head_dim_v,
+                                const int* __restrict__ cu_seqlens_q) {
   constexpr bool kBf16 = Elem::kIsBf16;
   const int row = blockIdx.x * kPrepWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   const int head = blockIdx.y;
   const i64 batch = blockIdx.z;
-  if (row >= seqlen_q_pad) return;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_q, int(batch), seqlen_q, 0);
+  const int rows_pad = seq.packed
+      ? (seq.seqlen_q + kStatsRowPad - 1) / kStatsRowPad * kStatsRowPad : seqlen_q_pad;
+  if (row >= rows_pad) return;
+  seqlen_q = seq.seqlen_q;
+  out += seq.q_start * o_row_stride;
+  dout += seq.q_start * do_row_stride;
+  lse += seq.q_start * lse_row_stride;
   float dot = 0.f;
   float l2 = pos_inf();
   if (row < seqlen_q) {
@@ -46,7 +55,8 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
     l2 = l == neg_inf() ? pos_inf() : l * kLog2e;
   }
   if (lane == 0) {
-    const i64 i = (batch * gridDim.y + head) * seqlen_q_pad + row;
+    const i64 i = seq.stats_start(int(batch), gridDim.y, seqlen_q_pad) +
+                  i64(head) * seqlen_q_pad + row;
     delta[i] = dot;
     lse_log2[i] = l2;
   }
@@ -75,18 +85,20 @@ __global__ void __launch_bounds__(256)
                                 i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
                                 int seqlen_q, int seqlen_q_pad, int head_dim,
                                 int head_dim_pad, int block_m, int dq_mrep, int dq_cols,
-                                int dq_warps_m, float scale) {
+                                int dq_warps_m, float scale,
+                                const int* __restrict__ cu_seqlens_q) {
   const DqAccumLayout layout{block_m, dq_mrep, dq_cols, dq_warps_m, head_dim_pad};
+  const i64 batch = blockIdx.z;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_q, int(batch), seqlen_q, 0);
   const i64 idx = i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= i64(seqlen_q) * head_dim) return;
+  if (idx >= i64(seq.seqlen_q) * head_dim) return;
   const int row = int(idx / head_dim);
   const int d = int(idx - i64(row) * head_dim);
   const int head = blockIdx.y;
-  const i64 batch = blockIdx.z;
-  const float x = dq_accum[(batch * gridDim.y + head) * seqlen_q_pad * layout.head_dim_pad +
-                           layout.offset(row, d)] *
-                  scale;
-  dq[batch * dq_batch_stride + head * dq_head_stride + row * dq_row_stride + d] =
+  const i64 stats_row = seq.stats_start(int(batch), gridDim.y, seqlen_q_pad) +
+                        i64(head) * seqlen_q_pad;
+  const float x = dq_accum[stats_row * layout.head_dim_pad + layout.offset(row, d)] * scale;
+  dq[batch * dq_batch_stride + head * dq_head_stride + (seq.q_start + row) * dq_row_stride + d] =
       from_float<Elem::kIsBf16>(x);
 }
 

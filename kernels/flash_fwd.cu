@@ -14,6 +14,7 @@
 #include "common.cuh"
 #include "epilogue_fwd.cuh"
 #include "mainloop_fwd.cuh"
+#include "seqlens.cuh"
 
 namespace cuflash {
 
@@ -29,7 +30,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      i64 lse_batch_stride, i64 lse_head_stride, int seqlen_q, int seqlen_k,
                      int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                      int window_left, int window_right, float softcap_in, float softcap_out,
-                     const float* __restrict__ alibi_slopes, i64 alibi_batch_stride) {
+                     const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
+                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k) {
   using T = FwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kStages>;
   extern __shared__ unsigned char smem[];
 
@@ -39,6 +41,15 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const i64 batch = blockIdx.z;
   const int kv_head = head / heads_per_kv;
   const int m0 = m_block * kBlockM;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, int(batch), seqlen_q, seqlen_k);
+  if (m0 >= seq.seqlen_q) return;  // packed: a shorter sequence than the grid's
+  seqlen_q = seq.seqlen_q;
+  seqlen_k = seq.seqlen_k;
+  q += seq.q_start * q_row_stride;
+  o += seq.q_start * o_row_stride;
+  lse += seq.q_start;
+  k += seq.k_start * k_row_stride;
+  v += seq.k_start * v_row_stride;
   const int tid = threadIdx.x;
   const int warp_row0 = (tid >> 5) * 16 * T::kMRep;
   const int rows_q = min(kBlockM, seqlen_q - m0);

@@ -24,6 +24,7 @@
 #include "common.cuh"
 #include "mask.cuh"
 #include "scores.cuh"
+#include "seqlens.cuh"
 #include "tile_load.cuh"
 #include "warp_gemm.cuh"
 
@@ -107,10 +108,12 @@ struct BwdMainloop {
   const u16* dout;
   i64 q_batch_stride, q_head_stride, q_row_stride;
   i64 do_batch_stride, do_head_stride, do_row_stride;
-  const float* lse_log2;  // (batch, heads, seqlen_q_pad): lse * log2(e), +inf where no key
-  const float* delta;     // (batch, heads, seqlen_q_pad)
-  float* dq_accum;        // (batch, heads, seqlen_q_pad, kHeadDim), float32
+  // Row statistics, seqlen_q_pad rows per head (seqlens.cuh, SeqLens::stats_start):
+  const float* lse_log2;  // lse * log2(e), +inf where no key
+  const float* delta;
+  float* dq_accum;        // x kHeadDim, float32
   int batch, num_heads_q;
+  const int* cu_seqlens_q;  // packed sequences (else null); see q_start(), stats_row0()
   int seqlen_q, seqlen_q_pad, head_dim, head_dim_v;
   int head0, m_block_min, m_block_end;  // query heads head0.., tiles m_block_min..m_block_end-1
   int n_block;
@@ -122,6 +125,14 @@ struct BwdMainloop {
   u32 smem;
   int tid, key_row0, d_part;
   LanePatterns lp;
+
+  // Packed sequences: this one's first row of q and dout, and of the row statistics
+  // (seqlens.cuh), reloaded where used rather than held across the loop.
+  CUFLASH_DEVICE int q_start() const { return cu_seqlens_q ? cu_seqlens_q[batch] : 0; }
+  CUFLASH_DEVICE i64 stats_row0() const {
+    const SeqLens seq{0, 0, q_start(), 0, cu_seqlens_q != nullptr};
+    return seq.stats_start(batch, num_heads_q, seqlen_q_pad);
+  }
 
   CUFLASH_DEVICE u32 sK() const { return smem; }
   CUFLASH_DEVICE u32 sV() const { return smem + T::TileK::kBytes; }
@@ -221,16 +232,17 @@ struct BwdMainloop {
     const int tid = thread_index();  // see thread_index(): keeps the copy offsets short-lived
     const int rows = seqlen_q - m0;
     load_tile<T::kBlockM, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
-        sQ(st), q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
+        sQ(st), q + batch * q_batch_stride + head * q_head_stride + (q_start() + m0) * q_row_stride,
         q_row_stride, rows,
         head_dim, tid);
     load_tile<T::kBlockM, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
-        sDO(st), dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
+        sDO(st),
+        dout + batch * do_batch_stride + head * do_head_stride + (q_start() + m0) * do_row_stride,
         do_row_stride, rows,
         head_dim_v, tid);
     // The row statistics are padded to seqlen_q_pad rows: whole 16-byte chunks.
     constexpr int kChunks = T::kBlockM / 4;
-    const i64 row0 = (i64(batch) * num_heads_q + head) * seqlen_q_pad + m0;
+    const i64 row0 = stats_row0() + i64(head) * seqlen_q_pad + m0;
     if (tid < kChunks) {
       cp_async_16(sLse(st) + tid * 16, lse_log2 + row0 + tid * 4, true);
     } else if (tid < 2 * kChunks) {
@@ -377,7 +389,7 @@ struct BwdMainloop {
     if (T::kDQWarpsM * T::kDQWarpsN < T::kNWarps && warp >= T::kDQWarpsM * T::kDQWarpsN) return;
     const int row0 = (warp % T::kDQWarpsM) * T::kDQMRep * 16;
     const int col0 = (warp / T::kDQWarpsM) * T::kDQCols;
-    float* dst = dq_accum + ((i64(batch) * num_heads_q + head) * seqlen_q_pad + m0) * T::kHeadDim +
+    float* dst = dq_accum + (stats_row0() + i64(head) * seqlen_q_pad + m0) * T::kHeadDim +
                  warp * (T::kDQMRep * T::kDQCols * 16) + lane * 4;
     if (lo == 0 && hi == T::kDQPieces && T::kDQChunk == T::kDQCols) {
       // all slabs in one product: the K fragments are loaded once for all of them
