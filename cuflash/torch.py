@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.utils.dlpack
 
-from . import _api, _interop
+from . import _api, _interop, _varlen
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -219,4 +219,80 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         alibi_slopes = alibi_slopes.detach()
     run = _attention_fwd if torch.compiler.is_compiling() else _Attention.apply
     out, lse = run(q, k, v, causal, scale, deterministic, list(window), softcap, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+# --- packed variable-length sequences (eager autograd; not a custom op) -------------------
+
+
+class _AttentionVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic, window,
+                softcap, alibi_slopes):
+        out = q.new_empty(q.shape[:2] + v.shape[-1:])
+        opts = _options(window, softcap, alibi_slopes)
+        with _stream(q):
+            _, lse = _varlen.attention_varlen(_cp(q), _cp(k), _cp(v), _cp(cu_q), _cp(cu_k),
+                                              max_q, max_k, causal=causal, scale=scale,
+                                              return_lse=True, out=_cp(out), **opts)
+        lse = torch.from_dlpack(lse)  # CuPy's memory, kept alive by the tensor
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+        ctx.args = (max_q, max_k, causal, scale, deterministic, window, softcap)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+        max_q, max_k, causal, scale, deterministic, window, softcap = ctx.args
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        with _stream(q):
+            _varlen.attention_varlen_backward(
+                _cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), _cp(cu_q), _cp(cu_k),
+                max_q, max_k, causal=causal, scale=scale, deterministic=deterministic,
+                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv), **_options(window, softcap, alibi_slopes))
+        return (dq, dk, dv) + (None,) * 10
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, *, causal: bool = False, scale: Optional[float] = None,
+                     return_lse: bool = False, deterministic: bool = False,
+                     window: Optional[tuple[int, int]] = None, softcap: float = 0.0,
+                     alibi_slopes: Optional[torch.Tensor] = None):
+    """:func:`cuflash.attention_varlen` on torch CUDA tensors, differentiable in q, k and v
+    (eager mode: an ``autograd.Function``, which ``torch.compile`` runs as a graph break).
+
+    ``q``: ``(total_q, Hq, D)``; ``k``, ``v``: ``(total_k, Hk, D)``, ``(total_k, Hk, Dv)``;
+    ``cu_seqlens_*``: int32 CUDA tensors ``(batch + 1,)``. Returns ``(total_q, Hq, Dv)``
+    (and with ``return_lse`` the float32 ``(Hq, total_q)`` log-sum-exp).
+
+    Examples
+    --------
+    >>> cu = torch.tensor([0, 100, 356], device="cuda", dtype=torch.int32)  # doctest: +SKIP
+    >>> out = cuflash.torch.attention_varlen(q, k, v, cu, cu, 256, 256, causal=True)  # doctest: +SKIP
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be a float16 or bfloat16 torch.Tensor")
+        if x.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or x.device != q.device:
+            raise TypeError(f"{name} must be an int32 torch.Tensor on {q.device}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    scale = _api._check_scale(scale, q.shape[-1])
+    window = _interop._options._check_window(window)
+    softcap = _interop._options._check_softcap(softcap)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError("alibi_slopes must be a float32 torch.Tensor")
+        alibi_slopes = alibi_slopes.detach()
+    out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, causal, scale, deterministic, window,
+                                      softcap, alibi_slopes)
     return (out, lse) if return_lse else out

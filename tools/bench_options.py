@@ -7,6 +7,7 @@ Three tables, bf16, d = 128, CUDA-event medians (cuflash._bench.time_fn):
      plain kernel, time ratio (a window that hides nothing, (L, L), measures the windowed
      mask's cost; (1024, 0) is also listed with its speed-up);
   2. a 1k sliding window against full causal at L = 16384 (B=1, H=16): time ratio;
+  2b. packed sequences (attention_varlen, 4 x 4096) against the fixed batch;
   3. GQA 8:1 (Hk = 2) against MHA (Hk = 16) at equal FLOPs, L = 4096.
 Peers: torch SDPA's flash backend for causal and GQA (enable_gqa), and, with --flex,
 torch's FlexAttention (compiled) for window, softcap and ALiBi, which SDPA's flash
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import numpy as np
@@ -50,6 +50,24 @@ def cuflash_fns(q, k, v, causal, opts):
 
     def bwd():
         return cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, **opts)
+
+    return fwd, bwd
+
+
+def varlen_fns(q, k, v, cu, max_len, causal):
+    """(forward, backward-only) callables for cuflash.attention_varlen."""
+    import cuflash
+
+    out, lse = cuflash.attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=causal,
+                                        return_lse=True)
+    dout = _bench._dout_like(q)
+
+    def fwd():
+        return cuflash.attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=causal)
+
+    def bwd():
+        return cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, max_len,
+                                                 max_len, causal=causal)
 
     return fwd, bwd
 
@@ -192,7 +210,7 @@ def main():
         fm = f"{r['fwd_ms']:8.3f}" if r["fwd_ms"] else "     n/a"
         bm = f"{r['bwd_ms']:8.3f}" if r["bwd_ms"] else "     n/a"
         lines.append(f"   {r['label']:36s} {r['impl']:12s} {fm} {bm} {fx:6.2f} {bx:6.2f}")
-    del q, k, v
+    q = k = v = None
     cp.get_default_memory_pool().free_all_blocks()
 
     # 2. sliding window 1k vs full causal at L = 16384
@@ -218,7 +236,26 @@ def main():
                  f"{sd['bwd_ms'] or float('nan'):.3f} ms"
                  + (f"; flex window {flex['fwd_ms'] or float('nan'):.3f} / "
                     f"{flex['bwd_ms'] or float('nan'):.3f} ms" if flex else ""))
-    del q, k, v
+    q = k = v = None
+    cp.get_default_memory_pool().free_all_blocks()
+
+    # 2b. packed sequences: 4 x 4096 packed against the fixed batch (4, 16, 4096, 128)
+    L, B, H = 4096, 4, 16
+    q, k, v = inputs(B, H, H, L, L)
+    pq, pk, pv = (x.transpose(0, 2, 1, 3).reshape(B * L, H, D) for x in (q, k, v))
+    cu = cp.arange(0, B * L + 1, L, dtype=cp.int32)
+    print("packed 4 x 4096 vs fixed (4, 16, 4096)", file=sys.stderr)
+    lines.append("2b. packed sequences (varlen, 4 x 4096) vs the fixed batch, bf16 d128 H=16 "
+                 "(time / fixed time)")
+    for causal in (False, True):
+        fixed = timed(lambda: cuflash_fns(q, k, v, causal, {}), f"fixed causal={causal}",
+                      rows, table="varlen", impl="cuflash")
+        pack = timed(lambda: varlen_fns(pq, pk, pv, cu, L, causal), f"packed causal={causal}",
+                     rows, table="varlen", impl="cuflash")
+        lines.append(f"   causal={causal!s:5s} fixed {fixed['fwd_ms']:.3f} / {fixed['bwd_ms']:.3f} ms,"
+                     f" packed {pack['fwd_ms']:.3f} / {pack['bwd_ms']:.3f} ms: "
+                     f"{ratio(pack, fixed, 'fwd_ms'):.3f}x / {ratio(pack, fixed, 'bwd_ms'):.3f}x")
+    q = k = v = pq = pk = pv = None
     cp.get_default_memory_pool().free_all_blocks()
 
     # 3. GQA 8:1 vs MHA at equal FLOPs
@@ -239,7 +276,7 @@ def main():
             m, g = got[(impl, 16)], got[(impl, 2)]
             lines.append(f"   {impl:12s} causal={causal!s:5s} fwd {ratio(g, m, 'fwd_ms'):.3f}x  "
                          f"bwd {ratio(g, m, 'bwd_ms'):.3f}x")
-        del q, k, v
+        q = k = v = None
         cp.get_default_memory_pool().free_all_blocks()
 
     print("\n".join(lines))

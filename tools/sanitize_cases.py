@@ -1,6 +1,6 @@
 """Small forward and backward cases for compute-sanitizer (memcheck / racecheck): odd
 sizes, every masking regime, the aligned and the element-wise load paths, GQA, both
-backward modes, and the options kernels (window, softcap, ALiBi).
+backward modes, the options kernels (window, softcap, ALiBi) and packed sequences.
 
     python3 tools/sanitize_cases.py [--small]   (--small: a few cases, for racecheck)
 """
@@ -8,6 +8,7 @@ backward modes, and the options kernels (window, softcap, ALiBi).
 import sys
 
 import cupy as cp
+import numpy as np
 
 import cuflash
 from cuflash import _bench
@@ -35,5 +36,18 @@ for dtype in ("float16", "bfloat16"):
         for deterministic in (False, True):
             cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
                                        deterministic=deterministic, **opts)
+# packed sequences, with a 0- and a 1-row one
+lengths = [0, 1, 130, 77]
+cu = cp.asarray([0] + list(np.cumsum(lengths)), dtype=cp.int32)
+for dtype in ("float16", "bfloat16"):
+    q = _bench.random_array((int(cu[-1]), 4, 64), dtype, rs)
+    k = _bench.random_array((int(cu[-1]), 2, 64), dtype, rs)
+    v = _bench.random_array((int(cu[-1]), 2, 64), dtype, rs)
+    out, lse = cuflash.attention_varlen(q, k, v, cu, cu, 130, 130, causal=True,
+                                        return_lse=True, softcap=2.0)
+    dout = _bench.random_array(out.shape, dtype, rs)
+    for deterministic in (False, True):
+        cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, 130, 130,
+                                          causal=True, deterministic=deterministic, softcap=2.0)
 cp.cuda.runtime.deviceSynchronize()
 print("sanitizer cases done")
