@@ -235,10 +235,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
         ref_out, ref_lse = _reference.attention_tiled_fa2(q, k, v, causal=causal, scale=scale,
                                                           block_m=128, block_n=128,
                                                           **opts.reference_kwargs())
-        if out is None:
-            out = ref_out.astype(q.dtype)
-        else:
-            out[...] = ref_out.astype(q.dtype)
+        out = _into(out, ref_out, q.dtype)
         lse = ref_lse.astype(np.float32)
     else:
         out, lse = _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, opts=opts)
@@ -424,16 +421,17 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
     if xp is np:
         grads = _reference.attention_backward_tiled(dout, q, k, v, out, lse, causal=causal,
                                                     scale=scale, **opts.reference_kwargs())
-        result = []
-        for given, g in zip((dq, dk, dv), grads):
-            if given is None:
-                result.append(g.astype(q.dtype))
-            else:
-                given[...] = g.astype(q.dtype)
-                result.append(given)
-        return tuple(result)
+        return tuple(_into(given, g, q.dtype) for given, g in zip((dq, dk, dv), grads))
     return _gpu_backward(xp, dout, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale,
                          deterministic=deterministic, opts=opts)
+
+
+def _into(given, value, dtype):
+    """The NumPy path's result: ``value`` in ``dtype``, written into ``given`` if any."""
+    if given is None:
+        return value.astype(dtype)
+    given[...] = value.astype(dtype)
+    return given
 
 
 def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, deterministic,

@@ -196,6 +196,7 @@ BWD_TILES = {
 # 4-warp atomic-dQ tile spills with them (bf16, sm_90).
 BWD_OPTION_TILES = {
     64: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
+    192: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),  # (64x64 atomic: scl spills)
 }
 
 # The deterministic dQ pass: (block_m, block_n, warps, K/V stages, blocks per SM).
@@ -204,8 +205,8 @@ BWD_DQ_TILES = {
     64: FwdTile(128, 32, 4, 2, 1),
     96: FwdTile(128, 32, 4, 2, 1),
     128: FwdTile(64, 64, 4, 2, 1),
-    160: FwdTile(64, 32, 4, 2, 1),
-    192: FwdTile(64, 32, 4, 2, 1),
+    160: FwdTile(64, 32, 4, 1, 1),  # one K/V buffer: with two, d160/d192 spill (their
+    192: FwdTile(64, 32, 4, 1, 1),  # unrolled tile copies; 224 and up copy rolled)
     224: FwdTile(64, 32, 4, 2, 1),
     256: FwdTile(64, 32, 4, 2, 1),
 }

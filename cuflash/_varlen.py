@@ -134,10 +134,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         ref_out, ref_lse = _reference.attention_varlen_naive(
             q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
             **opts.reference_kwargs())
-        if out is None:
-            out = ref_out.astype(q.dtype)
-        else:
-            out[...] = ref_out.astype(q.dtype)
+        out = _api._into(out, ref_out, q.dtype)
         lse = ref_lse.astype(np.float32)
         return (out, lse) if return_lse else out
 
@@ -204,14 +201,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         ref = _reference.attention_varlen_backward_naive(
             dout, q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
             **opts.reference_kwargs())
-        result = []
-        for given, g in zip((dq, dk, dv), ref):
-            if given is None:
-                result.append(g.astype(q.dtype))
-            else:
-                given[...] = g.astype(q.dtype)
-                result.append(given)
-        return tuple(result)
+        return tuple(_api._into(given, g, q.dtype) for given, g in zip((dq, dk, dv), ref))
 
     from . import _dispatch
 

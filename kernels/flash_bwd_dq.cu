@@ -39,7 +39,6 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   seqlen_k = seq.seqlen_k;
   q += seq.q_start * q_row_stride;
   dout += seq.q_start * do_row_stride;
-  dq += seq.q_start * dq_row_stride;
   k += seq.k_start * k_row_stride;
   v += seq.k_start * v_row_stride;
   const int tid = threadIdx.x, lane = tid & 31;
@@ -96,8 +95,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   __syncthreads();
   store_frag<T::kIsBf16, typename T::TileQ>(mainloop.sQ(), dq_acc, warp_row0, 0, scale, lane);
   __syncthreads();
+  // (the sequence's first row is read again here rather than held across the loop)
+  const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, block_index<2>(), 0, 0).q_start + m0;
   store_tile<kBlockM, kHeadDim, T::kThreads, kVec>(
-      dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride, dq_row_stride,
+      dq + batch * dq_batch_stride + head * dq_head_stride + row0 * dq_row_stride, dq_row_stride,
       rows_q, head_dim, mainloop.sQ(), tid);
 }
 

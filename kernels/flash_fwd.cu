@@ -46,8 +46,6 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   seqlen_q = seq.seqlen_q;
   seqlen_k = seq.seqlen_k;
   q += seq.q_start * q_row_stride;
-  o += seq.q_start * o_row_stride;
-  lse += seq.q_start;
   k += seq.k_start * k_row_stride;
   v += seq.k_start * v_row_stride;
   const int tid = threadIdx.x;
@@ -97,8 +95,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
 
   float lse_rows[T::kMRep][2];
   softmax.finalize(o_acc, lse_rows, mainloop.scores.units());
-  u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
-  float* lse_tile = lse + batch * lse_batch_stride + head * lse_head_stride + m0;
+  // (the sequence's first row is read again here rather than held across the loop)
+  const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, block_index<2>(), 0, 0).q_start + m0;
+  u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + row0 * o_row_stride;
+  float* lse_tile = lse + batch * lse_batch_stride + head * lse_head_stride + row0;
   store_output<T, kVec>(o_tile, o_row_stride, lse_tile, rows_q, head_dim_v, o_acc, lse_rows, mainloop.sQ,
                         warp_row0, tid);
 }

@@ -112,17 +112,6 @@ struct BwdDqMainloop {
             if (scores.has_softcap()) p *= fmaf(-t, t, 1.f);
             s[r][j][e] = p;
           }
-    } else {
-      // P, with hidden entries zeroed after the exp2 (a scale <= 0 would turn a -inf
-      // score into +inf or NaN)
-#pragma unroll
-      for (int r = 0; r < T::kMRep; ++r)
-#pragma unroll
-        for (int j = 0; j < T::kNTiles; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[r][j][e] = exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
-      if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane, 0.f);
     }
     float dp[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDimV, typename T::TileDO,
@@ -132,8 +121,14 @@ struct BwdDqMainloop {
 #pragma unroll
       for (int j = 0; j < T::kNTiles; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[r][j][e] *= dp[r][j][e] - delta[r][e >> 1];  // dS = P (dP - delta)
+        for (int e = 0; e < 4; ++e) {
+          const float p = kOptions
+              ? s[r][j][e]
+              : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
+          s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);  // dS
+        }
+    // Hidden entries: dS = 0, set after the fact (a scale <= 0 makes their P +inf or NaN)
+    if (!kOptions && kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane, 0.f);
     u32 ds[T::kMRep][T::kBlockN / 16][4];
     pack_frags<kBf16, T::kMRep, T::kBlockN>(ds, s);
     gemm_regs_trans<kBf16, T::kMRep, T::kHeadDim, T::kBlockN, typename T::TileK>(dq_acc, ds,
