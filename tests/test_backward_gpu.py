@@ -57,10 +57,12 @@ def test_backward_grid(cp, name, causal, head_dim, seqlens):
 
 
 def check_grid_case(cp, name, causal, head_dim, seqlens, **kwargs):
-    """One (B=1, H=2) case of the grid; kwargs go to attention_backward."""
+    """One (B, H=2) case of the grid; kwargs go to attention_backward. B = 1, except that a
+    one-row Lq gets 16 batch rows: the rule compares maxima, and over a handful of
+    elements each maximum is a single rounding, which makes the 2x comparison a toss-up."""
     rng = np.random.default_rng()
     Lq, Lk = seqlens
-    B, H = 1, 2
+    B, H = max(1, 16 // max(Lq, 1)), 2
     q, k, v = random_qkv(cp, (B, H, Lq, head_dim), (B, H, Lk, head_dim), (B, H, Lk, head_dim),
                          name, rng)
     check_backward(cp, q, k, v, name, causal, rng, **kwargs)
