@@ -256,7 +256,7 @@ def _check_forward(xp, q, k, v, causal, scale, out):
 
 def attention_into(q, k, v, out, lse, *, causal, scale, **options):
     """The forward on CuPy arrays, into the caller's ``out`` and ``lse`` (float32, shape
-    ``q.shape[:-1]``, any strides). For the framework adapters, whose framework owns
+    ``q.shape[:-1]``, any strides with a contiguous last dim). For the framework adapters, whose framework owns
     every output; same checks as :func:`attention`."""
     xp = _array_module(q=q, k=k, v=v, out=out, lse=lse)
     if xp is np:
@@ -266,6 +266,7 @@ def attention_into(q, k, v, out, lse, *, causal, scale, **options):
     if lse.shape != q.shape[:-1] or lse.dtype != np.float32:
         raise ValueError(f"lse must be float32 of shape {q.shape[:-1]}, "
                          f"got {lse.dtype} {lse.shape}")
+    _check_last_dim_contiguous("lse", lse)  # the kernels write lse rows contiguously
     _check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v})
     _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, lse=lse, opts=opts)
 

@@ -138,21 +138,47 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         lse = ref_lse.astype(np.float32)
         return (out, lse) if return_lse else out
 
+    out, lse = _gpu_forward(xp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, out, None,
+                            causal, scale, opts)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_into(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          out, lse, *, causal, scale, **options):
+    """The packed forward on CuPy arrays, into the caller's ``out`` and ``lse`` (float32,
+    ``(Hq, total_q)``, any strides with a contiguous last dim): for the framework adapters,
+    whose framework owns every output. Same checks as :func:`attention_varlen`."""
+    xp = _api._array_module(q=q, k=k, v=v, out=out, lse=lse)
+    if xp is np:
+        raise TypeError("attention_varlen_into runs on CuPy arrays only")
+    causal, scale, opts, max_q, max_k = _prepare(xp, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, causal, scale,
+                                                 options)
+    out = _api._check_output("out", out, xp, q.shape[:2] + v.shape[-1:], q.dtype)
+    if lse.shape != (q.shape[1], q.shape[0]) or lse.dtype != np.float32:
+        raise ValueError(f"lse must be float32 of shape {(q.shape[1], q.shape[0])}, got "
+                         f"{lse.dtype} {lse.shape}")
+    _api._check_last_dim_contiguous("lse", lse)
+    _api._check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v})
+    _gpu_forward(xp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, out, lse, causal,
+                 scale, opts)
+
+
+def _gpu_forward(cp, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale, opts):
     from . import _dispatch
 
-    cp = xp
-    _api._check_device(cp, q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens_q,
-                       cu_seqlens_k=cu_seqlens_k, alibi_slopes=opts.alibi_slopes)
+    _api._check_device(cp, q=q, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_q,
+                       cu_seqlens_k=cu_k, alibi_slopes=opts.alibi_slopes)
     if out is None:
         out = cp.empty(q.shape[:2] + v.shape[-1:], dtype=q.dtype)
-    lse = cp.empty((q.shape[1], q.shape[0]), dtype=cp.float32)
-    packed = _dispatch.Packed(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_q,
-                              max_k)
+    if lse is None:
+        lse = cp.empty((q.shape[1], q.shape[0]), dtype=cp.float32)
+    packed = _dispatch.Packed(cu_q, cu_k, cu_q.shape[0] - 1, max_q, max_k)
     if out.size:
         _dispatch.forward(_heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
                           lse[None], causal=causal, scale=scale, options=opts,
                           alibi_slopes=opts.alibi_slopes, packed=packed)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from . import _api, _interop
+from . import _api, _interop, _varlen
 
 
 def _borrow(buf):
@@ -129,4 +129,102 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     if alibi_slopes is not None and getattr(alibi_slopes, "dtype", None) != jnp.float32:
         raise TypeError("alibi_slopes must be a float32 jax.Array")
     out, lse = _attention(q, k, v, alibi_slopes, causal, scale, deterministic, window, softcap)
+    return (out, lse) if return_lse else out
+
+
+# --- packed variable-length sequences ------------------------------------------------------
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, slopes, static):
+    max_q, max_k, causal, scale, _, window, softcap = static
+
+    def run(ctx, outs, q, k, v, cu_q, cu_k, *slopes):
+        out, lse = outs
+        with _interop.on_stream(ctx.stream, _device_id(q)):
+            _varlen.attention_varlen_into(
+                _borrow(q), _borrow(k), _borrow(v), _borrow(cu_q), _borrow(cu_k), max_q, max_k,
+                _borrow(out), _borrow(lse), causal=causal, scale=scale,
+                **_options(window, softcap, slopes[0] if slopes else None))
+
+    shapes = (jax.ShapeDtypeStruct(q.shape[:2] + v.shape[-1:], q.dtype),
+              jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), jnp.float32))
+    extra = () if slopes is None else (slopes,)
+    return buffer_callback(run, shapes)(q, k, v, cu_q, cu_k, *extra)
+
+
+def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, static):
+    max_q, max_k, causal, scale, deterministic, window, softcap = static
+
+    def run(ctx, grads, dout, q, k, v, out, lse, cu_q, cu_k, *slopes):
+        dq, dk, dv = grads
+        with _interop.on_stream(ctx.stream, _device_id(q)):
+            _varlen.attention_varlen_backward(
+                *(_borrow(x) for x in (dout, q, k, v, out, lse, cu_q, cu_k)), max_q, max_k,
+                causal=causal, scale=scale, deterministic=deterministic, dq=_borrow(dq),
+                dk=_borrow(dk), dv=_borrow(dv),
+                **_options(window, softcap, slopes[0] if slopes else None))
+
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
+    extra = () if slopes is None else (slopes,)
+    return buffer_callback(run, shapes)(dout, q, k, v, out, lse, cu_q, cu_k, *extra)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention_varlen(q, k, v, cu_q, cu_k, slopes, static):
+    return _varlen_forward(q, k, v, cu_q, cu_k, slopes, static)
+
+
+def _attention_varlen_fwd(q, k, v, cu_q, cu_k, slopes, static):
+    out, lse = _varlen_forward(q, k, v, cu_q, cu_k, slopes, static)
+    return (out, lse), (q, k, v, out, lse, cu_q, cu_k, slopes)
+
+
+def _attention_varlen_bwd(static, residuals, cotangents):
+    q, k, v, out, lse, cu_q, cu_k, slopes = residuals
+    dout, _ = cotangents
+    dq, dk, dv = _varlen_backward(dout.astype(q.dtype), q, k, v, out, lse, cu_q, cu_k, slopes,
+                                  static)
+    no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer inputs)
+    return (dq, dk, dv, no_grad(cu_q), no_grad(cu_k),
+            None if slopes is None else jnp.zeros_like(slopes))
+
+
+_attention_varlen.defvjp(_attention_varlen_fwd, _attention_varlen_bwd)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                     *, causal: bool = False, scale: Optional[float] = None,
+                     return_lse: bool = False, deterministic: bool = False,
+                     window: Optional[tuple[int, int]] = None, softcap: float = 0.0,
+                     alibi_slopes=None):
+    """:func:`cuflash.attention_varlen` on JAX GPU arrays, differentiable in q, k and v.
+
+    ``q``: ``(total_q, Hq, D)``; ``k``, ``v``: ``(total_k, Hk, D/Dv)``; ``cu_seqlens_*``:
+    int32 ``(batch + 1,)`` arrays; ``max_seqlen_*`` static ints. The prefix sums are checked
+    inside the callback (a copy to the host on XLA's stream).
+
+    Examples
+    --------
+    >>> cu = jnp.asarray([0, 100, 356], jnp.int32)  # doctest: +SKIP
+    >>> out = cuflash.jax.attention_varlen(q, k, v, cu, cu, 256, 256, causal=True)  # doctest: +SKIP
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "dtype") or x.dtype not in (jnp.float16, jnp.bfloat16):
+            raise TypeError(f"{name} must be a float16 or bfloat16 jax.Array")
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if getattr(x, "dtype", None) != jnp.int32:
+            raise TypeError(f"{name} must be an int32 jax.Array")
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if q.ndim != 3:
+        raise ValueError(f"q must have shape (total, heads, head_dim), got {q.shape}")
+    scale = _api._check_scale(scale, q.shape[-1])
+    window = _interop._options._check_window(window)
+    softcap = _interop._options._check_softcap(softcap)
+    if alibi_slopes is not None and getattr(alibi_slopes, "dtype", None) != jnp.float32:
+        raise TypeError("alibi_slopes must be a float32 jax.Array")
+    static = (int(max_seqlen_q), int(max_seqlen_k), causal, scale, deterministic, window,
+              softcap)
+    out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, static)
     return (out, lse) if return_lse else out

@@ -230,12 +230,11 @@ class _AttentionVarlen(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic, window,
                 softcap, alibi_slopes):
         out = q.new_empty(q.shape[:2] + v.shape[-1:])
-        opts = _options(window, softcap, alibi_slopes)
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
         with _stream(q):
-            _, lse = _varlen.attention_varlen(_cp(q), _cp(k), _cp(v), _cp(cu_q), _cp(cu_k),
-                                              max_q, max_k, causal=causal, scale=scale,
-                                              return_lse=True, out=_cp(out), **opts)
-        lse = torch.from_dlpack(lse)  # CuPy's memory, kept alive by the tensor
+            _varlen.attention_varlen_into(_cp(q), _cp(k), _cp(v), _cp(cu_q), _cp(cu_k), max_q,
+                                          max_k, _cp(out), _cp(lse), causal=causal,
+                                          scale=scale, **_options(window, softcap, alibi_slopes))
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
         ctx.args = (max_q, max_k, causal, scale, deterministic, window, softcap)
         ctx.mark_non_differentiable(lse)
