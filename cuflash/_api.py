@@ -435,15 +435,19 @@ def _into(given, value, dtype):
     return given
 
 
+def _gradient_arrays(cp, q, k, v, dq, dk, dv):
+    """The caller's dq, dk, dv, or new arrays with the shapes of q, k, v (q's dtype)."""
+    return tuple(cp.empty(x.shape, q.dtype) if g is None else g
+                 for g, x in ((dq, q), (dk, k), (dv, v)))
+
+
 def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, deterministic,
                   opts=_options.NONE):
     from . import _dispatch
 
     _check_device(cp, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dq=dq, dk=dk, dv=dv,
                   alibi_slopes=opts.alibi_slopes)
-    dq = cp.empty(q.shape, q.dtype) if dq is None else dq
-    dk = cp.empty(k.shape, q.dtype) if dk is None else dk
-    dv = cp.empty(v.shape, q.dtype) if dv is None else dv
+    dq, dk, dv = _gradient_arrays(cp, q, k, v, dq, dk, dv)
     if dq.size + dk.size + dv.size == 0:
         return dq, dk, dv
     lead = None if q.ndim == 2 else q.shape[:-3]

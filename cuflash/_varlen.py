@@ -235,9 +235,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     _api._check_device(cp, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dq=dq, dk=dk, dv=dv,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        alibi_slopes=opts.alibi_slopes)
-    dq = cp.empty(q.shape, q.dtype) if dq is None else dq
-    dk = cp.empty(k.shape, q.dtype) if dk is None else dk
-    dv = cp.empty(v.shape, q.dtype) if dv is None else dv
+    dq, dk, dv = _api._gradient_arrays(cp, q, k, v, dq, dk, dv)
     if dq.size + dk.size + dv.size == 0:
         return dq, dk, dv
     packed = _dispatch.Packed(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_q,
