@@ -342,7 +342,7 @@ def _alibi_slopes(alibi_slopes, lead, squeeze):
 
 
 def attention_naive(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0,
-                    alibi_slopes=None):
+                    alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """Attention by materialising the full score matrix (ground truth).
 
     Parameters
@@ -365,6 +365,10 @@ def attention_naive(q, k, v, *, causal=False, scale=None, window=None, softcap=0
         Per query head (``(Hq,)``) or per batch and head (``(..., Hq)``): the score
         of query ``i`` and key ``j`` gets ``-slope * |i + Lk - Lq - j|``, after the
         softcap.
+    dropout_p, dropout_mask : float, array of bool, optional
+        Dropout on the probabilities: ``out = (P * mask / (1 - p)) V`` with ``mask``
+        broadcastable to ``(..., Hq, Lq, Lk)`` (for example
+        :func:`cuflash._dropout.keep_mask`); ``lse`` is that of ``P``, before dropout.
 
     Returns
     -------
@@ -381,8 +385,16 @@ def attention_naive(q, k, v, *, causal=False, scale=None, window=None, softcap=0
     m_i = np.max(s, axis=-1, initial=-np.inf)
     p = np.exp(s - _safe_ref(m_i)[..., None])
     l_i = p.sum(axis=-1)
-    o_acc = p @ v
+    o_acc = _dropped(p, dropout_p, dropout_mask, squeeze) @ v
     return _finalise(m_i, l_i, o_acc, squeeze)
+
+
+def _dropped(p, dropout_p, mask, squeeze):
+    """``p * mask / (1 - dropout_p)``, or ``p`` without a mask."""
+    if mask is None:
+        return p
+    mask = np.asarray(mask, dtype=bool)
+    return p * ((mask[None] if squeeze else mask) / (1.0 - dropout_p))
 
 
 def _tiled_setup(q, k, v, causal, scale, window, softcap=0.0, alibi_slopes=None):
@@ -576,7 +588,7 @@ def _finalise_grads(dq, dk, dv, hk, squeeze):
 
 
 def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=None,
-                             softcap=0.0, alibi_slopes=None):
+                             softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """Gradients of attention by the closed form on the full matrices.
 
     With ``P = softmax(S)`` over the visible keys (``S = scale q k^T``) and
@@ -593,8 +605,10 @@ def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=
     dout : array_like
         Gradient of the loss with respect to the output, ``(..., Hq, Lq, Dv)``
         or ``(Lq, Dv)``.
-    q, k, v, causal, scale, window, softcap, alibi_slopes
-        As in :func:`attention_naive`.
+    q, k, v, causal, scale, window, softcap, alibi_slopes, dropout_p, dropout_mask
+        As in :func:`attention_naive`. With dropout (``Z`` the mask, ``r = 1/(1-p)``):
+        ``dV = (r P Z)^T dO`` and ``dS = P * (r Z dP - delta)``, where ``delta`` uses the
+        dropped output.
 
     Returns
     -------
@@ -611,12 +625,13 @@ def attention_backward_naive(dout, q, k, v, *, causal=False, scale=None, window=
     p = np.exp(s - _safe_ref(m_i)[..., None])    # masked entries -> 0
     l_i = p.sum(axis=-1, keepdims=True)
     np.divide(p, l_i, out=p, where=l_i > 0)     # empty rows stay 0
-    o = p @ v
+    pz = _dropped(p, dropout_p, dropout_mask, squeeze)  # r P Z (P without dropout)
+    o = pz @ v
 
-    dv = np.swapaxes(p, -1, -2) @ dout
+    dv = np.swapaxes(pz, -1, -2) @ dout
     dp = dout @ np.swapaxes(v, -1, -2)
     delta = np.sum(dout * o, axis=-1, keepdims=True)
-    ds = p * (dp - delta)
+    ds = pz * dp - p * delta
     if jac is not None:
         ds *= jac
     dq = scale * (ds @ k)

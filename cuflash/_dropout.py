@@ -1,0 +1,77 @@
+"""Dropout masks as a pure function of ``(seed, batch, head, i, j)`` (groundwork: the
+public API does not take ``dropout_p`` yet).
+
+The random bits come from Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy
+as 1, 2, 3", SC 2011), keyed by the 64-bit seed. One call gives 128 bits = eight 16-bit
+numbers, which decide eight scores that a GPU thread holds together in the ``mma.sync``
+accumulator layout: rows ``i`` and ``i + 8``, columns ``j`` and ``j + 1`` in two 8-column
+halves of a 16-column group. Score ``(i, j)`` of ``(batch, head)`` uses
+
+* counter ``(4 * (j // 16) + (j % 8) // 2, i - (i & 8), batch * heads + head, 0)``,
+* the 16-bit word ``4 * ((i >> 3) & 1) + 2 * ((j >> 3) & 1) + (j & 1)`` of the output
+  (word 2w is the low half of 32-bit output w),
+
+and is kept iff that word is at least ``round(p * 65536)``: the keep rate is ``1 - p`` to
+within 2^-17. Kept scores are scaled by ``1 / (1 - p)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 on arrays: ``counter`` is four uint32 arrays (broadcastable), ``key``
+    two; returns four uint32 arrays."""
+    c = [np.asarray(x, dtype=np.uint64) & _MASK32 for x in counter]
+    k0, k1 = (np.asarray(x, dtype=np.uint64) & _MASK32 for x in key)
+    for _ in range(10):
+        p0 = np.uint64(_M0) * c[0]  # exact: both factors < 2^32
+        p1 = np.uint64(_M1) * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0 = (k0 + np.uint64(_W0)) & _MASK32
+        k1 = (k1 + np.uint64(_W1)) & _MASK32
+    return [x.astype(np.uint32) for x in c]
+
+
+def threshold(p: float) -> int:
+    """16-bit threshold for dropout probability ``p`` in [0, 1)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return min(int(round(p * 65536)), 65535)
+
+
+def keep_mask(seed: int, p: float, batch: int, heads: int, seqlen_q: int,
+              seqlen_k: int) -> np.ndarray:
+    """Boolean ``(batch, heads, seqlen_q, seqlen_k)``: True where the score is kept.
+
+    Examples
+    --------
+    >>> m = keep_mask(1234, 0.25, 1, 2, 64, 64)
+    >>> m.shape, bool(abs(m.mean() - 0.75) < 0.02)
+    ((1, 2, 64, 64), True)
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    b = np.arange(batch, dtype=np.uint64)[:, None, None, None]
+    h = np.arange(heads, dtype=np.uint64)[None, :, None, None]
+    i = np.arange(seqlen_q, dtype=np.uint64)[None, None, :, None]
+    j = np.arange(seqlen_k, dtype=np.uint64)[None, None, None, :]
+    counter = (np.uint64(4) * (j >> np.uint64(4)) + ((j & np.uint64(7)) >> np.uint64(1)),
+               i - (i & np.uint64(8)),
+               b * np.uint64(heads) + h,
+               np.zeros((), np.uint64))
+    words = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))
+    slot = (np.uint64(4) * ((i >> np.uint64(3)) & np.uint64(1))
+            + np.uint64(2) * ((j >> np.uint64(3)) & np.uint64(1)) + (j & np.uint64(1)))
+    word = np.choose((slot >> np.uint64(1)).astype(np.intp),
+                     [np.broadcast_to(w, np.broadcast(*counter, slot).shape) for w in words])
+    half = np.where((slot & np.uint64(1)) == 1, word >> np.uint32(16), word & np.uint32(0xFFFF))
+    return half >= threshold(p)

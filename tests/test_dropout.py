@@ -1,0 +1,91 @@
+"""CPU tests of the dropout groundwork (cuflash._dropout): Philox against the published
+known-answer vectors, the mask as a pure function with the right keep rate, and the
+float64 reference with a mask against finite differences."""
+
+import numpy as np
+import pytest
+
+from cuflash import _dropout, _reference
+
+
+@pytest.mark.parametrize("counter, key, expect", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(counter, key, expect):
+    """Philox4x32-10's known-answer vectors (Random123)."""
+    assert tuple(int(x) for x in _dropout.philox4x32_10(counter, key)) == expect
+
+
+def test_keep_rate_and_slots():
+    p = 0.3
+    m = _dropout.keep_mask(2024, p, 2, 4, 256, 512)
+    n = m.size
+    assert abs(m.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n)
+    # each of the eight 16-bit words of a Philox call keeps at the same rate
+    i = np.arange(256)[:, None]
+    j = np.arange(512)[None, :]
+    slot = 4 * ((i >> 3) & 1) + 2 * ((j >> 3) & 1) + (j & 1)
+    for s in range(8):
+        sel = m[..., np.broadcast_to(slot == s, (256, 512))]
+        assert abs(sel.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / sel.size)
+
+
+def test_mask_is_a_pure_function_of_its_coordinates():
+    a = _dropout.keep_mask(7, 0.5, 3, 2, 70, 90)
+    b = _dropout.keep_mask(7, 0.5, 2, 2, 40, 50)  # fewer batches, rows, columns
+    np.testing.assert_array_equal(a[:2, :, :40, :50], b)
+    assert np.array_equal(a, _dropout.keep_mask(7, 0.5, 3, 2, 70, 90))
+    assert not np.array_equal(a, _dropout.keep_mask(8, 0.5, 3, 2, 70, 90))
+    assert _dropout.keep_mask(7, 0.0, 1, 1, 16, 16).all()
+    big = _dropout.keep_mask(2**64 - 1, 0.5, 1, 1, 16, 16)  # the whole seed range
+    assert 0 < big.mean() < 1
+
+
+@pytest.mark.parametrize("bad", (-0.1, 1.0, 1.5))
+def test_threshold_checks_p(bad):
+    with pytest.raises(ValueError, match="dropout_p"):
+        _dropout.threshold(bad)
+
+
+@pytest.mark.parametrize("causal", (False, True))
+def test_reference_with_mask_matches_finite_differences(causal):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s) for s in ((1, 2, 5, 4), (1, 1, 7, 4), (1, 1, 7, 3)))
+    dout = rng.standard_normal((1, 2, 5, 3))
+    p = 0.4
+    mask = _dropout.keep_mask(99, p, 1, 2, 5, 7)
+    kw = dict(causal=causal, dropout_p=p, dropout_mask=mask)
+    grads = _reference.attention_backward_naive(dout, q, k, v, **kw)
+
+    def loss(q, k, v):
+        return float(np.sum(dout * _reference.attention_naive(q, k, v, **kw)[0]))
+
+    eps = 1e-6
+    for x, g in zip((q, k, v), grads):
+        num = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            x[idx] += eps
+            up = loss(q, k, v)
+            x[idx] -= 2 * eps
+            down = loss(q, k, v)
+            x[idx] += eps
+            num[idx] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(g, num, atol=1e-7, rtol=1e-6)
+
+
+def test_reference_mask_semantics():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 6, 8)) for _ in range(3))
+    plain, lse = _reference.attention_naive(q, k, v)
+    ones = np.ones((2, 6, 6), bool)
+    same, lse2 = _reference.attention_naive(q, k, v, dropout_p=0.0, dropout_mask=ones)
+    np.testing.assert_allclose(same, plain)
+    np.testing.assert_allclose(lse2, lse)
+    mask = _dropout.keep_mask(5, 0.5, 1, 2, 6, 6)[0]
+    dropped, lse3 = _reference.attention_naive(q, k, v, dropout_p=0.5, dropout_mask=mask)
+    np.testing.assert_allclose(lse3, lse)  # lse is taken before dropout
+    p = np.exp(q @ np.swapaxes(k, -1, -2) / np.sqrt(8) - lse[..., None])
+    np.testing.assert_allclose(dropped, (p * mask * 2.0) @ v)
