@@ -26,14 +26,20 @@ def _cupy():
 
 
 def check_call(q, k, v, causal, scale, deterministic, window=None, softcap=0.0):
-    """The adapters' checks before tracing or launching: the flags, the shapes with
-    :func:`cuflash.attention`'s messages (``.shape`` and ``.ndim`` are all they read), and
-    the window and softcap. Returns ``(scale, window, softcap)``: the scale (default
-    ``1 / sqrt(D)``), the window as a pair (-1: unbounded) and the softcap as a float."""
+    """The adapters' checks before tracing or launching: the shapes with
+    :func:`cuflash.attention`'s messages (``.shape`` and ``.ndim`` are all they read), then
+    :func:`check_flags`. Returns ``(scale, window, softcap)``."""
+    head_dim, _ = _api._check_shapes(q, k, v)
+    return check_flags(causal, scale, deterministic, window, softcap, head_dim)
+
+
+def check_flags(causal, scale, deterministic, window, softcap, head_dim):
+    """The flags, the scale, the window and the softcap of an adapter call. Returns
+    ``(scale, window, softcap)``: the scale (default ``1 / sqrt(head_dim)``), the window as
+    a pair (-1: unbounded) and the softcap as a float."""
     for name, flag in (("causal", causal), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    head_dim, _ = _api._check_shapes(q, k, v)
     return (_api._check_scale(scale, head_dim), _options._check_window(window),
             _options._check_softcap(softcap))
 

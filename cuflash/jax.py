@@ -25,7 +25,7 @@ def _borrow(buf):
     return _interop.borrow(buf, np.dtype(buf.dtype))
 
 
-def _options(window, softcap, slopes) -> dict:
+def _option_kwargs(window, softcap, slopes) -> dict:
     """cuflash.attention's keyword options; ``slopes`` is a borrowed buffer or None."""
     opts = {}
     if window != (-1, -1):
@@ -37,13 +37,18 @@ def _options(window, softcap, slopes) -> dict:
     return opts
 
 
+def _check_slopes(alibi_slopes):
+    if alibi_slopes is not None and getattr(alibi_slopes, "dtype", None) != jnp.float32:
+        raise TypeError("alibi_slopes must be a float32 jax.Array")
+
+
 def _forward(q, k, v, slopes, causal, scale, window, softcap):
     def run(ctx, outs, q, k, v, *slopes):
         out, lse = outs
         with _interop.on_stream(ctx.stream, _device_id(q)):
             _api.attention_into(_borrow(q), _borrow(k), _borrow(v), _borrow(out),
                                 _borrow(lse), causal=causal, scale=scale,
-                                **_options(window, softcap, slopes[0] if slopes else None))
+                                **_option_kwargs(window, softcap, slopes[0] if slopes else None))
 
     shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + (v.shape[-1],), q.dtype),
               jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
@@ -58,7 +63,7 @@ def _backward(dout, q, k, v, out, lse, slopes, causal, scale, deterministic, win
             _api.attention_backward(*(_borrow(x) for x in (dout, q, k, v, out, lse)),
                                     causal=causal, scale=scale, deterministic=deterministic,
                                     dq=_borrow(dq), dk=_borrow(dk), dv=_borrow(dv),
-                                    **_options(window, softcap, slopes[0] if slopes else None))
+                                    **_option_kwargs(window, softcap, slopes[0] if slopes else None))
 
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
     extra = () if slopes is None else (slopes,)
@@ -126,8 +131,7 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
             raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
     scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
                                                  window, softcap)  # at trace time
-    if alibi_slopes is not None and getattr(alibi_slopes, "dtype", None) != jnp.float32:
-        raise TypeError("alibi_slopes must be a float32 jax.Array")
+    _check_slopes(alibi_slopes)
     out, lse = _attention(q, k, v, alibi_slopes, causal, scale, deterministic, window, softcap)
     return (out, lse) if return_lse else out
 
@@ -144,7 +148,7 @@ def _varlen_forward(q, k, v, cu_q, cu_k, slopes, static):
             _varlen.attention_varlen_into(
                 _borrow(q), _borrow(k), _borrow(v), _borrow(cu_q), _borrow(cu_k), max_q, max_k,
                 _borrow(out), _borrow(lse), causal=causal, scale=scale,
-                **_options(window, softcap, slopes[0] if slopes else None))
+                **_option_kwargs(window, softcap, slopes[0] if slopes else None))
 
     shapes = (jax.ShapeDtypeStruct(q.shape[:2] + v.shape[-1:], q.dtype),
               jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), jnp.float32))
@@ -162,7 +166,7 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, static):
                 *(_borrow(x) for x in (dout, q, k, v, out, lse, cu_q, cu_k)), max_q, max_k,
                 causal=causal, scale=scale, deterministic=deterministic, dq=_borrow(dq),
                 dk=_borrow(dk), dv=_borrow(dv),
-                **_options(window, softcap, slopes[0] if slopes else None))
+                **_option_kwargs(window, softcap, slopes[0] if slopes else None))
 
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
     extra = () if slopes is None else (slopes,)
@@ -214,16 +218,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if getattr(x, "dtype", None) != jnp.int32:
             raise TypeError(f"{name} must be an int32 jax.Array")
-    for name, flag in (("causal", causal), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if q.ndim != 3:
         raise ValueError(f"q must have shape (total, heads, head_dim), got {q.shape}")
-    scale = _api._check_scale(scale, q.shape[-1])
-    window = _interop._options._check_window(window)
-    softcap = _interop._options._check_softcap(softcap)
-    if alibi_slopes is not None and getattr(alibi_slopes, "dtype", None) != jnp.float32:
-        raise TypeError("alibi_slopes must be a float32 jax.Array")
+    scale, window, softcap = _interop.check_flags(causal, scale, deterministic, window,
+                                                  softcap, q.shape[-1])
+    _check_slopes(alibi_slopes)
     static = (int(max_seqlen_q), int(max_seqlen_k), causal, scale, deterministic, window,
               softcap)
     out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, static)

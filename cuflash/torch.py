@@ -55,7 +55,7 @@ def _stream(t: torch.Tensor):
     return _interop.on_stream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
 
 
-def _options(window, softcap, alibi_slopes) -> dict:
+def _option_kwargs(window, softcap, alibi_slopes) -> dict:
     """The keyword options of cuflash.attention, from the ops' flat arguments."""
     opts = {}
     if tuple(window) != (-1, -1):
@@ -67,12 +67,23 @@ def _options(window, softcap, alibi_slopes) -> dict:
     return opts
 
 
+def _check_slopes(alibi_slopes, device):
+    """None, or the ALiBi slopes as a float32 tensor on ``device``, detached (constants)."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise TypeError("alibi_slopes must be a float32 torch.Tensor")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on {device}, got {alibi_slopes.device}")
+    return alibi_slopes.detach()
+
+
 def _forward_impl(q, k, v, causal, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     with _stream(q):
         _api.attention_into(_cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), causal=causal,
-                            scale=scale, **_options(window, softcap, alibi_slopes))
+                            scale=scale, **_option_kwargs(window, softcap, alibi_slopes))
     return out, lse
 
 
@@ -87,7 +98,7 @@ def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window
         _api.attention_backward(_cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse),
                                 causal=causal, scale=scale, deterministic=deterministic,
                                 dq=_cp(dq), dk=_cp(dk), dv=_cp(dv),
-                                **_options(window, softcap, alibi_slopes))
+                                **_option_kwargs(window, softcap, alibi_slopes))
     return dq, dk, dv
 
 
@@ -211,12 +222,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
     scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
                                                  window, softcap)
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-            raise TypeError("alibi_slopes must be a float32 torch.Tensor")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes must be on {q.device}, got {alibi_slopes.device}")
-        alibi_slopes = alibi_slopes.detach()
+    alibi_slopes = _check_slopes(alibi_slopes, q.device)
     run = _attention_fwd if torch.compiler.is_compiling() else _Attention.apply
     out, lse = run(q, k, v, causal, scale, deterministic, list(window), softcap, alibi_slopes)
     return (out, lse) if return_lse else out
@@ -234,7 +240,7 @@ class _AttentionVarlen(torch.autograd.Function):
         with _stream(q):
             _varlen.attention_varlen_into(_cp(q), _cp(k), _cp(v), _cp(cu_q), _cp(cu_k), max_q,
                                           max_k, _cp(out), _cp(lse), causal=causal,
-                                          scale=scale, **_options(window, softcap, alibi_slopes))
+                                          scale=scale, **_option_kwargs(window, softcap, alibi_slopes))
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
         ctx.args = (max_q, max_k, causal, scale, deterministic, window, softcap)
         ctx.mark_non_differentiable(lse)
@@ -251,7 +257,7 @@ class _AttentionVarlen(torch.autograd.Function):
             _varlen.attention_varlen_backward(
                 _cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), _cp(cu_q), _cp(cu_k),
                 max_q, max_k, causal=causal, scale=scale, deterministic=deterministic,
-                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv), **_options(window, softcap, alibi_slopes))
+                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv), **_option_kwargs(window, softcap, alibi_slopes))
         return (dq, dk, dv) + (None,) * 10
 
 
@@ -281,16 +287,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or x.device != q.device:
             raise TypeError(f"{name} must be an int32 torch.Tensor on {q.device}")
-    for name, flag in (("causal", causal), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    scale = _api._check_scale(scale, q.shape[-1])
-    window = _interop._options._check_window(window)
-    softcap = _interop._options._check_softcap(softcap)
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-            raise TypeError("alibi_slopes must be a float32 torch.Tensor")
-        alibi_slopes = alibi_slopes.detach()
+    scale, window, softcap = _interop.check_flags(causal, scale, deterministic, window,
+                                                  softcap, q.shape[-1])
+    alibi_slopes = _check_slopes(alibi_slopes, q.device)
     out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, causal, scale, deterministic, window,
                                       softcap, alibi_slopes)
