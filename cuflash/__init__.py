@@ -8,19 +8,20 @@ Fused, exact attention kernels written in CUDA C++ and compiled at run time by N
 >>> dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)  # doctest: +SKIP
 
 Packed sequences of different lengths: ``cuflash.attention_varlen`` and
-``cuflash.attention_varlen_backward``. Options: ``window``, ``softcap``, ``alibi_slopes``
-(docs/options.md).
+``cuflash.attention_varlen_backward``. Options: ``window``, ``softcap``, ``alibi_slopes``,
+``dropout_p`` with ``seed`` (docs/options.md); ``cuflash.dropout_mask`` shows a dropout mask.
 
 Framework adapters, differentiable and zero-copy: ``cuflash.torch.attention`` and
 ``cuflash.jax.attention`` (docs/interop.md).
 """
 
 from ._api import attention, attention_backward
+from ._dropout import dropout_mask
 from ._varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
-           "__version__"]
+           "dropout_mask", "__version__"]
 
 
 def __getattr__(name):

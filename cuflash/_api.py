@@ -231,7 +231,13 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     causal, scale, out = _check_forward(xp, q, k, v, causal, scale, out)
     opts = _options.parse(xp, q, causal, options)
 
-    if xp is np:
+    if xp is np and opts.dropout_p:
+        ref_out, ref_lse = _reference.attention_naive(q, k, v, causal=causal, scale=scale,
+                                                      **opts.reference_kwargs(),
+                                                      **_reference_dropout(opts, q, k))
+        out = _into(out, ref_out, q.dtype)
+        lse = ref_lse.astype(np.float32)
+    elif xp is np:
         ref_out, ref_lse = _reference.attention_tiled_fa2(q, k, v, causal=causal, scale=scale,
                                                           block_m=128, block_n=128,
                                                           **opts.reference_kwargs())
@@ -240,6 +246,17 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     else:
         out, lse = _gpu_forward(xp, q, k, v, out, causal=causal, scale=scale, opts=opts)
     return (out, lse) if return_lse else out
+
+
+def _reference_dropout(opts, q, k) -> dict:
+    """The reference's dropout arguments for q and k of any rank: the keep mask of
+    :mod:`cuflash._dropout` over the flattened batch dims, shaped ``(..., Hq, Lq, Lk)``."""
+    heads = q.shape[-3] if q.ndim > 2 else 1
+    batch = math.prod(q.shape[:-3]) if q.ndim > 3 else 1
+    kw = opts.reference_dropout(batch, heads, q.shape[-2], k.shape[-2])
+    if kw:
+        kw["dropout_mask"] = kw["dropout_mask"].reshape(q.shape[:-2] + kw["dropout_mask"].shape[-2:])
+    return kw
 
 
 def _check_forward(xp, q, k, v, causal, scale, out):
@@ -293,14 +310,15 @@ def _gpu_forward(cp, q, k, v, out, *, causal, scale, lse=None, opts=_options.NON
     arrays = [(q, 3), (k, 3), (v, 3), (out, 3), (lse, 2)]
     if opts.alibi_slopes is not None:
         arrays.append((opts.alibi_slopes, 1))
-    for views in _batched_views(lead, arrays):
+    for batch0, views in _batched_views(lead, arrays):
         _dispatch.forward(*views[:5], causal=causal, scale=scale, options=opts,
-                          alibi_slopes=views[5] if len(views) > 5 else None)
+                          alibi_slopes=views[5] if len(views) > 5 else None, batch0=batch0)
     return out, lse
 
 
 def _batched_views(lead, arrays):
-    """Yield 4-D ``(B, H, L, D)`` views (3-D for lse-like arrays) that cover the arrays.
+    """Yield ``(batch0, views)``: 4-D ``(B, H, L, D)`` views (3-D for lse-like arrays)
+    that cover the arrays, and the flat index of their first batch element.
 
     ``lead`` is the shape of the shared leading dims; ``arrays`` holds ``(array, tail)``
     pairs, ``tail`` being the number of dims after them. Leading dims are merged into B
@@ -308,10 +326,10 @@ def _batched_views(lead, arrays):
     are walked one index at a time.
     """
     if lead is None:  # 2-D inputs (L, D): one batch element, one head
-        yield tuple(x[(None,) * (tail + 1 - x.ndim)] for x, tail in arrays)
+        yield 0, tuple(x[(None,) * (tail + 1 - x.ndim)] for x, tail in arrays)
         return
     if len(lead) == 1:  # already (B, H, L, D): the arrays themselves
-        yield tuple(x for x, _ in arrays)
+        yield 0, tuple(x for x, _ in arrays)
         return
     split = len(lead)
     # smallest split such that lead[split:] merges into one stride for every array
@@ -319,13 +337,14 @@ def _batched_views(lead, arrays):
             _mergeable(x.shape[:len(lead)][split - 1:], x.strides[:len(lead)][split - 1:])
             for x, _ in arrays):
         split -= 1
-    for idx in itertools.product(*(range(n) for n in lead[:split])):
+    inner = math.prod(lead[split:])
+    for flat, idx in enumerate(itertools.product(*(range(n) for n in lead[:split]))):
         views = []
         for x, tail in arrays:
             y = x[idx]
             batch = math.prod(y.shape[:-tail]) if y.ndim > tail else 1
             views.append(y.reshape((batch,) + y.shape[y.ndim - tail:]))
-        yield tuple(views)
+        yield flat * inner, tuple(views)
 
 
 def _mergeable(shape, strides) -> bool:
@@ -419,6 +438,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None,
                       {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse})
     opts = _options.parse(xp, q, causal, options)
 
+    if xp is np and opts.dropout_p:
+        grads = _reference.attention_backward_naive(dout, q, k, v, causal=causal, scale=scale,
+                                                    **opts.reference_kwargs(),
+                                                    **_reference_dropout(opts, q, k))
+        return tuple(_into(given, g, q.dtype) for given, g in zip((dq, dk, dv), grads))
     if xp is np:
         grads = _reference.attention_backward_tiled(dout, q, k, v, out, lse, causal=causal,
                                                     scale=scale, **opts.reference_kwargs())
@@ -454,7 +478,8 @@ def _gpu_backward(cp, dout, q, k, v, out, lse, dq, dk, dv, *, causal, scale, det
     arrays = [(dout, 3), (q, 3), (k, 3), (v, 3), (out, 3), (lse, 2), (dq, 3), (dk, 3), (dv, 3)]
     if opts.alibi_slopes is not None:
         arrays.append((opts.alibi_slopes, 1))
-    for views in _batched_views(lead, arrays):
+    for batch0, views in _batched_views(lead, arrays):
         _dispatch.backward(*views[:9], causal=causal, scale=scale, deterministic=deterministic,
-                           options=opts, alibi_slopes=views[9] if len(views) > 9 else None)
+                           options=opts, alibi_slopes=views[9] if len(views) > 9 else None,
+                           batch0=batch0)
     return dq, dk, dv

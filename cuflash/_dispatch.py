@@ -129,23 +129,31 @@ def _kernel_mask(causal: bool, options) -> tuple[bool, bool]:
     return (causal or options.causal) and not options.local, options.kernel
 
 
-def _option_args(options, scale: float, seqlen_q: int, seqlen_k: int, alibi_slopes) -> tuple:
+def _option_args(options, scale: float, seqlen_q: int, seqlen_k: int, alibi_slopes,
+                 heads_q: int, batch0: int) -> tuple:
     """The options' kernel arguments: window, softcap, ALiBi slopes (B, Hq) and their batch
-    stride (plain kernels receive and ignore them)."""
+    stride, dropout (threshold, 1 / (1 - p), seed, and the dropout counter of this call's
+    first (batch, head): ``batch0 * heads_q``, batch0 being the flat batch index of the
+    views' first element). Plain kernels receive and ignore them."""
     left, right = options.window_args(seqlen_q, seqlen_k)
     softcap_in, softcap_out = options.softcap_args(scale)
     if alibi_slopes is None:
         slopes, slopes_stride = np.uint64(0), 0
     else:
         slopes, slopes_stride = alibi_slopes, alibi_slopes.strides[0] // 4
+    threshold, dropout_scale, seed = options.dropout_args()
     return (np.int32(left), np.int32(right), np.float32(softcap_in), np.float32(softcap_out),
-            slopes, np.int64(slopes_stride))
+            slopes, np.int64(slopes_stride), np.uint32(threshold), np.float32(dropout_scale),
+            np.uint64(seed), np.uint32((batch0 * heads_q) % 2**32))
 
 
-def _batch_slice(args: tuple, sl: slice) -> tuple:
-    """_option_args for the batch elements ``sl`` (the slopes array is sliced)."""
+def _batch_slice(args: tuple, sl: slice, heads_q: int) -> tuple:
+    """_option_args for the batch elements ``sl`` (the slopes array is sliced, the dropout
+    counter moved on)."""
     slopes = args[4]
-    return args[:4] + ((slopes if isinstance(slopes, np.generic) else slopes[sl]),) + args[5:]
+    bh0 = np.uint32((int(args[9]) + sl.start * heads_q) % 2**32)
+    return (args[:4] + ((slopes if isinstance(slopes, np.generic) else slopes[sl]),)
+            + args[5:9] + (bh0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +194,11 @@ def _batch_view(x, b0, packed):
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
-            options=_options.NONE, alibi_slopes=None, packed: Packed | None = None) -> None:
+            options=_options.NONE, alibi_slopes=None, packed: Packed | None = None,
+            batch0: int = 0) -> None:
     """Launch the forward kernel on 4-D views ``(B, H, L, D)``; lse is ``(B, Hq, Lq)``;
-    ``alibi_slopes`` (with ``options``) is ``(B, Hq)``; ``packed``: see :class:`Packed`.
+    ``alibi_slopes`` (with ``options``) is ``(B, Hq)``; ``packed``: see :class:`Packed`;
+    ``batch0``: the flat batch index of the views' first element (dropout counters).
 
     ``out`` and ``lse`` are written in full (every row of every head).
     """
@@ -200,7 +210,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
         vec = is_vec_aligned((q, k, v, out), D, Dv)
         spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec,
                          options=with_options)
-    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes)
+    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     kern = get_kernel(spec)
     qs, ks, vs, os_ = (_elem_strides(x) for x in (q, k, v, out))
     ls = tuple(s // 4 for s in lse.strides)
@@ -218,7 +228,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
             np.int64(ls[0]), np.int64(ls[1]),
             np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Dv), np.int32(Hq // Hk),
             np.float32(scale * math.log2(math.e)),
-            *_batch_slice(option_args, slice(b0, b0 + nb)),
+            *_batch_slice(option_args, slice(b0, b0 + nb), Hq),
             *(c if packed is None else c[b0:] for c in cu),
         )
         kern((grid_m, Hq, nb), (spec.threads, 1, 1), args, shared_mem=spec.smem_bytes)
@@ -265,8 +275,9 @@ def _i64(*xs):
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
              deterministic: bool, main_spec=None, dq_spec=None, options=_options.NONE,
-             alibi_slopes=None, packed: Packed | None = None) -> None:
-    """Launch the backward pass on 4-D views ``(B, H, L, D)`` (lse: ``(B, Hq, Lq)``).
+             alibi_slopes=None, packed: Packed | None = None, batch0: int = 0) -> None:
+    """Launch the backward pass on 4-D views ``(B, H, L, D)`` (lse: ``(B, Hq, Lq)``);
+    ``batch0`` as in :func:`forward`.
 
     dq, dk and dv are written in full. Launches: preprocess (delta, lse in log2 units),
     the main kernel over key tiles (dK, dV and, unless deterministic, dQ by float
@@ -280,7 +291,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     vec = is_vec_aligned((q, k, v, dout, dq, dk, dv), D, Dv)
     prep, main, dq_pass = _selected(select_bwd_specs, _dtype_name(q.dtype), D, Dv, causal,
                                     vec, deterministic=deterministic, options=with_options)
-    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes)
+    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec
     if dq_spec is not None and deterministic:
@@ -327,7 +338,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dks[:3], *dvs[:3]),
                  np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(Hq), np.int32(D),
                  np.int32(Dv), np.int32(Hq // Hk), scale_log2, np.float32(scale),
-                 *_batch_slice(option_args, sl), *cu_at),
+                 *_batch_slice(option_args, sl, Hq), *cu_at),
                 shared_mem=main.smem_bytes)
         if Lq == 0 or Hq == 0:
             continue
@@ -338,7 +349,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dqs[:3]),
                  np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(D), np.int32(Dv),
                  np.int32(Hq // Hk), scale_log2, np.float32(scale),
-                 *_batch_slice(option_args, sl), *cu_at),
+                 *_batch_slice(option_args, sl, Hq), *cu_at),
                 shared_mem=dq_pass.smem_bytes)
         else:
             get_kernel(prep, prep.name_expressions[1])(
@@ -346,3 +357,19 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 (st(dq_accum), at(dq), *_i64(*dqs[:3]), np.int32(Lq), np.int32(stats_pad),
                  np.int32(D), np.int32(main.head_dim),
                  *(np.int32(x) for x in main.dq_layout), np.float32(scale), cu_at[0]))
+
+
+def dropout_mask(out, seqlen_q: int, seqlen_k: int, options, transposed: bool) -> None:
+    """Write the keep mask of ``options``' dropout into ``out``, uint8 ``(B * Hq, Lq, Lk)``,
+    C-contiguous (1 = kept), with the forward kernel's code or, ``transposed``, the main
+    backward kernel's (kernels/dropout_mask.cu). Row ``b * Hq + h`` is (batch b, head h)."""
+    if out.size == 0:
+        return
+    if out.shape[0] > _MAX_GRID_YZ:
+        raise ValueError(f"dropout_mask covers at most {_MAX_GRID_YZ} (batch, head) pairs a "
+                         f"call, got {out.shape[0]}")
+    spec = _kernels.DropoutMaskSpec(device_arch())
+    threshold, _, seed = options.dropout_args()
+    kern = get_kernel(spec, spec.name_expressions[int(bool(transposed))])
+    kern((-(-seqlen_k // 16), -(-seqlen_q // 16), out.shape[0]), (32, 1, 1),
+         (out, np.int32(seqlen_q), np.int32(seqlen_k), np.uint32(threshold), np.uint64(seed)))

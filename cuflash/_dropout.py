@@ -1,5 +1,6 @@
-"""Dropout masks as a pure function of ``(seed, batch, head, i, j)`` (groundwork: the
-public API does not take ``dropout_p`` yet).
+"""Dropout masks as a pure function of ``(seed, batch, head, i, j)``: the definition that
+the kernels follow (kernels/dropout.cuh), and :func:`dropout_mask`, which shows the mask of
+a call.
 
 The random bits come from Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy
 as 1, 2, 3", SC 2011), keyed by the 64-bit seed. One call gives 128 bits = eight 16-bit
@@ -75,3 +76,56 @@ def keep_mask(seed: int, p: float, batch: int, heads: int, seqlen_q: int,
                      [np.broadcast_to(w, np.broadcast(*counter, slot).shape) for w in words])
     half = np.where((slot & np.uint64(1)) == 1, word >> np.uint32(16), word & np.uint32(0xFFFF))
     return half >= threshold(p)
+
+
+def dropout_mask(q, k, *, dropout_p, seed, transposed=False):
+    """The keep mask that ``cuflash.attention(q, k, v, dropout_p=dropout_p, seed=seed)``
+    applies, for debugging: True where a probability is kept (and scaled by
+    ``1 / (1 - dropout_p)``), False where it is dropped.
+
+    Parameters
+    ----------
+    q, k : arrays, shapes ``(..., Hq, Lq, D)`` and ``(..., Hk, Lk, D)`` (or 2-D)
+        Only their shapes and array module are used.
+    dropout_p : float in [0, 1)
+    seed : int in [0, 2**64)
+    transposed : bool, default False
+        CuPy only: compute the mask with the main backward kernel's code path, which holds
+        the scores transposed, instead of the forward kernel's. The two must agree (the
+        tests check that they do, and that both equal the NumPy definition).
+
+    Returns
+    -------
+    mask : bool array, shape ``(..., Hq, Lq, Lk)``, on q's device
+        Batch element ``b`` (the leading dims flattened) and head ``h`` use the Philox
+        counter ``b * Hq + h``. For :func:`cuflash.attention_varlen`, sequence ``b`` uses
+        ``mask[b, :, :lq_b, :lk_b]`` of the mask for shapes ``(batch, Hq, max_seqlen, D)``.
+
+    Examples
+    --------
+    >>> import numpy as np, cuflash
+    >>> q = np.zeros((1, 2, 64, 16), np.float16)
+    >>> m = cuflash.dropout_mask(q, q, dropout_p=0.25, seed=7)
+    >>> m.shape, bool(abs(m.mean() - 0.75) < 0.03)
+    ((1, 2, 64, 64), True)
+    """
+    from . import _api, _options
+
+    xp = _api._array_module(q=q, k=k)
+    p, seed = _options.check_dropout(dropout_p, seed)
+    transposed = _api._check_bool("transposed", transposed)
+    for name, x in (("q", q), ("k", k)):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., L, D), got shape "
+                             f"{x.shape}")
+    heads = q.shape[-3] if q.ndim > 2 else 1
+    batch = int(np.prod(q.shape[:-3], dtype=np.int64)) if q.ndim > 3 else 1
+    lq, lk = q.shape[-2], k.shape[-2]
+    shape = q.shape[:-2] + (lq, lk)
+    if xp is np:
+        return keep_mask(seed, p, batch, heads, lq, lk).reshape(shape)
+    from . import _dispatch
+
+    out = xp.empty((batch * heads, lq, lk), dtype=xp.uint8)
+    _dispatch.dropout_mask(out, lq, lk, _options.Options(dropout_p=p, seed=seed), transposed)
+    return out.view(xp.bool_).reshape(shape)

@@ -301,6 +301,28 @@ class BwdPrepSpec:
         return f"bwd-prep {self.dtype:8s} sm_{self.arch}"
 
 
+@dataclasses.dataclass(frozen=True)
+class DropoutMaskSpec:
+    """The debugging kernels that write the dropout keep mask (cuflash.dropout_mask) with
+    the attention kernels' own code, in their two layouts (kernels/dropout_mask.cu)."""
+
+    arch: int
+
+    source = "dropout_mask.cu"
+    threads = 32
+    smem_bytes = 0
+    name_expressions = ("cuflash::dropout_mask_kernel<false>",
+                        "cuflash::dropout_mask_kernel<true>")
+
+    @property
+    def name_expression(self) -> str:
+        return self.name_expressions[0]
+
+    @property
+    def label(self) -> str:
+        return f"dropout-mask sm_{self.arch}"
+
+
 def _smaller(tile):
     """Tiles that need less shared memory, in the order the dispatcher tries them (for
     parts with about 99 KB a block, e.g. sm_86 and sm_89): one buffer, then half the rows."""
@@ -363,8 +385,10 @@ def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:
-    """Every specialisation, forward and backward: what CI compiles."""
-    return shipped_fwd_specs(archs) + shipped_bwd_specs(archs)
+    """Every specialisation, forward and backward, and the dropout-mask kernels: what CI
+    compiles."""
+    return (shipped_fwd_specs(archs) + shipped_bwd_specs(archs)
+            + [DropoutMaskSpec(arch) for arch in archs])
 
 
 # --------------------------------------------------------------------------- sources

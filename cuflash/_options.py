@@ -1,4 +1,5 @@
-"""The attention options of ``../shared/API.md``: ``window``, ``softcap``, ``alibi_slopes``.
+"""The attention options of ``../shared/API.md``: ``window``, ``softcap``, ``alibi_slopes``,
+``dropout_p`` and ``seed``.
 
 :func:`parse` checks them, with errors that name the argument, and folds ``causal`` into
 the window. The result says which kernel family runs them (:attr:`Options.kernel`) and
@@ -13,19 +14,23 @@ import numbers
 
 import numpy as np
 
-#: Options that the API names but this version does not run yet.
-_NOT_YET = ("dropout_p", "seed")
+from . import _dropout
+
+_NAMES = ("window", "softcap", "alibi_slopes", "dropout_p", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Checked options. ``window`` is the effective ``(left, right)`` after ``causal`` is
     folded in (-1: unbounded); ``alibi_slopes`` is float32 of shape ``q.shape[:-2]``
-    (batch dims and Hq; a view or a small copy), or None."""
+    (batch dims and Hq; a view or a small copy), or None. ``dropout_p`` in [0, 1) with its
+    ``seed`` (cuflash/_dropout.py)."""
 
     window: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
     alibi_slopes: object = None
+    dropout_p: float = 0.0
+    seed: int = 0
 
     @property
     def causal(self) -> bool:
@@ -40,7 +45,14 @@ class Options:
     @property
     def kernel(self) -> bool:
         """Whether the options kernels (kernels/scores.cuh, a windowed mask) must run."""
-        return self.local or self.softcap > 0 or self.alibi_slopes is not None
+        return (self.local or self.softcap > 0 or self.alibi_slopes is not None
+                or self.dropout_p > 0)
+
+    def dropout_args(self) -> tuple[int, float, int]:
+        """``(threshold, 1 / (1 - p), seed)`` for the kernels (threshold 0: no dropout)."""
+        if not self.dropout_p:
+            return 0, 1.0, 0
+        return _dropout.threshold(self.dropout_p), 1.0 / (1.0 - self.dropout_p), self.seed
 
     def window_args(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
         """``(left, right)`` for the kernels: an unbounded or oversized side is clamped to
@@ -61,6 +73,15 @@ class Options:
         return {"window": self.window, "softcap": self.softcap,
                 "alibi_slopes": self.alibi_slopes}
 
+    def reference_dropout(self, batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> dict:
+        """``dropout_p`` and the keep mask ``(batch, heads, seqlen_q, seqlen_k)`` for the
+        reference, or nothing without dropout."""
+        if not self.dropout_p:
+            return {}
+        return {"dropout_p": self.dropout_p,
+                "dropout_mask": _dropout.keep_mask(self.seed, self.dropout_p, batch, heads,
+                                                   seqlen_q, seqlen_k)}
+
 
 NONE = Options()
 
@@ -71,18 +92,39 @@ def parse(xp, q, causal: bool, options: dict, heads_shape=None) -> Options:
     broadcast to (default ``q.shape[:-2]``; packed sequences pass ``(batch, Hq)``)."""
     if not options and not causal:
         return NONE
-    unknown = sorted(set(options) - {"window", "softcap", "alibi_slopes"})
-    not_yet = [name for name in unknown if name in _NOT_YET]
-    if not_yet:
-        raise NotImplementedError(f"options not supported yet: {', '.join(not_yet)}")
+    unknown = sorted(set(options) - set(_NAMES))
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)} (options are "
-                        f"window, softcap, alibi_slopes)")
+                        f"{', '.join(_NAMES)})")
     left, right = _check_window(options.get("window"))
     if causal:
         right = 0 if right < 0 else min(right, 0)
+    dropout_p, seed = check_dropout(options.get("dropout_p", 0.0), options.get("seed"))
     return Options((left, right), _check_softcap(options.get("softcap", 0.0)),
-                   _check_slopes(xp, q, options.get("alibi_slopes"), heads_shape))
+                   _check_slopes(xp, q, options.get("alibi_slopes"), heads_shape),
+                   dropout_p, seed)
+
+
+def check_dropout(dropout_p, seed) -> tuple[float, int]:
+    """``(dropout_p, seed)``: p a real number in [0, 1); a seed (an int in [0, 2**64)) is
+    required with p > 0, since the backward pass must be given the same one."""
+    if dropout_p is None:
+        dropout_p = 0.0
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None:
+        if dropout_p > 0:
+            raise ValueError("seed is required with dropout_p > 0 (an int in [0, 2**64); "
+                             "pass the same seed to the backward call)")
+        return dropout_p, 0
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return dropout_p, int(seed)
 
 
 def _check_window(window) -> tuple[int, int]:

@@ -767,7 +767,8 @@ def _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
 
 
 def attention_varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
-                           window=None, softcap=0.0, alibi_slopes=None):
+                           window=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                           dropout_mask=None):
     """Attention over packed sequences: :func:`attention_naive` on each.
 
     Sequence ``b`` is the rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and attends to
@@ -783,6 +784,8 @@ def attention_varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
         ``(batch + 1,)`` prefix sums of the sequence lengths.
     causal, scale, window, softcap, alibi_slopes
         As in :func:`attention_naive`.
+    dropout_p, dropout_mask : float, array of bool ``(batch, Hq, max_lq, max_lk)``, optional
+        Dropout: sequence ``b`` uses ``dropout_mask[b, :, :lq_b, :lk_b]``.
 
     Returns
     -------
@@ -806,17 +809,26 @@ def attention_varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
     total_q, hq = np.shape(q)[:2]
     out = np.zeros((total_q, hq, np.shape(v)[-1]))
     lse = np.full((hq, total_q), -np.inf)
-    for rows_q, _, qb, kb, vb, slopes in _varlen_sequences(q, k, v, cu_seqlens_q,
-                                                           cu_seqlens_k, alibi_slopes):
+    for b, (rows_q, _, qb, kb, vb, slopes) in enumerate(
+            _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)):
         o, l = attention_naive(qb, kb, vb, causal=causal, scale=scale, window=window,
-                               softcap=softcap, alibi_slopes=slopes)
+                               softcap=softcap, alibi_slopes=slopes,
+                               **_sequence_dropout(dropout_p, dropout_mask, b, qb, kb))
         out[rows_q], lse[:, rows_q] = np.swapaxes(o, 0, 1), l
     return out, lse
 
 
+def _sequence_dropout(dropout_p, dropout_mask, b, qb, kb) -> dict:
+    """The dropout arguments of packed sequence ``b`` (q, k as ``(H, L, D)``)."""
+    if dropout_mask is None:
+        return {}
+    return {"dropout_p": dropout_p,
+            "dropout_mask": np.asarray(dropout_mask)[b, :, :qb.shape[1], :kb.shape[1]]}
+
+
 def attention_varlen_backward_naive(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
                                     causal=False, scale=None, window=None, softcap=0.0,
-                                    alibi_slopes=None):
+                                    alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """Gradients of :func:`attention_varlen_naive`: :func:`attention_backward_naive` on
     each sequence. ``dout`` is ``(total_q, Hq, Dv)``; returns float64 ``dq, dk, dv`` with
     the shapes of q, k and v."""
@@ -825,11 +837,12 @@ def attention_varlen_backward_naive(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *
         raise ValueError(f"dout must have shape {np.shape(q)[:2] + np.shape(v)[-1:]}, "
                          f"got {dout.shape}")
     dq, dk, dv = (np.zeros(np.shape(x)) for x in (q, k, v))
-    for rows_q, rows_k, qb, kb, vb, slopes in _varlen_sequences(q, k, v, cu_seqlens_q,
-                                                                cu_seqlens_k, alibi_slopes):
+    for b, (rows_q, rows_k, qb, kb, vb, slopes) in enumerate(
+            _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)):
         grads = attention_backward_naive(np.swapaxes(dout[rows_q], 0, 1), qb, kb, vb,
                                          causal=causal, scale=scale, window=window,
-                                         softcap=softcap, alibi_slopes=slopes)
+                                         softcap=softcap, alibi_slopes=slopes,
+                                         **_sequence_dropout(dropout_p, dropout_mask, b, qb, kb))
         for g_all, rows, g in zip((dq, dk, dv), (rows_q, rows_k, rows_k), grads):
             g_all[rows] = np.swapaxes(g, 0, 1)
     return dq, dk, dv

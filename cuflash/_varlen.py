@@ -78,6 +78,12 @@ def _prepare(xp, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, options):
     return causal, scale, opts, max_q, max_k
 
 
+def _reference_dropout(opts, q, cu_seqlens_q, max_q, max_k) -> dict:
+    """The reference's dropout arguments: the keep mask (batch, Hq, max_q, max_k), from
+    which sequence b takes its corner (positions i, j counted from its own first rows)."""
+    return opts.reference_dropout(len(cu_seqlens_q) - 1, q.shape[1], max_q, max_k)
+
+
 def _heads_first(x):
     """(total, H, D) -> (1, H, total, D) view; (H, total) -> (1, H, total)."""
     return (x.swapaxes(0, 1) if x.ndim == 3 else x)[None]
@@ -133,7 +139,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if xp is np:
         ref_out, ref_lse = _reference.attention_varlen_naive(
             q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-            **opts.reference_kwargs())
+            **opts.reference_kwargs(), **_reference_dropout(opts, q, cu_seqlens_q, max_q, max_k))
         out = _api._into(out, ref_out, q.dtype)
         lse = ref_lse.astype(np.float32)
         return (out, lse) if return_lse else out
@@ -226,7 +232,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     if xp is np:
         ref = _reference.attention_varlen_backward_naive(
             dout, q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-            **opts.reference_kwargs())
+            **opts.reference_kwargs(), **_reference_dropout(opts, q, cu_seqlens_q, max_q, max_k))
         return tuple(_api._into(given, g, q.dtype) for given, g in zip((dq, dk, dv), ref))
 
     from . import _dispatch

@@ -18,16 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from . import _api, _interop, _varlen
+from . import _api, _interop, _options, _varlen
 
 
 def _borrow(buf):
     return _interop.borrow(buf, np.dtype(buf.dtype))
 
 
-def _option_kwargs(window, softcap, slopes) -> dict:
-    """cuflash.attention's keyword options; ``slopes`` is a borrowed buffer or None."""
+def _option_kwargs(window, softcap, slopes, dropout=(0.0, 0)) -> dict:
+    """cuflash.attention's keyword options; ``slopes`` is a borrowed buffer or None,
+    ``dropout`` the static ``(dropout_p, seed)``."""
     opts = {}
+    if dropout[0]:
+        opts["dropout_p"], opts["seed"] = dropout
     if window != (-1, -1):
         opts["window"] = window
     if softcap:
@@ -42,13 +45,14 @@ def _check_slopes(alibi_slopes):
         raise TypeError("alibi_slopes must be a float32 jax.Array")
 
 
-def _forward(q, k, v, slopes, causal, scale, window, softcap):
+def _forward(q, k, v, slopes, causal, scale, window, softcap, dropout):
     def run(ctx, outs, q, k, v, *slopes):
         out, lse = outs
         with _interop.on_stream(ctx.stream, _device_id(q)):
             _api.attention_into(_borrow(q), _borrow(k), _borrow(v), _borrow(out),
                                 _borrow(lse), causal=causal, scale=scale,
-                                **_option_kwargs(window, softcap, slopes[0] if slopes else None))
+                                **_option_kwargs(window, softcap, slopes[0] if slopes else None,
+                                                 dropout))
 
     shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + (v.shape[-1],), q.dtype),
               jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
@@ -56,14 +60,16 @@ def _forward(q, k, v, slopes, causal, scale, window, softcap):
     return buffer_callback(run, shapes)(q, k, v, *extra)
 
 
-def _backward(dout, q, k, v, out, lse, slopes, causal, scale, deterministic, window, softcap):
+def _backward(dout, q, k, v, out, lse, slopes, causal, scale, deterministic, window, softcap,
+              dropout):
     def run(ctx, grads, dout, q, k, v, out, lse, *slopes):
         dq, dk, dv = grads
         with _interop.on_stream(ctx.stream, _device_id(q)):
             _api.attention_backward(*(_borrow(x) for x in (dout, q, k, v, out, lse)),
                                     causal=causal, scale=scale, deterministic=deterministic,
                                     dq=_borrow(dq), dk=_borrow(dk), dv=_borrow(dv),
-                                    **_option_kwargs(window, softcap, slopes[0] if slopes else None))
+                                    **_option_kwargs(window, softcap,
+                                                     slopes[0] if slopes else None, dropout))
 
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
     extra = () if slopes is None else (slopes,)
@@ -74,21 +80,22 @@ def _device_id(buf) -> int:
     return buf.__dlpack_device__()[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, slopes, causal, scale, deterministic, window, softcap):
-    return _forward(q, k, v, slopes, causal, scale, window, softcap)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _attention(q, k, v, slopes, causal, scale, deterministic, window, softcap, dropout):
+    return _forward(q, k, v, slopes, causal, scale, window, softcap, dropout)
 
 
-def _attention_fwd(q, k, v, slopes, causal, scale, deterministic, window, softcap):
-    out, lse = _forward(q, k, v, slopes, causal, scale, window, softcap)
+def _attention_fwd(q, k, v, slopes, causal, scale, deterministic, window, softcap, dropout):
+    out, lse = _forward(q, k, v, slopes, causal, scale, window, softcap, dropout)
     return (out, lse), (q, k, v, out, lse, slopes)
 
 
-def _attention_bwd(causal, scale, deterministic, window, softcap, residuals, cotangents):
+def _attention_bwd(causal, scale, deterministic, window, softcap, dropout, residuals,
+                   cotangents):
     q, k, v, out, lse, slopes = residuals
     dout, _ = cotangents  # lse is not differentiated (as in FlashAttention)
     dq, dk, dv = _backward(dout.astype(q.dtype), q, k, v, out, lse, slopes, causal, scale,
-                           deterministic, window, softcap)
+                           deterministic, window, softcap, dropout)
     # the ALiBi slopes are constants here: zero cotangent
     return dq, dk, dv, None if slopes is None else jnp.zeros_like(slopes)
 
@@ -99,7 +106,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
               return_lse: bool = False, deterministic: bool = False,
               window: Optional[tuple[int, int]] = None, softcap: float = 0.0,
-              alibi_slopes=None):
+              alibi_slopes=None, dropout_p: float = 0.0, seed: Optional[int] = None):
     """:func:`cuflash.attention` on JAX GPU arrays, differentiable in q, k and v.
 
     Parameters
@@ -117,6 +124,10 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
         Sliding window ``(left, right)`` and score softcap, as in :func:`cuflash.attention`.
     alibi_slopes : jax.Array, float32, ``(Hq,)`` or ``(..., Hq)``, optional
         ALiBi slopes; treated as constants (zero gradient).
+    dropout_p, seed : float, int, optional, static
+        Dropout on the probabilities, as in :func:`cuflash.attention` (a seed is required
+        with ``dropout_p > 0``). Both are static: under ``jax.jit`` a new seed traces the
+        function again (the kernels are not recompiled).
 
     Examples
     --------
@@ -132,7 +143,9 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
                                                  window, softcap)  # at trace time
     _check_slopes(alibi_slopes)
-    out, lse = _attention(q, k, v, alibi_slopes, causal, scale, deterministic, window, softcap)
+    dropout = _options.check_dropout(dropout_p, seed)
+    out, lse = _attention(q, k, v, alibi_slopes, causal, scale, deterministic, window, softcap,
+                          dropout)
     return (out, lse) if return_lse else out
 
 
@@ -140,7 +153,7 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
 
 
 def _varlen_forward(q, k, v, cu_q, cu_k, slopes, static):
-    max_q, max_k, causal, scale, _, window, softcap = static
+    max_q, max_k, causal, scale, _, window, softcap, dropout = static
 
     def run(ctx, outs, q, k, v, cu_q, cu_k, *slopes):
         out, lse = outs
@@ -148,7 +161,7 @@ def _varlen_forward(q, k, v, cu_q, cu_k, slopes, static):
             _varlen.attention_varlen_into(
                 _borrow(q), _borrow(k), _borrow(v), _borrow(cu_q), _borrow(cu_k), max_q, max_k,
                 _borrow(out), _borrow(lse), causal=causal, scale=scale,
-                **_option_kwargs(window, softcap, slopes[0] if slopes else None))
+                **_option_kwargs(window, softcap, slopes[0] if slopes else None, dropout))
 
     shapes = (jax.ShapeDtypeStruct(q.shape[:2] + v.shape[-1:], q.dtype),
               jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), jnp.float32))
@@ -157,7 +170,7 @@ def _varlen_forward(q, k, v, cu_q, cu_k, slopes, static):
 
 
 def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, static):
-    max_q, max_k, causal, scale, deterministic, window, softcap = static
+    max_q, max_k, causal, scale, deterministic, window, softcap, dropout = static
 
     def run(ctx, grads, dout, q, k, v, out, lse, cu_q, cu_k, *slopes):
         dq, dk, dv = grads
@@ -166,7 +179,7 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, slopes, static):
                 *(_borrow(x) for x in (dout, q, k, v, out, lse, cu_q, cu_k)), max_q, max_k,
                 causal=causal, scale=scale, deterministic=deterministic, dq=_borrow(dq),
                 dk=_borrow(dk), dv=_borrow(dv),
-                **_option_kwargs(window, softcap, slopes[0] if slopes else None))
+                **_option_kwargs(window, softcap, slopes[0] if slopes else None, dropout))
 
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v))
     extra = () if slopes is None else (slopes,)
@@ -200,8 +213,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                      *, causal: bool = False, scale: Optional[float] = None,
                      return_lse: bool = False, deterministic: bool = False,
                      window: Optional[tuple[int, int]] = None, softcap: float = 0.0,
-                     alibi_slopes=None):
+                     alibi_slopes=None, dropout_p: float = 0.0, seed: Optional[int] = None):
     """:func:`cuflash.attention_varlen` on JAX GPU arrays, differentiable in q, k and v.
+    Options as in :func:`attention` (``dropout_p`` and ``seed`` static).
 
     ``q``: ``(total_q, Hq, D)``; ``k``, ``v``: ``(total_k, Hk, D/Dv)``; ``cu_seqlens_*``:
     int32 ``(batch + 1,)`` arrays; ``max_seqlen_*`` static ints. The prefix sums are checked
@@ -224,6 +238,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                                                   softcap, q.shape[-1])
     _check_slopes(alibi_slopes)
     static = (int(max_seqlen_q), int(max_seqlen_k), causal, scale, deterministic, window,
-              softcap)
+              softcap, _options.check_dropout(dropout_p, seed))
     out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, static)
     return (out, lse) if return_lse else out

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.utils.dlpack
 
-from . import _api, _interop, _varlen
+from . import _api, _interop, _options, _varlen
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -55,9 +55,12 @@ def _stream(t: torch.Tensor):
     return _interop.on_stream(torch.cuda.current_stream(t.device).cuda_stream, t.device.index)
 
 
-def _option_kwargs(window, softcap, alibi_slopes) -> dict:
-    """The keyword options of cuflash.attention, from the ops' flat arguments."""
+def _option_kwargs(window, softcap, alibi_slopes, dropout_p=0.0, seed=0) -> dict:
+    """The keyword options of cuflash.attention, from the ops' flat arguments (the seed as
+    the ops carry it, a signed 64-bit int: see _signed_seed)."""
     opts = {}
+    if dropout_p:
+        opts["dropout_p"], opts["seed"] = dropout_p, seed % 2**64
     if tuple(window) != (-1, -1):
         opts["window"] = tuple(window)
     if softcap:
@@ -65,6 +68,16 @@ def _option_kwargs(window, softcap, alibi_slopes) -> dict:
     if alibi_slopes is not None:
         opts["alibi_slopes"] = _cp(alibi_slopes)
     return opts
+
+
+def _signed_seed(dropout_p, seed) -> int:
+    """The dropout seed as a torch op's ``int`` (signed 64 bits; the kernels read the same
+    bits as unsigned). Without a seed, one is drawn from torch's default CPU generator, so
+    ``torch.manual_seed`` makes a run reproducible."""
+    dropout_p, seed = _options.check_dropout(
+        dropout_p, seed if seed is not None or not dropout_p
+        else int(torch.randint(0, 2**63 - 1, ()).item()))
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def _check_slopes(alibi_slopes, device):
@@ -78,17 +91,19 @@ def _check_slopes(alibi_slopes, device):
     return alibi_slopes.detach()
 
 
-def _forward_impl(q, k, v, causal, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None):
+def _forward_impl(q, k, v, causal, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                  dropout_p=0.0, seed=0):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     with _stream(q):
         _api.attention_into(_cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), causal=causal,
-                            scale=scale, **_option_kwargs(window, softcap, alibi_slopes))
+                            scale=scale,
+                            **_option_kwargs(window, softcap, alibi_slopes, dropout_p, seed))
     return out, lse
 
 
 def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window=(-1, -1),
-                   softcap=0.0, alibi_slopes=None):
+                   softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
     if dout.dim() and dout.stride(-1) != 1:
         # autograd may hand over a broadcast gradient (stride 0, e.g. from .sum()); the
         # kernels read rows of contiguous elements
@@ -98,7 +113,8 @@ def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window
         _api.attention_backward(_cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse),
                                 causal=causal, scale=scale, deterministic=deterministic,
                                 dq=_cp(dq), dk=_cp(dk), dv=_cp(dv),
-                                **_option_kwargs(window, softcap, alibi_slopes))
+                                **_option_kwargs(window, softcap, alibi_slopes, dropout_p,
+                                                 seed))
     return dq, dk, dv
 
 
@@ -108,12 +124,13 @@ def _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=(), device_types="cuda")
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                    scale: float, deterministic: bool, window: list[int], softcap: float,
-                   alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, causal, scale, window, softcap, alibi_slopes)
+                   alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, causal, scale, window, softcap, alibi_slopes, dropout_p, seed)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes):
+def _(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes, dropout_p, seed):
     return (q.new_empty(q.shape[:-1] + (v.shape[-1],)),
             q.new_empty(q.shape[:-1], dtype=torch.float32))
 
@@ -122,33 +139,35 @@ def _(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes):
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
                    deterministic: bool, window: list[int], softcap: float,
-                   alibi_slopes: Optional[torch.Tensor]
+                   alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window,
-                          softcap, alibi_slopes)
+                          softcap, alibi_slopes, dropout_p, seed)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, deterministic, window, softcap, alibi_slopes):
+def _(dout, q, k, v, out, lse, causal, scale, deterministic, window, softcap, alibi_slopes,
+      dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_FLAGS = 6  # the non-tensor-gradient inputs after q, k, v
+_N_FLAGS = 8  # the non-tensor-gradient inputs after q, k, v
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes = inputs
+    q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes, dropout_p, seed = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
-    ctx.window, ctx.softcap = window, softcap
+    ctx.window, ctx.softcap, ctx.dropout_p, ctx.seed = window, softcap, dropout_p, seed
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-                                ctx.deterministic, ctx.window, ctx.softcap, alibi_slopes)
+                                ctx.deterministic, ctx.window, ctx.softcap, alibi_slopes,
+                                ctx.dropout_p, ctx.seed)
     return (dq, dk, dv) + (None,) * _N_FLAGS
 
 
@@ -162,24 +181,28 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes):
-        out, lse = _forward_impl(q, k, v, causal, scale, window, softcap, alibi_slopes)
+    def forward(ctx, q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes,
+                dropout_p, seed):
+        out, lse = _forward_impl(q, k, v, causal, scale, window, softcap, alibi_slopes,
+                                 dropout_p, seed)
         _setup_context(ctx, (q, k, v, causal, scale, deterministic, window, softcap,
-                             alibi_slopes), (out, lse))
+                             alibi_slopes, dropout_p, seed), (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-                                    ctx.deterministic, ctx.window, ctx.softcap, alibi_slopes)
+                                    ctx.deterministic, ctx.window, ctx.softcap, alibi_slopes,
+                                    ctx.dropout_p, ctx.seed)
         return (dq, dk, dv) + (None,) * _N_FLAGS
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, return_lse: bool = False,
               deterministic: bool = False, window: Optional[tuple[int, int]] = None,
-              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None):
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0, seed: Optional[int] = None):
     """:func:`cuflash.attention` on torch CUDA tensors, differentiable in q, k and v.
 
     Parameters
@@ -200,6 +223,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         Sliding window ``(left, right)`` and score softcap, as in :func:`cuflash.attention`.
     alibi_slopes : torch.Tensor, optional
         float32 CUDA tensor ``(Hq,)`` or ``(..., Hq)``; not differentiated.
+    dropout_p, seed : float, int, optional
+        Dropout on the probabilities (as in :func:`cuflash.attention`); the backward pass
+        reuses the seed. Without a seed, one is drawn from torch's CPU generator
+        (``torch.manual_seed`` fixes it). Pass ``dropout_p=0`` for evaluation.
 
     Returns
     -------
@@ -223,8 +250,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
                                                  window, softcap)
     alibi_slopes = _check_slopes(alibi_slopes, q.device)
+    seed = _signed_seed(dropout_p, seed)
     run = _attention_fwd if torch.compiler.is_compiling() else _Attention.apply
-    out, lse = run(q, k, v, causal, scale, deterministic, list(window), softcap, alibi_slopes)
+    out, lse = run(q, k, v, causal, scale, deterministic, list(window), softcap, alibi_slopes,
+                   float(dropout_p), seed)
     return (out, lse) if return_lse else out
 
 
@@ -234,22 +263,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 class _AttentionVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic, window,
-                softcap, alibi_slopes):
+                softcap, alibi_slopes, dropout_p, seed):
         out = q.new_empty(q.shape[:2] + v.shape[-1:])
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
         with _stream(q):
             _varlen.attention_varlen_into(_cp(q), _cp(k), _cp(v), _cp(cu_q), _cp(cu_k), max_q,
                                           max_k, _cp(out), _cp(lse), causal=causal,
-                                          scale=scale, **_option_kwargs(window, softcap, alibi_slopes))
+                                          scale=scale,
+                                          **_option_kwargs(window, softcap, alibi_slopes,
+                                                           dropout_p, seed))
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
-        ctx.args = (max_q, max_k, causal, scale, deterministic, window, softcap)
+        ctx.args = (max_q, max_k, causal, scale, deterministic, window, softcap, dropout_p, seed)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
-        max_q, max_k, causal, scale, deterministic, window, softcap = ctx.args
+        max_q, max_k, causal, scale, deterministic, window, softcap, dropout_p, seed = ctx.args
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -257,8 +288,9 @@ class _AttentionVarlen(torch.autograd.Function):
             _varlen.attention_varlen_backward(
                 _cp(dout), _cp(q), _cp(k), _cp(v), _cp(out), _cp(lse), _cp(cu_q), _cp(cu_k),
                 max_q, max_k, causal=causal, scale=scale, deterministic=deterministic,
-                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv), **_option_kwargs(window, softcap, alibi_slopes))
-        return (dq, dk, dv) + (None,) * 10
+                dq=_cp(dq), dk=_cp(dk), dv=_cp(dv),
+                **_option_kwargs(window, softcap, alibi_slopes, dropout_p, seed))
+        return (dq, dk, dv) + (None,) * 12
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -266,9 +298,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      max_seqlen_k: int, *, causal: bool = False, scale: Optional[float] = None,
                      return_lse: bool = False, deterministic: bool = False,
                      window: Optional[tuple[int, int]] = None, softcap: float = 0.0,
-                     alibi_slopes: Optional[torch.Tensor] = None):
+                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     seed: Optional[int] = None):
     """:func:`cuflash.attention_varlen` on torch CUDA tensors, differentiable in q, k and v
     (eager mode: an ``autograd.Function``, which ``torch.compile`` runs as a graph break).
+    Options as in :func:`attention`.
 
     ``q``: ``(total_q, Hq, D)``; ``k``, ``v``: ``(total_k, Hk, D)``, ``(total_k, Hk, Dv)``;
     ``cu_seqlens_*``: int32 CUDA tensors ``(batch + 1,)``. Returns ``(total_q, Hq, Dv)``
@@ -290,7 +324,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale, window, softcap = _interop.check_flags(causal, scale, deterministic, window,
                                                   softcap, q.shape[-1])
     alibi_slopes = _check_slopes(alibi_slopes, q.device)
+    seed = _signed_seed(dropout_p, seed)
     out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, causal, scale, deterministic, window,
-                                      softcap, alibi_slopes)
+                                      softcap, alibi_slopes, float(dropout_p), seed)
     return (out, lse) if return_lse else out

@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                      float scale, int window_left, int window_right, float softcap_in,
                      float softcap_out, const float* __restrict__ alibi_slopes,
-                     i64 alibi_batch_stride, const int* __restrict__ cu_seqlens_q,
+                     i64 alibi_batch_stride, u32 dropout_threshold, float dropout_scale,
+                     u64 dropout_seed, u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
                      const int* __restrict__ cu_seqlens_k) {
   using T = BwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kDSplit, kStages,
                       kAtomicDQ, kSwap>;
@@ -92,6 +93,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.softcap_out = softcap_out;
   mainloop.alibi_slopes = alibi_slopes;
   mainloop.alibi_batch_stride = alibi_batch_stride;
+  mainloop.dropout = Dropout<kOptions>::make(dropout_threshold, dropout_seed,
+                                             dropout_bh0 + u32(batch) * num_heads_q);
+  mainloop.dropout_scale = dropout_scale;
   mainloop.smem = smem_addr(smem);
   mainloop.tid = tid;
   mainloop.key_row0 = (warp / kDSplit) * 16 * T::kNRep;
@@ -123,8 +127,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     const u32 sK = smem_addr(smem), sV = sK + T::TileK::kBytes;
     store_frag<T::kIsBf16, typename T::TileK>(sK, dk_acc, key_row0, d_part * T::kDKCols, scale,
                                               lane);
-    store_frag<T::kIsBf16, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols, 1.f,
-                                              lane);
+    // dropout: dV = (P o Z)^T dO / (1 - p)
+    const float dv_scale = kOptions && dropout_threshold != 0u ? dropout_scale : 1.f;
+    store_frag<T::kIsBf16, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols,
+                                              dv_scale, lane);
     __syncthreads();
     const BwdBlock<kCausal> blk = BwdBlock<kCausal>::get();
     const i64 b = blk.batch;

@@ -22,7 +22,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                         int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                         float scale, int window_left, int window_right, float softcap_in,
                         float softcap_out, const float* __restrict__ alibi_slopes,
-                        i64 alibi_batch_stride, const int* __restrict__ cu_seqlens_q,
+                        i64 alibi_batch_stride, u32 dropout_threshold, float dropout_scale,
+                        u64 dropout_seed, u32 dropout_bh0,
+                        const int* __restrict__ cu_seqlens_q,
                         const int* __restrict__ cu_seqlens_k) {
   using T = BwdDqTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kStages>;
   extern __shared__ unsigned char smem[];
@@ -58,6 +60,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
       scale_log2, softcap_in, softcap_out,
       alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f, seqlen_k - seqlen_q);
   mainloop.mask = Mask<kCausal, kOptions>{seqlen_q, seqlen_k, window_left, window_right};
+  mainloop.dropout = Dropout<kOptions>::make(dropout_threshold, dropout_seed,
+                                             dropout_bh0 + u32(batch) * gridDim.y + head);
+  mainloop.dropout_scale = dropout_scale;
   mainloop.smem = smem_addr(smem);
   mainloop.m0 = m0;
   mainloop.warp_row0 = warp_row0;

@@ -7,6 +7,7 @@
 //   scale (kOptions: softcap, ALiBi), in log2 units                     scores.cuh
 //   mask (only on the ragged/diagonal/window-edge tiles)                mask.cuh
 //   online softmax: m_i, l_i, rescale of o_acc, P = exp2(S - m_i)        softmax.cuh
+//   dropout of P (kOptions), after the row sums                         dropout.cuh
 //   O += P V_j                                                          warp_gemm.cuh
 // then o_acc / l_i and lse are written once                             epilogue_fwd.cuh
 // The score matrix never reaches global memory. The host side picks the template
@@ -31,7 +32,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
                      int head_dim, int head_dim_v, int heads_per_kv, float scale_log2,
                      int window_left, int window_right, float softcap_in, float softcap_out,
                      const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-                     const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k) {
+                     u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
+                     u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
+                     const int* __restrict__ cu_seqlens_k) {
   using T = FwdTraits<Elem, kHeadDim, kHeadDimV, kBlockM, kBlockN, kNWarps, kStages>;
   extern __shared__ unsigned char smem[];
 
@@ -69,6 +72,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
       scale_log2, softcap_in, softcap_out,
       alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f, seqlen_k - seqlen_q);
   mainloop.mask = mask;
+  mainloop.dropout = Dropout<kOptions>::make(
+      dropout_threshold, dropout_seed, dropout_bh0 + u32(batch) * gridDim.y + head);
   mainloop.sQ = smem_addr(smem);
   mainloop.m0 = m0;
   mainloop.warp_row0 = warp_row0;
@@ -94,7 +99,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   }
 
   float lse_rows[T::kMRep][2];
-  softmax.finalize(o_acc, lse_rows, mainloop.scores.units());
+  softmax.finalize(o_acc, lse_rows, mainloop.scores.units(),
+                   mainloop.dropout.active() ? dropout_scale : 1.f);
   // (the sequence's first row is read again here rather than held across the loop)
   const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, block_index<2>(), 0, 0).q_start + m0;
   u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + row0 * o_row_stride;

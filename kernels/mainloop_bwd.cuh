@@ -8,10 +8,13 @@
 //   S^T  = K Q^T                    recompute          gemm_rows_rows
 //                                   (kOptions: softcap, ALiBi; scores.cuh)
 //   P^T  = exp2(S^T - lse)          from the saved log-sum-exp, no online softmax
+//                                   (kOptions: dropout marks dropped entries by sign)
 //   dV  += P^T dO                                      gemm_regs_trans
+//                                   (with dropout: (P o Z)^T dO, / (1 - p) at the end)
 //   dP^T = V dO^T                                      gemm_rows_rows
 //   dS^T = P^T (dP^T - delta)       delta = rowsum(dO o O), from the preprocess
-//                                   (times 1 - tanh^2 with a softcap)
+//                                   (times 1 - tanh^2 with a softcap; with dropout
+//                                   P^T (Z dP^T / (1 - p) - delta))
 //   dK  += dS^T Q                   (times scale at the end)
 //   dQ  += dS K                     kAtomicDQ: dS^T through shared memory, then float
 //                                   atomics into a float32 buffer; otherwise a separate
@@ -22,6 +25,7 @@
 // (step_swap), which halves the Q/dO fragments read per mma in the dV and dK products.
 #pragma once
 #include "common.cuh"
+#include "dropout.cuh"
 #include "mask.cuh"
 #include "scores.cuh"
 #include "seqlens.cuh"
@@ -121,6 +125,8 @@ struct BwdMainloop {
   float softcap_in, softcap_out;  // kOptions (scores.cuh)
   const float* alibi_slopes;      // kOptions: (batch, num_heads_q) with this batch stride, or null
   i64 alibi_batch_stride;
+  Dropout<kOptions> dropout;      // of query head 0 of this batch element (bh + head)
+  float dropout_scale;            // 1 / (1 - p)
   Mask<kCausal, kOptions> mask;
   u32 smem;
   int tid, key_row0, d_part;
@@ -191,6 +197,11 @@ struct BwdMainloop {
         for (int e = 0; e < 4; ++e) s[r][m][e] = exp2_approx(fmaf(s[r][m][e], units, -lse[e & 1]));
     }
     if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane, 0.f);
+    if (dropout.active()) {
+      Dropout<kOptions> d = dropout;
+      d.bh += u32(head);
+      d.template apply_transposed<true>(s, key0, m0 + q0, lane);
+    }
   }
 
   // dS^T = P^T (dP^T - delta) (times 1 - tanh^2 with a softcap), in place of dP^T; p16
@@ -202,6 +213,10 @@ struct BwdMainloop {
                                   int st) const {
     const int lane = tid & 31;
     const bool softcap = kOptions && softcap_in != 0.f;
+    if (dropout.active()) {
+      scores_grad_dropout(dp, p16, dtanh, q0, st);
+      return;
+    }
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
       float delta[2];
@@ -222,6 +237,36 @@ struct BwdMainloop {
           }
           dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
           dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
+        }
+    }
+  }
+
+  // scores_grad with dropout: P^T < 0 marks a dropped entry, whose dP^T counts as 0;
+  // kept ones take dP^T / (1 - p).
+  template <int kMTiles>
+  CUFLASH_DEVICE void scores_grad_dropout(float (&dp)[T::kNRep][kMTiles][4],
+                                          const u32 (&p16)[T::kNRep][kMTiles / 2][4],
+                                          const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
+                                          int st) const {
+    const int lane = tid & 31;
+    const bool softcap = softcap_in != 0.f;
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      float delta[2];
+      ld_shared_f2(delta[0], delta[1], sDelta(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+      for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = 2 * (m & 1) + h;
+          float p[2], d[2] = {1.f, 1.f};
+          unpack2<false>(p16[r][m >> 1][i], p[0], p[1]);
+          if (softcap) unpack2<false>(dtanh[r][m >> 1][i], d[0], d[1]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float dpz = p[e] >= 0.f ? dp[r][m][2 * h + e] * dropout_scale : 0.f;
+            dp[r][m][2 * h + e] = fabsf(p[e]) * d[e] * (dpz - delta[e]);
+          }
         }
     }
   }
@@ -294,8 +339,8 @@ struct BwdMainloop {
     }
     pending_dq(1, prev, has_prev, ds_buf);
 
-    // dV += P^T dO
-    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO>(
+    // dV += P^T dO (kOptions: dropped entries, negative, count as 0)
+    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kOptions>(
         dv_acc, kBf16 ? p_in : p, sDO(st), lp, d_part * T::kDVCols);
     pending_dq(2, prev, has_prev, ds_buf);
 
@@ -354,6 +399,14 @@ struct BwdMainloop {
       pack_frags<false, T::kNRep, kHalfM>(p16, s);
       u32 p_in[T::kNRep][kHalfM / 16][4];
       pack_frags<kBf16, T::kNRep, kHalfM>(p_in, s);
+      if (dropout.active()) {  // dV's operand: dropped entries (negative) count as 0
+#pragma unroll
+        for (int r = 0; r < T::kNRep; ++r)
+#pragma unroll
+          for (int kk = 0; kk < kHalfM / 16; ++kk)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) p_in[r][kk][j] = relu2<kBf16>(p_in[r][kk][j]);
+      }
       store_packed<typename T::TileDS, T::kNRep, kHalfM>(sP(), p_in, key_row0, lane, q0);
     }
     pending_dq(1, prev, has_prev, ds_buf);

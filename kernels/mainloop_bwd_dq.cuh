@@ -5,10 +5,12 @@
 // order on every run. It recomputes what the main backward kernel already had:
 //   S  = Q K^T, P = exp2(S - lse)                   gemm_rows_rows (kOptions: scores.cuh)
 //   dP = dO V^T, dS = P (dP - delta)                gemm_rows_rows
+//   (kOptions with dropout: dS = P (Z dP / (1 - p) - delta), Z from dropout.cuh)
 //   dQ += dS K                                      gemm_regs_trans (dS from registers)
 // which costs three extra matrix products per tile pair (docs/perf-log.md gives the price).
 #pragma once
 #include "common.cuh"
+#include "dropout.cuh"
 #include "mask.cuh"
 #include "scores.cuh"
 #include "tile_load.cuh"
@@ -55,6 +57,8 @@ struct BwdDqMainloop {
   int n_block_min;
   ScoreMod<kOptions> scores;
   Mask<kCausal, kOptions> mask;
+  Dropout<kOptions> dropout;
+  float dropout_scale;  // 1 / (1 - p)
   u32 smem;  // [Q][dO][K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;
   float lse_log2[T::kMRep][2];  // this thread's rows: lse * log2(e), +inf where no key
@@ -112,21 +116,36 @@ struct BwdDqMainloop {
             if (scores.has_softcap()) p *= fmaf(-t, t, 1.f);
             s[r][j][e] = p;
           }
+      // dropped entries: -P (P >= 0), so that dS below can tell them apart
+      if (dropout.active()) dropout.template apply<true>(s, m0 + warp_row0, n * T::kBlockN, lane);
     }
     float dp[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDimV, typename T::TileDO,
                    typename T::TileV>(dp, sDO(), lp, sV(st));
+    if (dropout.active()) {
 #pragma unroll
-    for (int r = 0; r < T::kMRep; ++r)
+      for (int r = 0; r < T::kMRep; ++r)
 #pragma unroll
-      for (int j = 0; j < T::kNTiles; ++j)
+        for (int j = 0; j < T::kNTiles; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = kOptions
-              ? s[r][j][e]
-              : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
-          s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);  // dS
-        }
+          for (int e = 0; e < 4; ++e) {
+            const float p = s[r][j][e];
+            const float dpz = p >= 0.f ? dp[r][j][e] * dropout_scale : 0.f;
+            s[r][j][e] = fabsf(p) * (dpz - delta[r][e >> 1]);
+          }
+    } else {
+#pragma unroll
+      for (int r = 0; r < T::kMRep; ++r)
+#pragma unroll
+        for (int j = 0; j < T::kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float p = kOptions
+                ? s[r][j][e]
+                : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
+            s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);  // dS
+          }
+    }
     // Hidden entries: dS = 0, set after the fact (a scale <= 0 makes their P +inf or NaN)
     if (!kOptions && kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane, 0.f);
     u32 ds[T::kMRep][T::kBlockN / 16][4];

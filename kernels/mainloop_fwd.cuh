@@ -1,9 +1,11 @@
 // cuflash: the forward main loop. Each warp owns kMRep slabs of 16 query rows; for one
 // key tile, on tensor cores (warp_gemm.cuh):
 //   S = Q K^T    gemm_rows_rows  (Q and K from shared memory by ldmatrix)
+//   then the score transform, the mask, the online softmax and (kOptions) dropout of P
 //   O += P V     gemm_regs_trans (P straight from the S registers, V by ldmatrix.trans)
 #pragma once
 #include "common.cuh"
+#include "dropout.cuh"
 #include "mask.cuh"
 #include "scores.cuh"
 #include "softmax.cuh"
@@ -59,6 +61,7 @@ struct FwdMainloop {
   int n_block_min;
   ScoreMod<kOptions> scores;
   Mask<kCausal, kOptions> mask;
+  Dropout<kOptions> dropout;
   u32 sQ;  // K and V stages follow Q's space: [K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;
   LanePatterns lp;
@@ -114,6 +117,8 @@ struct FwdMainloop {
       cp_async_commit();
     }
     softmax.template update<kOptions>(s, o_acc, scores.units());
+    // dropout after the row sums (l_i normalises over every key); finalize() scales by 1/(1-p)
+    if (dropout.active()) dropout.template apply<false>(s, m0 + warp_row0, n * T::kBlockN, lane);
     u32 p[T::kMRep][T::kBlockN / 16][4];
     pack_frags<T::kIsBf16, T::kMRep, T::kBlockN>(p, s);
     gemm_regs_trans<T::kIsBf16, T::kMRep, T::kHeadDimV, T::kBlockN, typename T::TileV>(

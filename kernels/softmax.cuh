@@ -71,19 +71,19 @@ struct OnlineSoftmax {
     }
   }
 
-  // Ends the row: o_acc /= l_i, and lse = ln(sum exp(s)) in natural-log units (m_i times
-  // `units` as in update).
+  // Ends the row: o_acc *= out_scale / l_i, and lse = ln(sum exp(s)) in natural-log units
+  // (m_i times `units` as in update). out_scale: dropout's 1 / (1 - p), else 1.
   // A row that saw no key (l_i == 0) gets output 0 and lse = -inf.
   template <int kDTiles>
   CUFLASH_DEVICE void finalize(float (&o_acc)[kMRep][kDTiles][4], float (&lse)[kMRep][2],
-                               float units = 1.f) {
+                               float units = 1.f, float out_scale = 1.f) {
 #pragma unroll
     for (int r = 0; r < kMRep; ++r) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float l = quad_sum(l_i[r][h]);
         const bool empty = !(l > 0.f);
-        const float inv_l = empty ? 0.f : 1.f / l;
+        const float inv_l = empty ? 0.f : out_scale / l;
         lse[r][h] = empty ? neg_inf() : fmaf(m_i[r][h], units, log2_approx(l)) * kLn2;
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {

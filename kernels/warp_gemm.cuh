@@ -97,9 +97,22 @@ CUFLASH_DEVICE void mma_b_trans(float (&acc)[kMRep][kN / 8][4], const u32 (&a)[k
   }
 }
 
+// Packed 16-bit pairs with negative halves set to 0 (max with +0, one instruction).
+template <bool kBf16>
+CUFLASH_DEVICE u32 relu2(u32 x) {
+  u32 r;
+  if (kBf16) {
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(0u));
+  } else {
+    asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(0u));
+  }
+  return r;
+}
+
 // acc += A B over kK, with A in registers as packed A fragments (pack_frags) and B stored
-// k x cols: columns [col0, col0 + kN) of the tile.
-template <bool kBf16, int kMRep, int kN, int kK, class TileB>
+// k x cols: columns [col0, col0 + kN) of the tile. kReluA: A's negative entries count as 0
+// (the backward marks dropped probabilities by their sign, dropout.cuh).
+template <bool kBf16, int kMRep, int kN, int kK, class TileB, bool kReluA = false>
 CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
                                     const u32 (&a_in)[kMRep][kK / 16][4], u32 sB,
                                     const LanePatterns& lp, int col0 = 0) {
@@ -109,7 +122,7 @@ CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) a[r][j] = a_in[r][kk][j];
+      for (int j = 0; j < 4; ++j) a[r][j] = kReluA ? relu2<kBf16>(a_in[r][kk][j]) : a_in[r][kk][j];
     mma_b_trans<kBf16, kMRep, kN, TileB>(acc, a, sB, lp, kk, col0);
   }
 }

@@ -110,9 +110,18 @@ def scores(cp, q, k, causal, scale, rnd, window=None, softcap=0.0, alibi_slopes=
     return s, jac
 
 
+def _pop_dropout(cp, opts):
+    """(opts without the dropout entries, Z / (1 - p) as an array, or None)."""
+    opts = dict(opts)
+    mask, p = opts.pop("dropout_mask", None), opts.pop("dropout_p", 0.0)
+    return opts, None if mask is None else cp.asarray(mask) / (1.0 - p)
+
+
 def reference(cp, q, k, v, causal, scale, plain_dtype=None, **opts):
     """float64 attention (plain_dtype None), or the plain same-precision version;
-    opts: window, softcap, alibi_slopes."""
+    opts: window, softcap, alibi_slopes, dropout_p with dropout_mask (bool, broadcasting to
+    the scores)."""
+    opts, zr = _pop_dropout(cp, opts)
     f = (lambda x: x.astype(cp.float64)) if plain_dtype is None else (lambda x: x)
     rnd = (lambda x: round_to(cp, x, plain_dtype)) if plain_dtype else (lambda x: x)
     q, k, v = f(q), f(k), f(v)
@@ -129,6 +138,10 @@ def reference(cp, q, k, v, causal, scale, plain_dtype=None, **opts):
     p = p / cp.where(l > 0, l, 1)
     if plain_dtype is not None:
         p = round_to(cp, p, plain_dtype)
+    if zr is not None:
+        p = p * zr.astype(p.dtype)
+        if plain_dtype is not None:
+            p = round_to(cp, p, plain_dtype)
     out = cp.matmul(p, v)
     if plain_dtype is not None:
         out = round_to(cp, out, plain_dtype)
@@ -145,6 +158,7 @@ def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=N
     holding fp16/bf16 values. GQA: k, v repeated over the group of query heads, dk, dv
     summed over it. A query row that sees no key contributes zero (no NaN).
     """
+    opts, zr = _pop_dropout(cp, opts)
     plain = plain_dtype is not None
     f = (lambda x: x) if plain else (lambda x: x.astype(cp.float64))
     rnd = (lambda x: round_to(cp, x, plain_dtype)) if plain else (lambda x: x)
@@ -159,11 +173,12 @@ def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=N
     p = cp.exp(s - cp.where(cp.isfinite(m), m, 0))
     l = p.sum(axis=-1, keepdims=True)
     p = rnd(p / cp.where(l > 0, l, 1))
-    o = out if plain else cp.matmul(p, v)
-    dv = rnd(cp.matmul(t(p), dout))
+    pz = p if zr is None else rnd(p * zr.astype(p.dtype))  # dropout: P Z / (1 - p)
+    o = out if plain else cp.matmul(pz, v)
+    dv = rnd(cp.matmul(t(pz), dout))
     dp = rnd(cp.matmul(dout, t(v)))
     delta = (dout * o).sum(axis=-1, keepdims=True)
-    ds = rnd(p * (dp - delta))
+    ds = rnd(p * (dp - delta)) if zr is None else rnd(pz * dp - p * delta)
     if jac is not None:
         ds = rnd(ds * jac)
     dq = rnd(cp.matmul(ds, k) * scale)

@@ -1,10 +1,12 @@
-"""CPU tests of the dropout groundwork (cuflash._dropout): Philox against the published
-known-answer vectors, the mask as a pure function with the right keep rate, and the
-float64 reference with a mask against finite differences."""
+"""CPU tests of dropout (cuflash._dropout and the API's NumPy path): Philox against the
+published known-answer vectors, the mask as a pure function with the right keep rate, the
+float64 reference with a mask against finite differences, the argument checks, and the
+NumPy path of cuflash.attention / attention_backward / attention_varlen with dropout."""
 
 import numpy as np
 import pytest
 
+import cuflash
 from cuflash import _dropout, _reference
 
 
@@ -89,3 +91,62 @@ def test_reference_mask_semantics():
     np.testing.assert_allclose(lse3, lse)  # lse is taken before dropout
     p = np.exp(q @ np.swapaxes(k, -1, -2) / np.sqrt(8) - lse[..., None])
     np.testing.assert_allclose(dropped, (p * mask * 2.0) @ v)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"dropout_p": 0.1}, ValueError, "seed is required"),
+    ({"dropout_p": -0.1, "seed": 1}, ValueError, "dropout_p must be in"),
+    ({"dropout_p": 1.0, "seed": 1}, ValueError, "dropout_p must be in"),
+    ({"dropout_p": "0.1", "seed": 1}, TypeError, "dropout_p must be a real"),
+    ({"dropout_p": True, "seed": 1}, TypeError, "dropout_p must be a real"),
+    ({"dropout_p": 0.1, "seed": 1.5}, TypeError, "seed must be an int"),
+    ({"dropout_p": 0.1, "seed": -1}, ValueError, "seed must be in"),
+    ({"dropout_p": 0.1, "seed": 2**64}, ValueError, "seed must be in"),
+])
+def test_dropout_arguments_are_checked(kwargs, err, match):
+    q = np.zeros((2, 16, 8), np.float16)
+    with pytest.raises(err, match=match):
+        cuflash.attention(q, q, q, **kwargs)
+    with pytest.raises(err, match=match):
+        cuflash.dropout_mask(q, q, **{"seed": None, **kwargs})
+
+
+def test_numpy_path_applies_the_mask():
+    """cuflash.attention on NumPy arrays with dropout equals the float64 reference given
+    the mask of cuflash.dropout_mask; p = 0 or no seed-dependence where nothing drops."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal(s).astype(np.float16)
+               for s in ((2, 4, 37, 16), (2, 2, 41, 16), (2, 2, 41, 8)))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, dropout_p=0.3, seed=9)
+    mask = cuflash.dropout_mask(q, k, dropout_p=0.3, seed=9)
+    assert mask.shape == (2, 4, 37, 41)
+    ref, ref_lse = _reference.attention_naive(q, k, v, causal=True, dropout_p=0.3,
+                                              dropout_mask=mask)
+    np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-3)
+    plain, plain_lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    np.testing.assert_allclose(lse, plain_lse, atol=1e-6)  # lse before dropout
+    same = cuflash.attention(q, k, v, causal=True, dropout_p=0.0, seed=123)
+    np.testing.assert_array_equal(same, plain)
+    dout = rng.standard_normal(out.shape).astype(np.float16)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, dropout_p=0.3,
+                                       seed=9)
+    ref_grads = _reference.attention_backward_naive(dout, q, k, v, causal=True, dropout_p=0.3,
+                                                    dropout_mask=mask)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g.astype(np.float64), r, atol=3e-3)
+
+
+def test_numpy_varlen_uses_each_sequence_corner():
+    rng = np.random.default_rng(2)
+    lens = [3, 0, 20]
+    cu = np.cumsum([0] + lens).astype(np.int32)
+    q, k, v = (rng.standard_normal((23, 2, 8)).astype(np.float16) for _ in range(3))
+    out = cuflash.attention_varlen(q, k, v, cu, cu, 20, 20, dropout_p=0.5, seed=4)
+    mask = _dropout.keep_mask(4, 0.5, 3, 2, 20, 20)
+    for b, (start, n) in enumerate(zip(cu[:-1], lens)):
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        ref, _ = _reference.attention_naive(*(x[sl].swapaxes(0, 1) for x in (q, k, v)),
+                                            dropout_p=0.5, dropout_mask=mask[b, :, :n, :n])
+        np.testing.assert_allclose(out[sl].swapaxes(0, 1).astype(np.float64), ref, atol=2e-3)

@@ -184,7 +184,7 @@ def test_torch_opcheck(cp):
 
     q, k, v = (_tensor((1, 2, 64, 32), "float16", i, True) for i in range(3))
     slopes = torch.tensor([0.5, 0.25], device="cuda")
-    for opts in (([-1, -1], 0.0, None), ([8, 0], 1.5, slopes)):
+    for opts in (([-1, -1], 0.0, None, 0.0, 0), ([8, 0], 1.5, slopes, 0.25, -5)):
         torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
                               (q, k, v, True, 0.2, False, *opts))
         out, lse = torch.ops.cuflash.attention_fwd(q.detach(), k.detach(), v.detach(), True,
@@ -247,6 +247,42 @@ def test_torch_options_autograd(cp, torch_poison, compiled):
         from torch._dynamo.utils import counters
 
         assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("compiled", (False, True), ids=("eager", "compile"))
+def test_torch_dropout_autograd(cp, torch_poison, compiled):
+    """Dropout through the adapter: out and grads within the tolerance rule of the float64
+    reference given the NumPy mask; without a seed, torch.manual_seed fixes the draw."""
+    import cuflash.torch as ct
+    from cuflash import _dropout
+
+    torch._dynamo.reset()
+    name = "float16"
+    q = _tensor((2, 4, 133, 64), name, 0, True)
+    k, v = (_tensor((2, 2, 150, 64), name, i, True) for i in (1, 2))
+    seed = 2**64 - 3  # above 2^63: the ops carry it as a negative int64
+
+    def fn(q, k, v):
+        return ct.attention(q, k, v, causal=True, dropout_p=0.3, seed=seed)
+
+    out = (torch.compile(fn, fullgraph=True) if compiled else fn)(q, k, v)
+    dout = _tensor(out.shape, name, 3)
+    out.backward(dout)
+    ref_opts = {"dropout_p": 0.3, "dropout_mask": _dropout.keep_mask(seed, 0.3, 2, 4, 133, 150)}
+    qc, kc, vc = (to_f32(cp, _cupy(cp, x)) for x in (q, k, v))
+    ref_out, _ = reference(cp, qc, kc, vc, True, 1 / 8, **ref_opts)
+    plain_out, _ = reference(cp, qc, kc, vc, True, 1 / 8, plain_dtype=name, **ref_opts)
+    o32 = to_f32(cp, _cupy(cp, out))
+    assert max_err(cp, o32, ref_out) <= 2 * max_err(cp, plain_out, ref_out) + 1e-5
+    check_grads(cp, [_cupy(cp, x.grad) for x in (q, k, v)], *(_cupy(cp, x) for x in (q, k, v)),
+                _cupy(cp, dout), _cupy(cp, out), name, True, **ref_opts)
+    if not compiled:
+        torch.manual_seed(5)
+        a = ct.attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(5)
+        b = ct.attention(q, k, v, dropout_p=0.5)
+        c = ct.attention(q, k, v, dropout_p=0.5)
+        assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_torch_varlen_autograd(cp):
@@ -356,6 +392,26 @@ def test_jax_options_vjp(jax, cp):
     bf = lambda x: to_dtype(cp, x, "bfloat16")  # noqa: E731
     check_grads(cp, [bf(as_cp(g)) for g in grads], bf(qc), bf(kc), bf(vc), bf(dc), bf(oc),
                 "bfloat16", False, scale=1 / 8, **ref_opts)
+
+
+def test_jax_dropout_matches_cupy(jax, cp):
+    """cuflash.jax.attention with dropout under jit and vjp: the same bits as the CuPy
+    call with the same seed (whose accuracy test_options_gpu.py checks)."""
+    import cuflash
+    import cuflash.jax as cj
+
+    jnp = jax.numpy
+    q, k, v, dout = _jax_inputs(jax, (2, 4, 150, 64), (2, 2, 190, 64), jnp.float16)
+    opts = {"dropout_p": 0.2, "seed": 77, "causal": True}
+    fn = jax.jit(lambda q, k, v: cj.attention(q, k, v, deterministic=True, **opts))
+    out, vjp = jax.vjp(fn, q, k, v)
+    grads = vjp(dout)
+    qc, kc, vc, dc = (cp.asarray(np.asarray(x)) for x in (q, k, v, dout))
+    o2, lse2 = cuflash.attention(qc, kc, vc, return_lse=True, **opts)
+    g2 = cuflash.attention_backward(dc, qc, kc, vc, o2, lse2, deterministic=True, **opts)
+    assert np.array_equal(np.asarray(out), o2.get())
+    for g, h in zip(grads, g2):
+        assert np.array_equal(np.asarray(g), h.get())
 
 
 def test_jax_varlen_vjp(jax, cp):

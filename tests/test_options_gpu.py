@@ -1,4 +1,5 @@
-"""GPU correctness of the options kernels: sliding window, softcap, ALiBi (marked ``gpu``).
+"""GPU correctness of the options kernels: sliding window, softcap, ALiBi, dropout (marked
+``gpu``). tests/test_dropout_gpu.py checks the dropout mask itself.
 
 Same rule as the forward and backward tests: against a float64 reference with the same
 options, the error of out, lse, dq, dk and dv may be at most twice that of a plain
@@ -22,13 +23,16 @@ HEAD_DIMS = (40, 64, 128, 256)
 SEQLENS = ((1, 1), (1, 239), (113, 203), (239, 1), (512, 256), (1023, 1024))
 
 # (causal, options); "slopes" stands for per-head ALiBi slopes, "slopes_bh" for per
-# (batch, head) ones, made for the case's shapes.
+# (batch, head) ones, made for the case's shapes; "random" for a fresh 64-bit seed.
 OPTION_SETS = {
     "sliding": (True, {"window": (64, -1)}),
     "window": (False, {"window": (17, 33)}),
     "softcap": (False, {"softcap": 0.8}),
     "alibi": (False, {"alibi_slopes": "slopes"}),
+    "dropout": (False, {"dropout_p": 0.17, "seed": "random"}),
     "all": (True, {"window": (100, -1), "softcap": 2.0, "alibi_slopes": "slopes_bh"}),
+    "all_dropout": (True, {"window": (100, -1), "softcap": 2.0, "alibi_slopes": "slopes_bh",
+                           "dropout_p": 0.4, "seed": "random"}),
 }
 
 
@@ -41,6 +45,8 @@ def slopes(cp, shape):
 
 def make_options(cp, opts, shape_q):
     out = dict(opts)
+    if out.get("seed") == "random":
+        out["seed"] = int(np.random.default_rng().integers(0, 2**64, dtype=np.uint64))
     if out.get("alibi_slopes") == "slopes":
         out["alibi_slopes"] = slopes(cp, shape_q[-3:-2])
     elif out.get("alibi_slopes") == "slopes_bh":
@@ -48,9 +54,21 @@ def make_options(cp, opts, shape_q):
     return out
 
 
-def ref_options(cp, opts, shape_q):
-    """The options as the float64 reference takes them (slopes as lead + (Hq,))."""
+def ref_options(cp, opts, shape_q, seqlen_k):
+    """The options as the float64 reference takes them (slopes as lead + (Hq,), dropout as
+    the keep mask of cuflash/_dropout.py, the NumPy definition)."""
     out = dict(opts)
+    if out.get("dropout_p"):
+        from cuflash import _dropout
+
+        heads = shape_q[-3] if len(shape_q) > 2 else 1
+        batch = math.prod(shape_q[:-3])
+        mask = _dropout.keep_mask(out.pop("seed"), out["dropout_p"], batch, heads,
+                                  shape_q[-2], seqlen_k)
+        out["dropout_mask"] = mask.reshape(tuple(shape_q[:-2]) + mask.shape[-2:])
+    else:
+        out.pop("dropout_p", None)
+        out.pop("seed", None)
     if out.get("alibi_slopes") is not None:
         slopes = out["alibi_slopes"]
         out["alibi_slopes"] = (slopes.reshape(()) if len(shape_q) == 2
@@ -65,7 +83,7 @@ def check_forward(cp, q, k, v, name, causal, opts, out=None):
     assert not bool(cp.isnan(o32).any()), "NaN (or an unwritten element) in out"
     assert not bool(cp.isnan(lse).any()), "NaN (or an unwritten element) in lse"
     q32, k32, v32 = (to_f32(cp, x) for x in (q, k, v))
-    ropts = ref_options(cp, opts, q.shape)
+    ropts = ref_options(cp, opts, q.shape, k.shape[-2])
     ref_o, ref_lse = reference(cp, q32, k32, v32, causal, scale, **ropts)
     pl_o, pl_lse = reference(cp, q32, k32, v32, causal, scale, plain_dtype=name, **ropts)
     err_o, tol_o = max_err(cp, o32, ref_o), 2 * max_err(cp, pl_o, ref_o) + 1e-5
@@ -86,7 +104,8 @@ def check_case(cp, name, shape_q, shape_k, causal, opts, rng, **bwd_kwargs):
     dout = random_array(cp, o.shape, name, rng)
     grads = cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal, **opts,
                                        **bwd_kwargs)
-    check_grads(cp, grads, q, k, v, dout, o, name, causal, **ref_options(cp, opts, shape_q))
+    check_grads(cp, grads, q, k, v, dout, o, name, causal,
+                **ref_options(cp, opts, shape_q, shape_k[-2]))
     return q, k, v, o, lse, dout, opts, grads
 
 
@@ -158,7 +177,7 @@ def test_options_strided_bshd_and_unaligned(cp, name):
     dout = random_array(cp, o.shape, name, rng)
     grads = cuflash.attention_backward(dout, tr(q), tr(k), tr(v), o, lse, **opts)
     check_grads(cp, grads, tr(q), tr(k), tr(v), dout, o, name, False,
-                **ref_options(cp, opts, tr(q).shape))
+                **ref_options(cp, opts, tr(q).shape, tr(k).shape[-2]))
     q2, k2, v2 = random_qkv(cp, (90, 64), (120, 64), (120, 64), name, rng)
     check_forward(cp, q2, k2, v2, name, True, {"window": (10, -1), "softcap": 1.0,
                                                "alibi_slopes": slopes(cp, (1,))})
@@ -194,16 +213,19 @@ def test_options_nonpositive_scale(cp, scale):
             grads = cuflash.attention_backward(dout, q, k, v, o, lse, causal=True, scale=scale,
                                                deterministic=det, **opts)
             check_grads(cp, grads, q, k, v, dout, o, "float16", True, scale=scale,
-                        **ref_options(cp, opts, q.shape))
+                        **ref_options(cp, opts, q.shape, k.shape[-2]))
 
 
 def test_options_match_numpy_path(cp):
     rng = np.random.default_rng()
     q, k, v = random_qkv(cp, (1, 2, 129, 80), (1, 2, 131, 80), (1, 2, 131, 80), "float16", rng)
-    opts = {"window": (20, 7), "softcap": 1.2}
-    gpu_o = cuflash.attention(q, k, v, alibi_slopes=slopes(cp, (2,)), **opts)
-    cpu_o = cuflash.attention(q.get(), k.get(), v.get(), alibi_slopes=slopes(np, (2,)), **opts)
-    np.testing.assert_allclose(to_f32(cp, gpu_o).get(), cpu_o.astype(np.float32), atol=4e-3)
+    for opts in ({"window": (20, 7), "softcap": 1.2},
+                 {"window": (20, 7), "dropout_p": 0.2, "seed": 2**64 - 5}):
+        gpu_o = cuflash.attention(q, k, v, alibi_slopes=slopes(cp, (2,)), **opts)
+        cpu_o = cuflash.attention(q.get(), k.get(), v.get(), alibi_slopes=slopes(np, (2,)),
+                                  **opts)
+        np.testing.assert_allclose(to_f32(cp, gpu_o).get(), cpu_o.astype(np.float32),
+                                   atol=4e-3)
 
 
 def test_plain_options_use_the_plain_kernels(cp):

@@ -93,7 +93,7 @@ def varlen_fns(q, k, v, cu, max_len, causal, kernels_only=False):
     return fwd_k, bwd_k
 
 
-def sdpa_fns(q, k, v, causal):
+def sdpa_fns(q, k, v, causal, dropout_p=0.0):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -103,7 +103,7 @@ def sdpa_fns(q, k, v, causal):
     def fwd():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(
-                tq, tk, tv, is_causal=causal, enable_gqa=gqa)
+                tq, tk, tv, is_causal=causal, enable_gqa=gqa, dropout_p=dropout_p)
 
     out = fwd()
     tdo = _bench._to_torch(_bench._dout_like(q))
@@ -206,6 +206,8 @@ def main():
         ("causal + softcap 30", True, {"softcap": 30.0}),
         ("causal + alibi", True, {"alibi_slopes": sl}),
         ("window (1024, 0)", False, {"window": (1024, 0)}),
+        ("dropout 0.1", False, {"dropout_p": 0.1, "seed": 1}),
+        ("causal + dropout 0.1", True, {"dropout_p": 0.1, "seed": 1}),
     ]
     print("overhead at L = 4096, bf16 d128, B=4 H=16", file=sys.stderr)
     base = {}
@@ -214,12 +216,16 @@ def main():
                   impl="cuflash", causal=causal)
         base.setdefault(causal, r)
     if a.flex:
-        for name, causal, opts in variants[2:5] + variants[8:]:
+        for name, causal, opts in variants[2:5] + variants[8:9]:
             timed(lambda: flex_fns(q, k, v, causal, opts), name, rows, table="overhead",
                   impl="flex", causal=causal)
     timed(lambda: sdpa_fns(q, k, v, False), "plain", rows, table="overhead",
           impl="torch_flash", causal=False)
     timed(lambda: sdpa_fns(q, k, v, True), "causal", rows, table="overhead",
+          impl="torch_flash", causal=True)
+    timed(lambda: sdpa_fns(q, k, v, False, 0.1), "dropout 0.1", rows, table="overhead",
+          impl="torch_flash", causal=False)
+    timed(lambda: sdpa_fns(q, k, v, True, 0.1), "causal + dropout 0.1", rows, table="overhead",
           impl="torch_flash", causal=True)
     lines.append("1. option cost, bf16 d128 L=4096 B=4 H=16 (time / plain kernel's time, same "
                  "causal setting)")
@@ -231,6 +237,13 @@ def main():
         fm = f"{r['fwd_ms']:8.3f}" if r["fwd_ms"] else "     n/a"
         bm = f"{r['bwd_ms']:8.3f}" if r["bwd_ms"] else "     n/a"
         lines.append(f"   {r['label']:36s} {r['impl']:12s} {fm} {bm} {fx:6.2f} {bx:6.2f}")
+    torch_rows = {(r["label"]): r for r in rows
+                  if r["table"] == "overhead" and r["impl"] == "torch_flash"}
+    for plain, drop in (("plain", "dropout 0.1"), ("causal", "causal + dropout 0.1")):
+        if plain in torch_rows and drop in torch_rows:
+            a_, b_ = torch_rows[drop], torch_rows[plain]
+            lines.append(f"   torch flash's own dropout cost ({drop} / {plain}): "
+                         f"fwd {ratio(a_, b_, 'fwd_ms'):.2f}x bwd {ratio(a_, b_, 'bwd_ms'):.2f}x")
     q = k = v = None
     cp.get_default_memory_pool().free_all_blocks()
 
