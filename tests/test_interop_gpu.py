@@ -66,7 +66,7 @@ def test_torch_zero_copy_in_and_out(cp):
         assert bool((ct._cp(out).view(cp.uint16) == expect.view(cp.uint16)).all())
         # the custom op (what torch.compile calls) and the eager path agree bitwise
         op_out, _ = torch.ops.cuflash.attention_fwd(q, k, v, False, 64 ** -0.5, False,
-                                                    [-1, -1], 0.0, None)
+                                                    [-1, -1], 0.0, None, 0.0, 0)
         assert torch.equal(op_out.view(torch.int16), out.view(torch.int16))
 
 
