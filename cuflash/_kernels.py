@@ -193,10 +193,12 @@ BWD_TILES = {
 }
 
 # Where the options kernels need a tile of their own (as FWD_OPTION_TILES): at d64 the
-# 4-warp atomic-dQ tile spills with them (bf16, sm_90).
+# 4-warp atomic-dQ tile spills with them (bf16, sm_90); with dropout's code, so do the
+# two-buffer dK/dV-only tiles at d96 and d192 (sm_90): one query buffer there.
 BWD_OPTION_TILES = {
     64: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
-    192: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 2, 1)),  # (64x64 atomic: scl spills)
+    96: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 1, 1)),
+    192: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 1, 1)),  # (64x64 atomic: scl spills)
 }
 
 # The deterministic dQ pass: (block_m, block_n, warps, K/V stages, blocks per SM).
