@@ -22,7 +22,8 @@ try:  # bfloat16 for NumPy (and CuPy, which reuses NumPy's dtype objects)
 except ImportError:  # pragma: no cover - ml_dtypes is a dependency
     _BFLOAT16 = None
 
-_SUPPORTED = tuple(d for d in (np.dtype(np.float16), _BFLOAT16) if d is not None)
+_SUPPORTED = tuple(d for d in (np.dtype(np.float16), _BFLOAT16, np.dtype(np.float32))
+                   if d is not None)
 _MAX_HEAD_DIM = 256
 
 
@@ -51,7 +52,7 @@ def _array_module(**arrays):
 def _check_dtypes(q, k, v) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in _SUPPORTED:
-            raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
+            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {x.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -158,7 +159,9 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, out=None, 
     Parameters
     ----------
     q : cupy.ndarray or numpy.ndarray, shape ``(..., Hq, Lq, D)`` or ``(Lq, D)``
-        Queries. float16 or bfloat16 (``ml_dtypes.bfloat16``).
+        Queries. float16, bfloat16 (``ml_dtypes.bfloat16``) or float32. float32 runs the
+        products on tensor cores with operands rounded to tf32 (10 mantissa bits, as
+        fp16's) and float32 accumulation; inputs, output and lse stay float32.
     k : array, shape ``(..., Hk, Lk, D)`` or ``(Lk, D)``
         Keys. ``Hq`` must be a multiple of ``Hk``: query head ``h`` reads key/value head
         ``h // (Hq // Hk)`` (grouped-query attention; ``Hk == 1`` is multi-query).

@@ -73,13 +73,21 @@ def clear_kernel_cache() -> None:
 
 
 def _elem_strides(x) -> tuple[int, ...]:
-    # Strides of size-1 dims never move the pointer: report 0 so they pass alignment checks.
-    return tuple(0 if n == 1 else s // x.itemsize for n, s in zip(x.shape, x.strides))
+    """Strides in the kernels' 16-bit units (a float32 element is two; kernels/common.cuh).
+    Strides of size-1 dims never move the pointer: 0, so they pass alignment checks."""
+    return tuple(0 if n == 1 else s // 2 for n, s in zip(x.shape, x.strides))
+
+
+def _units(dtype) -> int:
+    """16-bit units per element."""
+    return np.dtype(dtype).itemsize // 2
 
 
 def is_vec_aligned(arrays, head_dim: int, head_dim_v: int) -> bool:
-    """Whether 16-byte copies are legal: aligned bases, strides and head dims % 8."""
-    if head_dim % 8 or head_dim_v % 8:
+    """Whether 16-byte copies are legal: aligned bases, and strides and head dims that are
+    whole 16-byte chunks."""
+    w = _units(arrays[0].dtype)
+    if head_dim * w % 8 or head_dim_v * w % 8:
         return False
     for x in arrays:
         if x.data.ptr % 16:
@@ -212,6 +220,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
                          options=with_options)
     option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     kern = get_kernel(spec)
+    w = _units(q.dtype)  # the kernels bound their copies by head dims in 16-bit units
     qs, ks, vs, os_ = (_elem_strides(x) for x in (q, k, v, out))
     ls = tuple(s // 4 for s in lse.strides)
     grid_m = math.ceil(Lq / spec.tile.block_m)
@@ -226,7 +235,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
             np.int64(vs[0]), np.int64(vs[1]), np.int64(vs[2]),
             np.int64(os_[0]), np.int64(os_[1]), np.int64(os_[2]),
             np.int64(ls[0]), np.int64(ls[1]),
-            np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Dv), np.int32(Hq // Hk),
+            np.int32(Lq), np.int32(Lk), np.int32(D * w), np.int32(Dv * w), np.int32(Hq // Hk),
             np.float32(scale * math.log2(math.e)),
             *_batch_slice(option_args, slice(b0, b0 + nb), Hq),
             *(c if packed is None else c[b0:] for c in cu),
@@ -249,12 +258,13 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
     sm_86/sm_89 parts, 99 KB a block), the deterministic pair of kernels is used instead:
     the same gradients, summed in a fixed order.
     """
-    bucket = max(_kernels.head_dim_bucket(head_dim), _kernels.head_dim_bucket(head_dim_v))
+    bucket = max(_kernels.head_dim_bucket(head_dim, dtype),
+                 _kernels.head_dim_bucket(head_dim_v, dtype))
 
     def main_specs(atomic):
         return [_kernels.bwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, atomic, tile=t,
                                   options=options)
-                for t in _kernels.bwd_tiles(bucket, atomic, options)]
+                for t in _kernels.bwd_tiles(bucket, atomic, options, dtype)]
 
     limit = max_smem_per_block()
     if not deterministic and all(s.smem_bytes > limit for s in main_specs(True)):
@@ -265,7 +275,7 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
         dq = _first_fitting([
             _kernels.bwd_dq_spec(dtype, head_dim, head_dim_v, causal, vec, arch, tile=t,
                                  options=options)
-            for t in _kernels.bwd_dq_tiles(bucket, options)])
+            for t in _kernels.bwd_dq_tiles(bucket, options, dtype)])
     return _kernels.BwdPrepSpec(dtype, arch), main, dq
 
 
@@ -314,6 +324,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         _elem_strides(x) for x in (q, k, v, dout, out, dq, dk, dv))
     ls = tuple(s // 4 for s in lse.strides)
     scale_log2 = np.float32(scale * math.log2(math.e))
+    w = _units(q.dtype)  # head dims in 16-bit units for the main kernel and the dQ pass
     for b0 in range(0, B, _MAX_GRID_YZ):
         nb = min(_MAX_GRID_YZ, B - b0)
         sl = slice(b0, b0 + nb)
@@ -336,8 +347,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 grid, (main.threads, 1, 1),
                 (at(q), at(k), at(v), at(dout), st(lse_log2), st(delta), accum, at(dk), at(dv),
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dks[:3], *dvs[:3]),
-                 np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(Hq), np.int32(D),
-                 np.int32(Dv), np.int32(Hq // Hk), scale_log2, np.float32(scale),
+                 np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(Hq), np.int32(D * w),
+                 np.int32(Dv * w), np.int32(Hq // Hk), scale_log2, np.float32(scale),
                  *_batch_slice(option_args, sl, Hq), *cu_at),
                 shared_mem=main.smem_bytes)
         if Lq == 0 or Hq == 0:
@@ -347,8 +358,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 (-(-Lq // dq_pass.tile.block_m), Hq, nb), (dq_pass.threads, 1, 1),
                 (at(q), at(k), at(v), at(dout), st(lse_log2), st(delta), at(dq),
                  *_i64(*qs[:3], *ks[:3], *vs[:3], *dos[:3], *dqs[:3]),
-                 np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(D), np.int32(Dv),
-                 np.int32(Hq // Hk), scale_log2, np.float32(scale),
+                 np.int32(Lq), np.int32(Lk), np.int32(stats_pad), np.int32(D * w),
+                 np.int32(Dv * w), np.int32(Hq // Hk), scale_log2, np.float32(scale),
                  *_batch_slice(option_args, sl, Hq), *cu_at),
                 shared_mem=dq_pass.smem_bytes)
         else:

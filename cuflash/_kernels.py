@@ -20,9 +20,13 @@ HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 #: Compute capabilities that CI compiles every specialisation for.
 SHIPPED_ARCHS = (80, 90)
 
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("float16", "bfloat16", "float32")
 
-_ELEM_TAG = {"float16": "cuflash::f16_t", "bfloat16": "cuflash::bf16_t"}
+_ELEM_TAG = {"float16": "cuflash::f16_t", "bfloat16": "cuflash::bf16_t",
+             "float32": "cuflash::f32_t"}
+
+#: Bytes per element; the kernels address every array in 16-bit units (kernels/common.cuh).
+ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +39,9 @@ class FwdTile:
     stages: int
     min_blocks: int
 
-    def smem_bytes(self, head_dim: int, head_dim_v: int) -> int:
-        q_bytes = self.block_m * max(head_dim, head_dim_v) * 2
-        kv_bytes = self.block_n * (head_dim + head_dim_v) * 2
+    def smem_bytes(self, head_dim: int, head_dim_v: int, elem_bytes: int = 2) -> int:
+        q_bytes = self.block_m * max(head_dim, head_dim_v) * elem_bytes
+        kv_bytes = self.block_n * (head_dim + head_dim_v) * elem_bytes
         return q_bytes + self.stages * kv_bytes
 
 
@@ -62,10 +66,38 @@ FWD_OPTION_TILES = {
     128: FwdTile(64, 128, 4, 1, 2),
 }
 
+# float32 inputs (tf32 products): P's fragments take twice the registers of fp16 pairs and
+# every tile twice the shared memory, so the tiles are smaller; one table serves the plain
+# and the options kernels, and every tile fits the 163 KB of an A100 block.
+FWD_F32_TILES = {
+    32: FwdTile(64, 64, 4, 2, 2),
+    64: FwdTile(64, 64, 4, 1, 2),
+    96: FwdTile(64, 32, 4, 1, 2),
+    128: FwdTile(64, 32, 4, 1, 2),
+    160: FwdTile(64, 32, 4, 1, 1),
+    192: FwdTile(64, 32, 4, 1, 1),
+    256: FwdTile(64, 32, 4, 1, 1),
+}
 
-def head_dim_bucket(d: int) -> int:
-    """The smallest bucket that holds head dim ``d`` (1 <= d <= 256)."""
-    for b in HEAD_DIM_BUCKETS:
+
+def fwd_tile(dtype: str, bucket: int, options: bool) -> FwdTile:
+    """The forward tile of a dtype and head-dim bucket."""
+    if dtype == "float32":
+        return FWD_F32_TILES[bucket]
+    return (FWD_OPTION_TILES if options else FWD_TILES).get(bucket, FWD_TILES[bucket])
+
+
+def head_dim_buckets(dtype: str = "float16") -> tuple[int, ...]:
+    """The head-dim buckets of a dtype. float32 has no 224 bucket: its backward tile there
+    spills (the dQ product splits into 14 pieces), so 193..256 run the 256 kernels."""
+    if dtype == "float32":
+        return tuple(b for b in HEAD_DIM_BUCKETS if b != 224)
+    return HEAD_DIM_BUCKETS
+
+
+def head_dim_bucket(d: int, dtype: str = "float16") -> int:
+    """The smallest bucket of ``dtype`` that holds head dim ``d`` (1 <= d <= 256)."""
+    for b in head_dim_buckets(dtype):
         if d <= b:
             return b
     raise ValueError(f"head dim must be at most {HEAD_DIM_BUCKETS[-1]}, got {d}")
@@ -130,7 +162,7 @@ class FwdSpec(_KernelSpec):
 
     @property
     def smem_bytes(self) -> int:
-        return self.tile.smem_bytes(self.head_dim, self.head_dim_v)
+        return self.tile.smem_bytes(self.head_dim, self.head_dim_v, ELEM_BYTES[self.dtype])
 
 
 def _cbool(b: bool) -> str:
@@ -140,9 +172,9 @@ def _cbool(b: bool) -> str:
 def fwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
              arch: int, tile: FwdTile | None = None, options: bool = False) -> FwdSpec:
     """The forward specialisation for real head dims ``head_dim`` / ``head_dim_v``."""
-    d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    d, dv = head_dim_bucket(head_dim, dtype), head_dim_bucket(head_dim_v, dtype)
     if tile is None:
-        tile = (FWD_OPTION_TILES if options else FWD_TILES).get(max(d, dv), FWD_TILES[max(d, dv)])
+        tile = fwd_tile(dtype, max(d, dv), options)
     return FwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
 
 
@@ -150,8 +182,9 @@ def shipped_fwd_specs(archs=SHIPPED_ARCHS) -> list[FwdSpec]:
     """Every forward specialisation that the dispatcher can pick (head_dim_v == head_dim)."""
     return [
         fwd_spec(dtype, d, d, causal, vec, arch, options=options)
-        for arch, dtype, d, causal, vec, options in itertools.product(
-            archs, DTYPES, HEAD_DIM_BUCKETS, (False, True), (True, False), (False, True))
+        for arch, dtype in itertools.product(archs, DTYPES)
+        for d, causal, vec, options in itertools.product(
+            head_dim_buckets(dtype), (False, True), (True, False), (False, True))
     ]
 
 
@@ -171,11 +204,12 @@ class BwdTile:
     min_blocks: int
     swap: bool = False  # d_split pairs split S/dP by queries and swap P and dS halves
 
-    def smem_bytes(self, head_dim: int, head_dim_v: int, atomic_dq: bool) -> int:
-        kv_bytes = self.block_n * (head_dim + head_dim_v) * 2
+    def smem_bytes(self, head_dim: int, head_dim_v: int, atomic_dq: bool,
+                   elem_bytes: int = 2) -> int:
+        kv_bytes = self.block_n * (head_dim + head_dim_v) * elem_bytes
         ds_tiles = (2 if atomic_dq else int(self.swap)) + int(self.swap)  # dS buffers, P
-        ds_bytes = self.block_n * self.block_m * 2 * ds_tiles
-        stage_bytes = self.block_m * (head_dim + head_dim_v) * 2 + 2 * self.block_m * 4
+        ds_bytes = self.block_n * self.block_m * elem_bytes * ds_tiles
+        stage_bytes = self.block_m * (head_dim + head_dim_v) * elem_bytes + 2 * self.block_m * 4
         return kv_bytes + ds_bytes + self.stages * stage_bytes
 
 
@@ -201,6 +235,14 @@ BWD_OPTION_TILES = {
     192: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 1, 1)),  # (64x64 atomic: scl spills)
 }
 
+# float32 (tf32): the same tile for atomic dQ and dK/dV only; no swap (16-bit pairs only).
+# Above d = 128 two warps share each 16-key slab, each with half of the dK/dV columns.
+BWD_F32_TILES = {
+    **{d: (BwdTile(32, 64, 4, 1, 1, 1),) * 2 for d in (32, 64)},
+    **{d: (BwdTile(32, 64, 8, 2, 1, 1),) * 2 for d in (96, 128)},
+    **{d: (BwdTile(32, 32, 4, 2, 1, 1),) * 2 for d in (160, 192, 256)},
+}
+
 # The deterministic dQ pass: (block_m, block_n, warps, K/V stages, blocks per SM).
 BWD_DQ_TILES = {
     32: FwdTile(128, 32, 4, 2, 1),
@@ -216,6 +258,11 @@ BWD_DQ_TILES = {
 # ... and for the options kernels, where the dQ tile above spills (d96, sm_90, scalar loads).
 BWD_DQ_OPTION_TILES = {
     96: FwdTile(64, 64, 4, 2, 1),
+}
+
+BWD_DQ_F32_TILES = {
+    **{d: FwdTile(64, 32, 4, 1, 1) for d in (32, 64, 96, 128)},
+    **{d: FwdTile(32, 32, 2, 1, 1) for d in (160, 192, 256)},
 }
 
 #: Row statistics and the float32 dQ buffer are padded to a multiple of this many rows,
@@ -235,7 +282,8 @@ class BwdSpec(_KernelSpec):
 
     @property
     def smem_bytes(self) -> int:
-        return self.tile.smem_bytes(self.head_dim, self.head_dim_v, self.atomic_dq)
+        return self.tile.smem_bytes(self.head_dim, self.head_dim_v, self.atomic_dq,
+                                    ELEM_BYTES[self.dtype])
 
     @property
     def dq_layout(self) -> tuple[int, int, int, int]:
@@ -271,9 +319,9 @@ class BwdDqSpec(_KernelSpec):
     @property
     def smem_bytes(self) -> int:
         # Q and dO stay; K and V are staged
-        t = self.tile
-        return (t.block_m * (self.head_dim + self.head_dim_v) * 2
-                + t.stages * t.block_n * (self.head_dim + self.head_dim_v) * 2)
+        t, b = self.tile, ELEM_BYTES[self.dtype]
+        return (t.block_m * (self.head_dim + self.head_dim_v) * b
+                + t.stages * t.block_n * (self.head_dim + self.head_dim_v) * b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,32 +386,37 @@ def _smaller(tile):
     return out
 
 
-def bwd_tiles(bucket: int, atomic_dq: bool, options: bool = False) -> list[BwdTile]:
+def bwd_tiles(bucket: int, atomic_dq: bool, options: bool = False,
+              dtype: str = "float16") -> list[BwdTile]:
     """Main backward tiles for a head-dim bucket: the tuned one first, then smaller ones."""
+    if dtype == "float32":
+        return [BWD_F32_TILES[bucket][0 if atomic_dq else 1]]  # (they fit an A100 block)
     tile = (BWD_OPTION_TILES if options else BWD_TILES).get(bucket, BWD_TILES[bucket])
     tile = tile[0 if atomic_dq else 1]
     return [tile, *_smaller(tile)]
 
 
-def bwd_dq_tiles(bucket: int, options: bool = False) -> list[FwdTile]:
+def bwd_dq_tiles(bucket: int, options: bool = False, dtype: str = "float16") -> list[FwdTile]:
+    if dtype == "float32":
+        return [BWD_DQ_F32_TILES[bucket]]
     tile = (BWD_DQ_OPTION_TILES if options else BWD_DQ_TILES).get(bucket, BWD_DQ_TILES[bucket])
     return [tile] + ([dataclasses.replace(tile, stages=1)] if tile.stages == 2 else [])
 
 
 def bwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
              atomic_dq: bool, tile: BwdTile | None = None, options: bool = False) -> BwdSpec:
-    d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    d, dv = head_dim_bucket(head_dim, dtype), head_dim_bucket(head_dim_v, dtype)
     if tile is None:
-        tile = bwd_tiles(max(d, dv), atomic_dq, options)[0]
+        tile = bwd_tiles(max(d, dv), atomic_dq, options, dtype)[0]
     return BwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options),
                    bool(atomic_dq))
 
 
 def bwd_dq_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
                 tile: FwdTile | None = None, options: bool = False) -> BwdDqSpec:
-    d, dv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    d, dv = head_dim_bucket(head_dim, dtype), head_dim_bucket(head_dim_v, dtype)
     if tile is None:
-        tile = bwd_dq_tiles(max(d, dv), options)[0]
+        tile = bwd_dq_tiles(max(d, dv), options, dtype)[0]
     return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
 
 
@@ -377,12 +430,12 @@ def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
         specs.append(BwdPrepSpec(dtype, arch))
         n_tiles = None if fallbacks and arch == archs[0] else 1
         for d, causal, vec, opt in itertools.product(
-                HEAD_DIM_BUCKETS, (False, True), (True, False), (False, True)):
+                head_dim_buckets(dtype), (False, True), (True, False), (False, True)):
             for atomic in (True, False):
                 specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t, options=opt)
-                          for t in bwd_tiles(d, atomic, opt)[:n_tiles]]
+                          for t in bwd_tiles(d, atomic, opt, dtype)[:n_tiles]]
             specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t, options=opt)
-                      for t in bwd_dq_tiles(d, opt)[:n_tiles]]
+                      for t in bwd_dq_tiles(d, opt, dtype)[:n_tiles]]
     return specs
 
 

@@ -101,7 +101,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     ----------
     q : array, shape ``(total_q, Hq, D)``
     k, v : arrays, shapes ``(total_k, Hk, D)`` and ``(total_k, Hk, Dv)``
-        float16 or bfloat16; ``Hq % Hk == 0``; any strides with a contiguous last dim.
+        float16, bfloat16 or float32; ``Hq % Hk == 0``; any strides with a contiguous last
+        dim.
     cu_seqlens_q, cu_seqlens_k : int32 arrays, shape ``(batch + 1,)``
         Prefix sums of the sequence lengths (0 first, the total last); lengths may be 0.
         They are checked on the host: for CuPy arrays that is a small copy, which waits

@@ -111,7 +111,7 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
 
     Parameters
     ----------
-    q, k, v : jax.Array on a CUDA device, float16 or bfloat16
+    q, k, v : jax.Array on a CUDA device, float16, bfloat16 or float32 (tf32 products)
         ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``; ``Hq % Hk == 0``
         is grouped-query attention. (``jax.nn.dot_product_attention`` takes
         ``(B, L, H, D)``: swap axes -3 and -2.)
@@ -138,8 +138,8 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "dtype") or not hasattr(x, "shape"):
             raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")
-        if x.dtype not in (jnp.float16, jnp.bfloat16):
-            raise TypeError(f"{name}.dtype must be float16 or bfloat16, got {x.dtype}")
+        if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32):
+            raise TypeError(f"{name}.dtype must be float16, bfloat16 or float32, got {x.dtype}")
     scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
                                                  window, softcap)  # at trace time
     _check_slopes(alibi_slopes)
@@ -227,8 +227,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     >>> out = cuflash.jax.attention_varlen(q, k, v, cu, cu, 256, 256, causal=True)  # doctest: +SKIP
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "dtype") or x.dtype not in (jnp.float16, jnp.bfloat16):
-            raise TypeError(f"{name} must be a float16 or bfloat16 jax.Array")
+        if not hasattr(x, "dtype") or x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32):
+            raise TypeError(f"{name} must be a float16, bfloat16 or float32 jax.Array")
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if getattr(x, "dtype", None) != jnp.int32:
             raise TypeError(f"{name} must be an int32 jax.Array")

@@ -20,7 +20,7 @@ import torch.utils.dlpack
 
 from . import _api, _interop, _options, _varlen
 
-_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Capsule:
@@ -207,7 +207,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     Parameters
     ----------
-    q, k, v : torch.Tensor, CUDA, float16 or bfloat16
+    q, k, v : torch.Tensor, CUDA, float16, bfloat16 or float32 (tf32 products)
         ``(..., Hq, Lq, D)``, ``(..., Hk, Lk, D)``, ``(..., Hk, Lk, Dv)``, any strides with
         a contiguous last dimension: a ``(B, L, H, D)`` tensor is passed as
         ``x.transpose(1, 2)``, with no copy. ``Hq % Hk == 0`` is grouped-query attention.
@@ -244,7 +244,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in _DTYPES:
-            raise TypeError(f"{name}.dtype must be torch.float16 or torch.bfloat16, got {x.dtype}")
+            raise TypeError(f"{name}.dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                            f"got {x.dtype}")
         if x.device.type != "cuda":
             raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
     scale, window, softcap = _interop.check_call(q, k, v, causal, scale, deterministic,
@@ -315,7 +316,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be a float16 or bfloat16 torch.Tensor")
+            raise TypeError(f"{name} must be a float16, bfloat16 or float32 torch.Tensor")
         if x.device.type != "cuda":
             raise ValueError(f"{name} must be a CUDA tensor, got device {x.device}")
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):

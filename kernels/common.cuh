@@ -3,7 +3,11 @@
 // The kernels include no CUDA header at all: NVRTC from pip ships without
 // cuda_fp16.h, so 16-bit values travel as raw bits (uint16_t / packed uint32_t)
 // and every conversion, matrix instruction and async copy is inline PTX.
-// Requires sm_80 or newer (mma.sync m16n8k16, ldmatrix, cp.async).
+// Requires sm_80 or newer (mma.sync m16n8k16 / m16n8k8 tf32, ldmatrix, cp.async).
+//
+// Global arrays are addressed in 16-bit units whatever the element type: a float32
+// element is two units, and the host passes strides (and the head dims that bound the
+// tile copies) in units, so the copies move bytes and need no element type.
 #pragma once
 
 typedef unsigned short u16;
@@ -15,13 +19,32 @@ typedef long long i64;
 
 namespace cuflash {
 
-// Element type tags: raw 16-bit storage with the matching PTX type names.
+// Operand precisions of the tensor-core products (template argument kPrec).
+constexpr int kPrecF16 = 0;   // fp16 operands, m16n8k16
+constexpr int kPrecBF16 = 1;  // bf16 operands, m16n8k16
+constexpr int kPrecTF32 = 2;  // float32 storage, operands rounded to tf32, m16n8k8
+
+// Element type tags: storage width in 16-bit units and the products' precision.
 struct f16_t {
   static constexpr bool kIsBf16 = false;
+  static constexpr int kPrec = kPrecF16;
+  static constexpr int kWords = 1;
 };
 struct bf16_t {
   static constexpr bool kIsBf16 = true;
+  static constexpr int kPrec = kPrecBF16;
+  static constexpr int kWords = 1;
 };
+struct f32_t {
+  static constexpr bool kIsBf16 = false;
+  static constexpr int kPrec = kPrecTF32;
+  static constexpr int kWords = 2;
+};
+
+// The k extent of one tensor-core step: 16 for 16-bit operands, 8 for tf32. A fragments
+// of a k-long operand are arrays [..][k / kKStep<kPrec>][4] of 32-bit registers.
+template <int kPrec>
+constexpr int kKStep = kPrec == kPrecTF32 ? 8 : 16;
 
 template <bool kValue>
 struct BoolConst {
@@ -104,6 +127,19 @@ CUFLASH_DEVICE u16 from_float(float f) {
   return r;
 }
 
+// float32 -> tf32 (10 explicit mantissa bits), rounded to nearest, ties away; as raw bits.
+CUFLASH_DEVICE u32 to_tf32(float x) {
+  u32 r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+CUFLASH_DEVICE int lane_id() {
+  int lane;
+  asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane;
+}
+
 // 2^x on the special-function unit (the online softmax works in base 2).
 CUFLASH_DEVICE float exp2_approx(float x) {
   float y;
@@ -135,6 +171,26 @@ CUFLASH_DEVICE void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) 
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// D = A * B + D, m16n8k8 with tf32 operands (fp32 bits, already rounded: to_tf32).
+// A: 4 regs (rows g, g + 8 x k t, t + 4), B: 2 regs (k t, t + 4 x column g).
+CUFLASH_DEVICE void mma_1688_tf32(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One tensor-core step of precision kPrec (k = kKStep<kPrec>).
+template <int kPrec>
+CUFLASH_DEVICE void mma_step(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if (kPrec == kPrecTF32) {
+    mma_1688_tf32(d, a, b0, b1);
+  } else {
+    mma_16816<kPrec == kPrecBF16>(d, a, b0, b1);
   }
 }
 
@@ -170,6 +226,16 @@ CUFLASH_DEVICE void ld_shared_v4(u32 (&v)[4], u32 addr) {
   asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
                : "r"(addr));
+}
+
+CUFLASH_DEVICE u32 ld_shared_b32(u32 addr) {
+  u32 v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+CUFLASH_DEVICE void st_shared_v2(u32 addr, u32 x, u32 y) {
+  asm volatile("st.shared.v2.b32 [%0], {%1,%2};\n" ::"r"(addr), "r"(x), "r"(y));
 }
 
 CUFLASH_DEVICE void ld_shared_f2(float& x, float& y, u32 addr) {

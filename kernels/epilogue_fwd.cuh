@@ -1,5 +1,5 @@
 // cuflash: the forward epilogue. o_acc (already divided by l_i) is rounded to the
-// input precision, staged through shared memory (Q's space, each warp on its own rows)
+// input precision (float32: kept), staged through shared memory (Q's space, each warp on its own rows)
 // and written out with 16-byte row-coalesced stores; lse goes straight from registers.
 #pragma once
 #include "common.cuh"
@@ -15,7 +15,7 @@ CUFLASH_DEVICE void store_output(u16* __restrict__ o_tile, i64 o_row_stride,
                                  const float (&lse)[T::kMRep][2], u32 sO, int warp_row0,
                                  int tid) {
   const int lane = tid & 31;
-  store_frag<T::kIsBf16, typename T::TileO>(sO, o_acc, warp_row0, 0, 1.f, lane);
+  store_frag<T::kPrec, typename T::TileO>(sO, o_acc, warp_row0, 0, 1.f, lane);
 #pragma unroll
   for (int r = 0; r < T::kMRep; ++r) {
 #pragma unroll
@@ -25,8 +25,8 @@ CUFLASH_DEVICE void store_output(u16* __restrict__ o_tile, i64 o_row_stride,
     }
   }
   __syncthreads();
-  store_tile<T::kBlockM, T::kHeadDimV, T::kThreads, kVec>(o_tile, o_row_stride, rows_valid,
-                                                           head_dim_v, sO, tid);
+  store_tile<T::kBlockM, T::kHeadDimV * T::kWords, T::kThreads, kVec>(
+      o_tile, o_row_stride, rows_valid, head_dim_v, sO, tid);
 }
 
 }  // namespace cuflash

@@ -125,11 +125,11 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     const int tid_e = thread_index(), warp_e = tid_e >> 5, lane = tid_e & 31;
     const int key_row0 = (warp_e / kDSplit) * 16 * T::kNRep, d_part = warp_e % kDSplit;
     const u32 sK = smem_addr(smem), sV = sK + T::TileK::kBytes;
-    store_frag<T::kIsBf16, typename T::TileK>(sK, dk_acc, key_row0, d_part * T::kDKCols, scale,
+    store_frag<T::kPrec, typename T::TileK>(sK, dk_acc, key_row0, d_part * T::kDKCols, scale,
                                               lane);
     // dropout: dV = (P o Z)^T dO / (1 - p)
     const float dv_scale = kOptions && dropout_threshold != 0u ? dropout_scale : 1.f;
-    store_frag<T::kIsBf16, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols,
+    store_frag<T::kPrec, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols,
                                               dv_scale, lane);
     __syncthreads();
     const BwdBlock<kCausal> blk = BwdBlock<kCausal>::get();
@@ -137,10 +137,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     const SeqLens seq_e = SeqLens::get(cu_seqlens_q, cu_seqlens_k, int(b), 0, seqlen_k);
     const int kv = blk.kv_head, n0_e = blk.n_block * kBlockN + seq_e.k_start;
     const int rows = min(kBlockN, seq_e.seqlen_k + seq_e.k_start - n0_e);
-    store_tile<kBlockN, kHeadDim, T::kThreads, kVec>(
+    store_tile<kBlockN, kHeadDim * T::kWords, T::kThreads, kVec>(
         dk + b * dk_batch_stride + kv * dk_head_stride + n0_e * dk_row_stride, dk_row_stride,
         rows, head_dim, sK, tid_e);
-    store_tile<kBlockN, kHeadDimV, T::kThreads, kVec>(
+    store_tile<kBlockN, kHeadDimV * T::kWords, T::kThreads, kVec>(
         dv + b * dv_batch_stride + kv * dv_head_stride + n0_e * dv_row_stride, dv_row_stride,
         rows, head_dim_v, sV, tid_e);
   }

@@ -84,10 +84,10 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   float dq_acc[T::kMRep][T::kDTiles][4];
   zero_acc(dq_acc);
   if (n_block_max > mainloop.n_block_min) {
-    load_tile<kBlockM, kHeadDim, T::kThreads, kVec>(
+    load_tile<kBlockM, kHeadDim * T::kWords, T::kThreads, kVec>(
         mainloop.sQ(), q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride,
         q_row_stride, rows_q, head_dim, tid);
-    load_tile<kBlockM, kHeadDimV, T::kThreads, kVec>(
+    load_tile<kBlockM, kHeadDimV * T::kWords, T::kThreads, kVec>(
         mainloop.sDO(),
         dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride,
         do_row_stride, rows_q, head_dim_v, tid);
@@ -98,11 +98,11 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
 
   // Epilogue: dQ = scale * dq_acc through Q's shared memory.
   __syncthreads();
-  store_frag<T::kIsBf16, typename T::TileQ>(mainloop.sQ(), dq_acc, warp_row0, 0, scale, lane);
+  store_frag<T::kPrec, typename T::TileQ>(mainloop.sQ(), dq_acc, warp_row0, 0, scale, lane);
   __syncthreads();
   // (the sequence's first row is read again here rather than held across the loop)
   const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, block_index<2>(), 0, 0).q_start + m0;
-  store_tile<kBlockM, kHeadDim, T::kThreads, kVec>(
+  store_tile<kBlockM, kHeadDim * T::kWords, T::kThreads, kVec>(
       dq + batch * dq_batch_stride + head * dq_head_stride + row0 * dq_row_stride, dq_row_stride,
       rows_q, head_dim, mainloop.sQ(), tid);
 }

@@ -8,7 +8,8 @@
 // kernel reads whole tiles of statistics and padded query rows contribute nothing. For
 // packed sequences each is padded to a multiple of kStatsRowPad rows (seqlens.cuh).
 //
-// flash_bwd_convert_dq_kernel, after it: dQ = scale * dq_accum, rounded to fp16/bf16;
+// flash_bwd_convert_dq_kernel, after it: dQ = scale * dq_accum, rounded to fp16/bf16
+// (float32: kept);
 // dq_accum's tiles are in the main kernel's fragment order (DqAccumLayout).
 #include "common.cuh"
 #include "seqlens.cuh"
@@ -16,6 +17,21 @@
 namespace cuflash {
 
 constexpr int kPrepWarps = 8;
+
+// Element d of a row addressed in 16-bit units (common.cuh), as float, and back.
+template <class Elem>
+CUFLASH_DEVICE float load_float(const u16* row, int d) {
+  if (Elem::kWords == 2) return reinterpret_cast<const float*>(row)[d];
+  return to_float<Elem::kIsBf16>(row[d]);
+}
+template <class Elem>
+CUFLASH_DEVICE void store_float(u16* row, int d, float x) {
+  if (Elem::kWords == 2) {
+    reinterpret_cast<float*>(row)[d] = x;
+  } else {
+    row[d] = from_float<Elem::kIsBf16>(x);
+  }
+}
 
 template <class Elem>
 __global__ void __launch_bounds__(kPrepWarps * 32)
@@ -27,7 +43,6 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
                                 i64 lse_head_stride, i64 lse_row_stride, int seqlen_q,
                                 int seqlen_q_pad, int head_dim_v,
                                 const int* __restrict__ cu_seqlens_q) {
-  constexpr bool kBf16 = Elem::kIsBf16;
   const int row = blockIdx.x * kPrepWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   const int head = blockIdx.y;
@@ -47,7 +62,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
     const u16* do_row =
         dout + batch * do_batch_stride + head * do_head_stride + row * do_row_stride;
     for (int d = lane; d < head_dim_v; d += 32) {
-      dot = fmaf(to_float<kBf16>(o_row[d]), to_float<kBf16>(do_row[d]), dot);
+      dot = fmaf(load_float<Elem>(o_row, d), load_float<Elem>(do_row, d), dot);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
@@ -98,8 +113,8 @@ __global__ void __launch_bounds__(256)
   const i64 stats_row = seq.stats_start(int(batch), gridDim.y, seqlen_q_pad) +
                         i64(head) * seqlen_q_pad;
   const float x = dq_accum[stats_row * layout.head_dim_pad + layout.offset(row, d)] * scale;
-  dq[batch * dq_batch_stride + head * dq_head_stride + (seq.q_start + row) * dq_row_stride + d] =
-      from_float<Elem::kIsBf16>(x);
+  store_float<Elem>(dq + batch * dq_batch_stride + head * dq_head_stride +
+                        (seq.q_start + row) * dq_row_stride, d, x);
 }
 
 }  // namespace cuflash

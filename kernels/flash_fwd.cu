@@ -92,8 +92,9 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
 
   if (n_block_max > n_block_min) {
     const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
-    load_tile<kBlockM, kHeadDim, T::kThreads, kVec>(mainloop.sQ, q_tile, q_row_stride, rows_q,
-                                                    head_dim, tid);
+    load_tile<kBlockM, kHeadDim * T::kWords, T::kThreads, kVec>(mainloop.sQ, q_tile,
+                                                                q_row_stride, rows_q, head_dim,
+                                                                tid);
     mainloop.prologue(n_block_max - 1);
     mainloop.run(n_block_max, softmax, o_acc);
   }

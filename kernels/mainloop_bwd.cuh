@@ -48,6 +48,8 @@ template <class Elem, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_,
           int kDSplit_, int kStages_, bool kAtomicDQ_, bool kSwap_ = false>
 struct BwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
+  static constexpr int kPrec = Elem::kPrec;
+  static constexpr int kWords = Elem::kWords;  // 16-bit units per element
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_;  // queries per step
@@ -89,12 +91,14 @@ struct BwdTraits {
   static_assert(kBlockM % (16 * kDQWarpsM) == 0, "dQ row split");
   static_assert(kStages == 1 || kStages == 2, "one or two query-tile buffers");
   static_assert(!kSwap || (kDSplit == 2 && kBlockM % 64 == 0), "swap: pairs of warps, 32+ queries each");
+  static_assert(!kSwap || kPrec != kPrecTF32, "float32: no swap tiles");
 
-  using TileQ = SmemTile<kBlockM, kHeadDim>;
-  using TileDO = SmemTile<kBlockM, kHeadDimV>;
-  using TileK = SmemTile<kBlockN, kHeadDim>;
-  using TileV = SmemTile<kBlockN, kHeadDimV>;
-  using TileDS = SmemTile<kBlockN, kBlockM>;  // dS^T: keys x queries
+  // tiles in 16-bit units (a float32 row is twice as wide)
+  using TileQ = SmemTile<kBlockM, kHeadDim * kWords>;
+  using TileDO = SmemTile<kBlockM, kHeadDimV * kWords>;
+  using TileK = SmemTile<kBlockN, kHeadDim * kWords>;
+  using TileV = SmemTile<kBlockN, kHeadDimV * kWords>;
+  using TileDS = SmemTile<kBlockN, kBlockM * kWords>;  // dS^T: keys x queries
 
   static constexpr int kStageBytes = TileQ::kBytes + TileDO::kBytes + 2 * kBlockM * 4;
   static constexpr int kSmemBytes =
@@ -276,11 +280,11 @@ struct BwdMainloop {
     const int head = c.head, m0 = c.m_block * T::kBlockM;
     const int tid = thread_index();  // see thread_index(): keeps the copy offsets short-lived
     const int rows = seqlen_q - m0;
-    load_tile<T::kBlockM, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockM, T::kHeadDim * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sQ(st), q + batch * q_batch_stride + head * q_head_stride + (q_start() + m0) * q_row_stride,
         q_row_stride, rows,
         head_dim, tid);
-    load_tile<T::kBlockM, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockM, T::kHeadDimV * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sDO(st),
         dout + batch * do_batch_stride + head * do_head_stride + (q_start() + m0) * do_row_stride,
         do_row_stride, rows,
@@ -298,9 +302,9 @@ struct BwdMainloop {
   // Issues K_j, V_j and the first query tile as one copy group.
   CUFLASH_DEVICE void prologue(const u16* k_tile, i64 k_row_stride, const u16* v_tile,
                                i64 v_row_stride, int rows_k, int n_iters) const {
-    load_tile<T::kBlockN, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockN, T::kHeadDim * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sK(), k_tile, k_row_stride, rows_k, head_dim, tid);
-    load_tile<T::kBlockN, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockN, T::kHeadDimV * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sV(), v_tile, v_row_stride, rows_k, head_dim_v, tid);
     if (n_iters > 0) load_query_tile(first(), 0);
     cp_async_commit();
@@ -319,48 +323,67 @@ struct BwdMainloop {
   CUFLASH_DEVICE void step(int head, int m0, int st, int ds_buf, const Cursor& prev, bool has_prev,
                            float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
                            float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
-    constexpr bool kBf16 = T::kIsBf16;
-    const int lane = tid & 31;
+    constexpr int kPrec = T::kPrec;
     pending_dq(0, prev, has_prev, ds_buf);
 
     // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept as fp16
     // pairs whatever the input type: P is in [0, 1], and fp16's 11 significant bits keep
     // dS's error at a plain implementation's level where bf16's 8 would double it.
     u32 p[T::kNRep][T::kBlockM / 16][4];
-    u32 p_in[T::kNRep][T::kBlockM / 16][4];  // bf16 inputs: P^T in bf16, for dV
+    // P^T as dV's operand in the input precision (bf16, tf32; fp16 uses p), then (tf32)
+    // dS^T, which fp16 and bf16 pack in place of p
+    u32 p_in[T::kNRep][T::kBlockM / kKStep<kPrec>][4];
     u32 dtanh[T::kNRep][T::kBlockM / 16][4];  // kOptions with a softcap
     {
       float s[T::kNRep][T::kMTiles][4];
-      gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDim, typename T::TileK,
+      gemm_rows_rows<kPrec, T::kNRep, T::kBlockM, T::kHeadDim * T::kWords, typename T::TileK,
                      typename T::TileQ>(s, sK(), lp, sQ(st));
       probabilities<kMasked>(s, dtanh, head, m0, 0, st);
-      pack_frags<false, T::kNRep, T::kBlockM>(p, s);
-      if (kBf16) pack_frags<true, T::kNRep, T::kBlockM>(p_in, s);
+      pack_frags<kPrecF16, T::kNRep, T::kBlockM>(p, s);
+      if (kPrec != kPrecF16) pack_frags<kPrec, T::kNRep, T::kBlockM>(p_in, s);
     }
     pending_dq(1, prev, has_prev, ds_buf);
 
     // dV += P^T dO (kOptions: dropped entries, negative, count as 0)
-    gemm_regs_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kOptions>(
-        dv_acc, kBf16 ? p_in : p, sDO(st), lp, d_part * T::kDVCols);
+    if constexpr (kPrec == kPrecF16) {
+      gemm_regs_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kOptions>(
+          dv_acc, p, sDO(st), lp, d_part * T::kDVCols);
+    } else {
+      gemm_regs_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kOptions>(
+          dv_acc, p_in, sDO(st), lp, d_part * T::kDVCols);
+    }
     pending_dq(2, prev, has_prev, ds_buf);
 
-    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed (input type) in place of P^T.
-    {
-      float dp[T::kNRep][T::kMTiles][4];
-      gemm_rows_rows<kBf16, T::kNRep, T::kBlockM, T::kHeadDimV, typename T::TileV,
-                     typename T::TileDO>(dp, sV(), lp, sDO(st));
-      scores_grad(dp, p, dtanh, 0, st);
-      pack_frags<kBf16, T::kNRep, T::kBlockM>(p, dp);
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta), packed in the input precision
+    float dp[T::kNRep][T::kMTiles][4];
+    gemm_rows_rows<kPrec, T::kNRep, T::kBlockM, T::kHeadDimV * T::kWords, typename T::TileV,
+                   typename T::TileDO>(dp, sV(), lp, sDO(st));
+    scores_grad(dp, p, dtanh, 0, st);
+    if constexpr (kPrec == kPrecTF32) {
+      dk_and_ds(p_in, dp, st, ds_buf, dk_acc, prev, has_prev);
+    } else {
+      dk_and_ds(p, dp, st, ds_buf, dk_acc, prev, has_prev);
     }
+  }
+
+  // The end of a step: dS^T packed into `ds` (A fragments of the input precision), then
+  // dK += dS^T Q, and dS^T into shared memory for dQ.
+  template <class Frags>
+  CUFLASH_DEVICE void dk_and_ds(Frags& ds, const float (&dp)[T::kNRep][T::kMTiles][4], int st,
+                                int ds_buf, float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
+                                const Cursor& prev, bool has_prev) const {
+    const int lane = tid & 31;
+    pack_frags<T::kPrec, T::kNRep, T::kBlockM>(ds, dp);
     pending_dq(3, prev, has_prev, ds_buf);
 
     // dK += dS^T Q
-    gemm_regs_trans<kBf16, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileQ>(
-        dk_acc, p, sQ(st), lp, d_part * T::kDKCols);
+    gemm_regs_trans<T::kPrec, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileQ>(
+        dk_acc, ds, sQ(st), lp, d_part * T::kDKCols);
 
     // dS^T for dQ, which the next step (or the end of the loop) computes.
     if (kAtomicDQ && d_part == 0) {
-      store_packed<typename T::TileDS, T::kNRep, T::kBlockM>(sDS(ds_buf), p, key_row0, lane);
+      store_packed<T::kPrec, typename T::TileDS, T::kNRep, T::kBlockM>(sDS(ds_buf), ds,
+                                                                      key_row0, lane);
     }
   }
 
@@ -384,7 +407,7 @@ struct BwdMainloop {
                                 bool has_prev,
                                 float (&dk_acc)[T::kNRep][T::kDKCols / 8][4],
                                 float (&dv_acc)[T::kNRep][T::kDVCols / 8][4]) const {
-    constexpr bool kBf16 = T::kIsBf16;
+    constexpr int kPrec = T::kPrec;  // (16-bit only: kSwap)
     constexpr int kHalfM = T::kBlockM / 2;
     const int lane = tid & 31;
     const int q0 = d_part * kHalfM;  // this warp's first query of the tile
@@ -393,38 +416,39 @@ struct BwdMainloop {
     u32 dtanh[T::kNRep][kHalfM / 16][4];  // kOptions with a softcap
     {
       float s[T::kNRep][kHalfM / 8][4];
-      gemm_rows_rows<kBf16, T::kNRep, kHalfM, T::kHeadDim, typename T::TileK,
+      gemm_rows_rows<kPrec, T::kNRep, kHalfM, T::kHeadDim, typename T::TileK,
                      typename T::TileQ>(s, sK(), lp, sQ(st), q0);
       probabilities<kMasked>(s, dtanh, head, m0, q0, st);
       pack_frags<false, T::kNRep, kHalfM>(p16, s);
       u32 p_in[T::kNRep][kHalfM / 16][4];
-      pack_frags<kBf16, T::kNRep, kHalfM>(p_in, s);
+      pack_frags<kPrec, T::kNRep, kHalfM>(p_in, s);
       if (dropout.active()) {  // dV's operand: dropped entries (negative) count as 0
 #pragma unroll
         for (int r = 0; r < T::kNRep; ++r)
 #pragma unroll
           for (int kk = 0; kk < kHalfM / 16; ++kk)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) p_in[r][kk][j] = relu2<kBf16>(p_in[r][kk][j]);
+            for (int j = 0; j < 4; ++j) p_in[r][kk][j] = relu_frag<kPrec>(p_in[r][kk][j]);
       }
-      store_packed<typename T::TileDS, T::kNRep, kHalfM>(sP(), p_in, key_row0, lane, q0);
+      store_packed<kPrec, typename T::TileDS, T::kNRep, kHalfM>(sP(), p_in, key_row0, lane, q0);
     }
     pending_dq(1, prev, has_prev, ds_buf);
     {
       float dp[T::kNRep][kHalfM / 8][4];
-      gemm_rows_rows<kBf16, T::kNRep, kHalfM, T::kHeadDimV, typename T::TileV,
+      gemm_rows_rows<kPrec, T::kNRep, kHalfM, T::kHeadDimV, typename T::TileV,
                      typename T::TileDO>(dp, sV(), lp, sDO(st), q0);
       scores_grad(dp, p16, dtanh, q0, st);
-      pack_frags<kBf16, T::kNRep, kHalfM>(p16, dp);
-      store_packed<typename T::TileDS, T::kNRep, kHalfM>(sDS(ds_buf), p16, key_row0, lane, q0);
+      pack_frags<kPrec, T::kNRep, kHalfM>(p16, dp);
+      store_packed<kPrec, typename T::TileDS, T::kNRep, kHalfM>(sDS(ds_buf), p16, key_row0, lane,
+                                                                q0);
     }
     __syncthreads();  // both halves of P^T and dS^T in place
     pending_dq(2, prev, has_prev, ds_buf);
     // dV += P^T dO and dK += dS^T Q over the whole tile, this warp's columns
-    gemm_rows_trans<kBf16, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDS,
+    gemm_rows_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDS,
                     typename T::TileDO>(dv_acc, sP(), sDO(st), lp, d_part * T::kDVCols);
     pending_dq(3, prev, has_prev, ds_buf);
-    gemm_rows_trans<kBf16, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileDS,
+    gemm_rows_trans<kPrec, T::kNRep, T::kDKCols, T::kBlockM, typename T::TileDS,
                     typename T::TileQ>(dk_acc, sDS(ds_buf), sQ(st), lp, d_part * T::kDKCols);
   }
 
@@ -447,7 +471,7 @@ struct BwdMainloop {
     if (lo == 0 && hi == T::kDQPieces && T::kDQChunk == T::kDQCols) {
       // all slabs in one product: the K fragments are loaded once for all of them
       float dq[T::kDQMRep][T::kDQCols / 8][4];
-      gemm_trans_trans<T::kIsBf16, T::kDQMRep, T::kDQCols, T::kBlockN, typename T::TileDS,
+      gemm_trans_trans<T::kPrec, T::kDQMRep, T::kDQCols, T::kBlockN, typename T::TileDS,
                        typename T::TileK>(dq, sDS(ds_buf), row0, sK(), col0, lp);
 #pragma unroll
       for (int r = 0; r < T::kDQMRep; ++r)
@@ -466,7 +490,7 @@ struct BwdMainloop {
       if (piece < lo || piece >= hi) continue;
       const int r = piece % T::kDQMRep, c = piece / T::kDQMRep * T::kDQChunk;
       float dq[1][T::kDQChunk / 8][4];
-      gemm_trans_trans<T::kIsBf16, 1, T::kDQChunk, T::kBlockN, typename T::TileDS,
+      gemm_trans_trans<T::kPrec, 1, T::kDQChunk, T::kBlockN, typename T::TileDS,
                        typename T::TileK>(dq, sDS(ds_buf), row0 + r * 16, sK(), col0 + c, lp);
 #pragma unroll
       for (int n = 0; n < T::kDQChunk / 8; ++n) {

@@ -22,6 +22,8 @@ template <class Elem, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_,
           int kStages_>
 struct BwdDqTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
+  static constexpr int kPrec = Elem::kPrec;
+  static constexpr int kWords = Elem::kWords;  // 16-bit units per element
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_;
@@ -38,10 +40,11 @@ struct BwdDqTraits {
   static_assert(kBlockM % (16 * kNWarps) == 0 && kBlockN % 16 == 0, "tile shape");
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
 
-  using TileQ = SmemTile<kBlockM, kHeadDim>;  // also stages dQ in the epilogue
-  using TileDO = SmemTile<kBlockM, kHeadDimV>;
-  using TileK = SmemTile<kBlockN, kHeadDim>;
-  using TileV = SmemTile<kBlockN, kHeadDimV>;
+  // tiles in 16-bit units (a float32 row is twice as wide)
+  using TileQ = SmemTile<kBlockM, kHeadDim * kWords>;  // also stages dQ in the epilogue
+  using TileDO = SmemTile<kBlockM, kHeadDimV * kWords>;
+  using TileK = SmemTile<kBlockN, kHeadDim * kWords>;
+  using TileV = SmemTile<kBlockN, kHeadDimV * kWords>;
 
   static constexpr int kStageBytes = TileK::kBytes + TileV::kBytes;
   static constexpr int kSmemBytes = TileQ::kBytes + TileDO::kBytes + kStages * kStageBytes;
@@ -72,16 +75,16 @@ struct BwdDqMainloop {
 
   CUFLASH_DEVICE void load_kv(int n, int st) const {
     const int rows = seqlen_k - n * T::kBlockN;
-    load_tile<T::kBlockN, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockN, T::kHeadDim * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sK(st), k_head + i64(n) * T::kBlockN * k_row_stride, k_row_stride, rows, head_dim, tid);
-    load_tile<T::kBlockN, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockN, T::kHeadDimV * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sV(st), v_head + i64(n) * T::kBlockN * v_row_stride, v_row_stride, rows, head_dim_v,
         tid);
   }
 
   template <bool kMasked>
   CUFLASH_DEVICE void step(int n, int st, float (&dq_acc)[T::kMRep][T::kDTiles][4]) const {
-    constexpr bool kBf16 = T::kIsBf16;
+    constexpr int kPrec = T::kPrec;
     const int lane = tid & 31;
     if (T::kStages == 2) {
       cp_async_wait<0>();
@@ -97,7 +100,7 @@ struct BwdDqMainloop {
     }
 
     float s[T::kMRep][T::kNTiles][4];
-    gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDim, typename T::TileQ,
+    gemm_rows_rows<kPrec, T::kMRep, T::kBlockN, T::kHeadDim * T::kWords, typename T::TileQ,
                    typename T::TileK>(s, sQ(), lp, sK(st));
     if constexpr (kOptions) {
       // P, times 1 - tanh^2 with a softcap, right away: this pass needs no bare P.
@@ -120,7 +123,7 @@ struct BwdDqMainloop {
       if (dropout.active()) dropout.template apply<true>(s, m0 + warp_row0, n * T::kBlockN, lane);
     }
     float dp[T::kMRep][T::kNTiles][4];
-    gemm_rows_rows<kBf16, T::kMRep, T::kBlockN, T::kHeadDimV, typename T::TileDO,
+    gemm_rows_rows<kPrec, T::kMRep, T::kBlockN, T::kHeadDimV * T::kWords, typename T::TileDO,
                    typename T::TileV>(dp, sDO(), lp, sV(st));
     if (dropout.active()) {
 #pragma unroll
@@ -148,9 +151,9 @@ struct BwdDqMainloop {
     }
     // Hidden entries: dS = 0, set after the fact (a scale <= 0 makes their P +inf or NaN)
     if (!kOptions && kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane, 0.f);
-    u32 ds[T::kMRep][T::kBlockN / 16][4];
-    pack_frags<kBf16, T::kMRep, T::kBlockN>(ds, s);
-    gemm_regs_trans<kBf16, T::kMRep, T::kHeadDim, T::kBlockN, typename T::TileK>(dq_acc, ds,
+    u32 ds[T::kMRep][T::kBlockN / kKStep<kPrec>][4];
+    pack_frags<kPrec, T::kMRep, T::kBlockN>(ds, s);
+    gemm_regs_trans<kPrec, T::kMRep, T::kHeadDim, T::kBlockN, typename T::TileK>(dq_acc, ds,
                                                                                  sK(st), lp);
   }
 

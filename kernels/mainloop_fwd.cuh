@@ -19,6 +19,8 @@ template <class Elem, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_,
           int kStages_>
 struct FwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
+  static constexpr int kPrec = Elem::kPrec;
+  static constexpr int kWords = Elem::kWords;  // 16-bit units per element
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_;
@@ -29,19 +31,21 @@ struct FwdTraits {
   static constexpr int kMRep = kBlockM / (16 * kNWarps);  // 16-row slabs per warp
   static constexpr int kNTiles = kBlockN / 8;             // n8 tiles of S
   static constexpr int kDTiles = kHeadDimV / 8;           // n8 tiles of O
-  // Accumulator registers per thread (S and O); above 128, tile copies run rolled.
+  // Accumulator registers per thread (S and O); above 128, tile copies run rolled (float32
+  // rows take twice the copy steps, each with its address: counted twice).
   static constexpr int kAccRegs = kMRep * (kNTiles + kDTiles) * 4;
-  static constexpr bool kUnrollCopies = kAccRegs <= 128;
+  static constexpr bool kUnrollCopies = kAccRegs * kWords <= 128;
 
   static_assert(kBlockM % (16 * kNWarps) == 0, "kBlockM must be a multiple of 16 * kNWarps");
   static_assert(kBlockN % 16 == 0, "kBlockN must be a multiple of 16");
   static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims are bucketed by 32");
   static_assert(kStages == 1 || kStages == 2, "one or two K/V stages");
 
-  using TileQ = SmemTile<kBlockM, kHeadDim>;
-  using TileK = SmemTile<kBlockN, kHeadDim>;
-  using TileV = SmemTile<kBlockN, kHeadDimV>;
-  using TileO = SmemTile<kBlockM, kHeadDimV>;  // reuses Q's space in the epilogue
+  // tiles in 16-bit units (a float32 row is twice as wide)
+  using TileQ = SmemTile<kBlockM, kHeadDim * kWords>;
+  using TileK = SmemTile<kBlockN, kHeadDim * kWords>;
+  using TileV = SmemTile<kBlockN, kHeadDimV * kWords>;
+  using TileO = SmemTile<kBlockM, kHeadDimV * kWords>;  // reuses Q's space in the epilogue
 
   static constexpr int kQBytes = TileQ::kBytes > TileO::kBytes ? TileQ::kBytes : TileO::kBytes;
   static constexpr int kSmemBytes = kQBytes + kStages * (TileK::kBytes + TileV::kBytes);
@@ -71,12 +75,12 @@ struct FwdMainloop {
   CUFLASH_DEVICE u32 sV(int st) const { return sK(st) + T::TileK::kBytes; }
 
   CUFLASH_DEVICE void load_k(int n, int st) const {
-    load_tile<T::kBlockN, T::kHeadDim, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockN, T::kHeadDim * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sK(st), k_head + i64(n) * T::kBlockN * k_row_stride, k_row_stride,
         seqlen_k - n * T::kBlockN, head_dim, tid);
   }
   CUFLASH_DEVICE void load_v(int n, int st) const {
-    load_tile<T::kBlockN, T::kHeadDimV, T::kThreads, kVec, T::kUnrollCopies>(
+    load_tile<T::kBlockN, T::kHeadDimV * T::kWords, T::kThreads, kVec, T::kUnrollCopies>(
         sV(st), v_head + i64(n) * T::kBlockN * v_row_stride, v_row_stride,
         seqlen_k - n * T::kBlockN, head_dim_v, tid);
   }
@@ -105,8 +109,8 @@ struct FwdMainloop {
     cp_async_commit();
 
     float s[T::kMRep][T::kNTiles][4];
-    gemm_rows_rows<T::kIsBf16, T::kMRep, T::kBlockN, T::kHeadDim, typename T::TileQ,
-                   typename T::TileK>(s, sQ, lp, sK(st));
+    gemm_rows_rows<T::kPrec, T::kMRep, T::kBlockN, T::kHeadDim * T::kWords,
+                   typename T::TileQ, typename T::TileK>(s, sQ, lp, sK(st));
     scores.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
     if (kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane);
 
@@ -119,9 +123,9 @@ struct FwdMainloop {
     softmax.template update<kOptions>(s, o_acc, scores.units());
     // dropout after the row sums (l_i normalises over every key); finalize() scales by 1/(1-p)
     if (dropout.active()) dropout.template apply<false>(s, m0 + warp_row0, n * T::kBlockN, lane);
-    u32 p[T::kMRep][T::kBlockN / 16][4];
-    pack_frags<T::kIsBf16, T::kMRep, T::kBlockN>(p, s);
-    gemm_regs_trans<T::kIsBf16, T::kMRep, T::kHeadDimV, T::kBlockN, typename T::TileV>(
+    u32 p[T::kMRep][T::kBlockN / kKStep<T::kPrec>][4];
+    pack_frags<T::kPrec, T::kMRep, T::kBlockN>(p, s);
+    gemm_regs_trans<T::kPrec, T::kMRep, T::kHeadDimV, T::kBlockN, typename T::TileV>(
         o_acc, p, sV(st), lp);
   }
 

@@ -19,6 +19,7 @@ template <int kRows, int kCols>
 struct SmemTile {
   static_assert(kCols % 32 == 0, "tile width must be a multiple of 32 elements");
   static_assert(kRows % 16 == 0, "tile height must be a multiple of 16 rows");
+  static constexpr int kRowCount = kRows;
   static constexpr int kChunksPerRow = kCols / 8;
   static constexpr int kChunks = kRows * kChunksPerRow;
   static constexpr int kBytes = kRows * kCols * 2;

@@ -43,11 +43,23 @@ def poison_allocator(cp):
 def _dtype(name):
     import ml_dtypes
 
+    if name == "float32":
+        return np.dtype(np.float32)
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float16)
 
 
+def round_tf32(cp, x32):
+    """float32 -> nearest tf32 value (10 explicit mantissa bits, ties away from zero, as
+    the kernels' cvt.rna), as float32."""
+    u = x32.astype(cp.float32).view(cp.uint32)
+    return ((u + cp.uint32(0x1000)) & cp.uint32(0xFFFFE000)).view(cp.float32)
+
+
 def round_to(cp, x32, name):
-    """float32 -> nearest fp16/bf16 value, returned as float32."""
+    """float32 -> nearest fp16/bf16 value, returned as float32; float32 stays as it is
+    (its products round their operands to tf32 instead: see reference)."""
+    if name == "float32":
+        return x32
     if name == "float16":
         return x32.astype(cp.float16).astype(cp.float32)
     u = x32.view(cp.uint32)
@@ -56,7 +68,9 @@ def round_to(cp, x32, name):
 
 
 def to_dtype(cp, x32, name):
-    """float32 array -> fp16/bf16 array (bf16 through its bit pattern)."""
+    """float32 array -> fp16/bf16 array (bf16 through its bit pattern), or float32."""
+    if name == "float32":
+        return x32.astype(cp.float32)
     if name == "float16":
         return x32.astype(cp.float16)
     bits = (round_to(cp, x32, name).view(cp.uint32) >> 16).astype(cp.uint16)
@@ -64,13 +78,15 @@ def to_dtype(cp, x32, name):
 
 
 def to_f32(cp, x):
+    if x.dtype == np.float32:
+        return x
     if x.dtype == np.float16:
         return x.astype(cp.float32)
     return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
 
 
 def random_array(cp, shape, name, rng):
-    """Standard normal values in fp16/bf16."""
+    """Standard normal values in fp16/bf16 (or float32)."""
     return to_dtype(cp, cp.asarray(rng.standard_normal(shape, dtype=np.float32)), name)
 
 
@@ -120,11 +136,13 @@ def _pop_dropout(cp, opts):
 def reference(cp, q, k, v, causal, scale, plain_dtype=None, **opts):
     """float64 attention (plain_dtype None), or the plain same-precision version;
     opts: window, softcap, alibi_slopes, dropout_p with dropout_mask (bool, broadcasting to
-    the scores)."""
+    the scores). A plain float32 version is a tf32 one: every product rounds its operands
+    to tf32 (as cuBLAS's TF32 mode does), and nothing else is rounded."""
     opts, zr = _pop_dropout(cp, opts)
     f = (lambda x: x.astype(cp.float64)) if plain_dtype is None else (lambda x: x)
     rnd = (lambda x: round_to(cp, x, plain_dtype)) if plain_dtype else (lambda x: x)
-    q, k, v = f(q), f(k), f(v)
+    op = _operand_rounding(cp, plain_dtype)
+    q, k, v = op(f(q)), op(f(k)), op(f(v))
     rep = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1
     if rep > 1:
         k = cp.repeat(k, rep, axis=-3)
@@ -142,10 +160,15 @@ def reference(cp, q, k, v, causal, scale, plain_dtype=None, **opts):
         p = p * zr.astype(p.dtype)
         if plain_dtype is not None:
             p = round_to(cp, p, plain_dtype)
-    out = cp.matmul(p, v)
+    out = cp.matmul(op(p), v)
     if plain_dtype is not None:
         out = round_to(cp, out, plain_dtype)
     return out, lse
+
+
+def _operand_rounding(cp, plain_dtype):
+    """What a plain implementation does to a product's operands: tf32 for float32."""
+    return (lambda x: round_tf32(cp, x)) if plain_dtype == "float32" else (lambda x: x)
 
 
 def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=None, **opts):
@@ -162,7 +185,9 @@ def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=N
     plain = plain_dtype is not None
     f = (lambda x: x) if plain else (lambda x: x.astype(cp.float64))
     rnd = (lambda x: round_to(cp, x, plain_dtype)) if plain else (lambda x: x)
+    op = _operand_rounding(cp, plain_dtype)
     q, k, v, dout = f(q), f(k), f(v), f(dout)
+    dout_raw, (q, k, v, dout) = dout, (op(x) for x in (q, k, v, dout))
     rep = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1
     if rep > 1:
         k = cp.repeat(k, rep, axis=-3)
@@ -175,14 +200,14 @@ def reference_backward(cp, q, k, v, dout, causal, scale, plain_dtype=None, out=N
     p = rnd(p / cp.where(l > 0, l, 1))
     pz = p if zr is None else rnd(p * zr.astype(p.dtype))  # dropout: P Z / (1 - p)
     o = out if plain else cp.matmul(pz, v)
-    dv = rnd(cp.matmul(t(pz), dout))
+    dv = rnd(cp.matmul(t(op(pz)), dout))
     dp = rnd(cp.matmul(dout, t(v)))
-    delta = (dout * o).sum(axis=-1, keepdims=True)
+    delta = (dout_raw * o).sum(axis=-1, keepdims=True)
     ds = rnd(p * (dp - delta)) if zr is None else rnd(pz * dp - p * delta)
     if jac is not None:
         ds = rnd(ds * jac)
-    dq = rnd(cp.matmul(ds, k) * scale)
-    dk = rnd(cp.matmul(t(ds), q) * scale)
+    dq = rnd(cp.matmul(op(ds), k) * scale)
+    dk = rnd(cp.matmul(t(op(ds)), q) * scale)
     if rep > 1:
         def group_sum(x):
             x = x.reshape(x.shape[:-3] + (x.shape[-3] // rep, rep) + x.shape[-2:])

@@ -78,10 +78,10 @@ def test_mixed_array_types_raise_typeerror():
         cuflash.attention(q, k, v.tolist())
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+@pytest.mark.parametrize("dtype", [np.float64, np.int16])
 def test_unsupported_dtype(dtype):
     q, k, v = _qkv((4, 8), (6, 8), dtype=dtype)
-    with pytest.raises(TypeError, match="q.dtype must be float16 or bfloat16"):
+    with pytest.raises(TypeError, match="q.dtype must be float16, bfloat16 or float32"):
         cuflash.attention(q, k, v)
 
 
@@ -320,10 +320,10 @@ def test_backward_mixed_numpy_and_cupy(name):
         cuflash.attention_backward(*args, **kwargs)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+@pytest.mark.parametrize("dtype", [np.float64, np.int16])
 def test_backward_unsupported_dtype(dtype):
     dout, q, k, v, out, lse = _bwd_args()
-    with pytest.raises(TypeError, match="q.dtype must be float16 or bfloat16"):
+    with pytest.raises(TypeError, match="q.dtype must be float16, bfloat16 or float32"):
         cuflash.attention_backward(dout, q.astype(dtype), k, v, out, lse)
     with pytest.raises(TypeError, match="share one dtype"):
         cuflash.attention_backward(dout, q, k, v.astype(BF16), out, lse)
@@ -475,3 +475,15 @@ def test_backward_outputs_must_not_overlap_inputs():
     # disjoint halves of one buffer are fine
     dq, _, _ = cuflash.attention_backward(dout, q, k, v, out, lse, dq=buf[0])
     assert dq is buf[0] or np.shares_memory(dq, buf[0])
+
+
+def test_float32_numpy_path_keeps_float32():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 4, 9, 8), (2, 2, 11, 8),
+                                                                   (2, 2, 11, 8)))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    ref, _ = _reference.attention_naive(q, k, v, causal=True)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    grads = cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+    assert all(g.dtype == np.float32 for g in grads)

@@ -45,7 +45,8 @@ def test_shipped_specs_are_unique_and_complete():
     names = {(s.arch, s.name_expression) for s in specs}
     assert len(names) == len(specs)
     # archs x dtypes x buckets x causal x vec x options
-    assert len(specs) == len(_kernels.SHIPPED_ARCHS) * 2 * len(_kernels.HEAD_DIM_BUCKETS) * 2 * 2 * 2
+    assert len(specs) == len(_kernels.SHIPPED_ARCHS) * 2 * 2 * 2 * sum(
+        len(_kernels.head_dim_buckets(dt)) for dt in _kernels.DTYPES)
 
 
 def test_source_hash_covers_headers(tmp_path, monkeypatch):
@@ -84,17 +85,17 @@ def test_shipped_bwd_specs_are_unique_and_complete():
         mine = [s for s in specs if s.arch == arch]
         prep = {s.dtype for s in mine if isinstance(s, _kernels.BwdPrepSpec)}
         assert prep == set(_kernels.DTYPES)
-        for dtype, d, causal, vec, opt in itertools.product(
-                _kernels.DTYPES, _kernels.HEAD_DIM_BUCKETS, (False, True), (True, False),
-                (False, True)):
+        for dtype, d, causal, vec, opt in (
+                (dt, *rest) for dt in _kernels.DTYPES for rest in itertools.product(
+                    _kernels.head_dim_buckets(dt), (False, True), (True, False), (False, True))):
             for atomic in (True, False):
-                tiles = _kernels.bwd_tiles(d, atomic, opt)
+                tiles = _kernels.bwd_tiles(d, atomic, opt, dtype)
                 want = tiles if arch == fallback_arch else tiles[:1]
                 got = [s.tile for s in mine if isinstance(s, _kernels.BwdSpec)
                        and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.atomic_dq,
                             s.options) == (dtype, d, d, causal, vec, atomic, opt)]
                 assert got == want, (arch, dtype, d, causal, vec, atomic, opt)
-            dq_tiles = _kernels.bwd_dq_tiles(d, opt)
+            dq_tiles = _kernels.bwd_dq_tiles(d, opt, dtype)
             want = dq_tiles if arch == fallback_arch else dq_tiles[:1]
             got = [s.tile for s in mine if isinstance(s, _kernels.BwdDqSpec)
                    and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.options)
@@ -324,3 +325,36 @@ def test_spec_selection_is_memoised_per_device(monkeypatch):
     device.id = 1  # another device: chosen again
     _dispatch._selected(fwd, "float16", 64, 64, True, True)
     assert calls[-1] == "select_fwd_spec" and len(calls) == 3
+
+
+_SMEM_A100 = 163 * 1024
+
+
+@pytest.mark.parametrize("d", _kernels.head_dim_buckets("float32"))
+def test_float32_tiles_fit_a100_and_the_traits(d):
+    """float32 (tf32) tiles: what the traits static_assert, and an A100 block's shared
+    memory (they have no smaller fallbacks)."""
+    for causal, opt in ((False, False), (True, True)):
+        fwd = _kernels.fwd_spec("float32", d, d, causal, True, 80, options=opt)
+        assert fwd.tile == _kernels.FWD_F32_TILES[d] and fwd.smem_bytes <= _SMEM_A100
+        assert fwd.tile.block_m % (16 * fwd.tile.num_warps) == 0
+        for atomic in (True, False):
+            spec = _kernels.bwd_spec("float32", d, d, causal, True, 80, atomic, options=opt)
+            t = spec.tile
+            assert _kernels.bwd_tiles(d, atomic, opt, "float32") == [t] and not t.swap
+            assert spec.smem_bytes <= _SMEM_A100
+            key_warps = t.num_warps // t.d_split
+            assert t.block_n % (16 * key_warps) == 0 and (d // t.d_split) % 16 == 0
+            assert _kernels.BWD_ROW_PAD % t.block_m == 0
+        dq = _kernels.bwd_dq_spec("float32", d, d, causal, True, 80, options=opt)
+        assert dq.smem_bytes <= _SMEM_A100
+        assert dq.tile.block_m % (16 * dq.tile.num_warps) == 0
+    # the smem formulas count 4 bytes an element
+    t = _kernels.FWD_F32_TILES[d]
+    assert fwd.smem_bytes == t.block_m * d * 4 + t.stages * t.block_n * 2 * d * 4
+
+
+def test_float32_has_no_224_bucket():
+    assert _kernels.head_dim_bucket(200, "float32") == 256
+    assert _kernels.head_dim_bucket(200, "bfloat16") == 224
+    assert _kernels.fwd_spec("float32", 200, 200, False, True, 90).head_dim == 256

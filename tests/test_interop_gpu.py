@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Tests of this module share the GPU with JAX: no 75% preallocation by XLA.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _tensor(shape, name, seed, requires_grad=False, layout="bhld"):
