@@ -112,13 +112,19 @@ def cmd_bench(args) -> int:
     seqlens = tuple(int(s) for s in args.seqlens.split(","))
     head_dims = tuple(int(d) for d in args.head_dims.split(","))
     directions = args.direction.split(",")
+    dtypes = tuple(args.dtypes.split(","))
     cases = [c for d in directions
-             for c in _bench.standard_cases(seqlens=seqlens, head_dims=head_dims, direction=d)]
+             for c in _bench.standard_cases(seqlens=seqlens, head_dims=head_dims, direction=d,
+                                            dtypes=dtypes)]
     print(f"device: {_device_name()}", file=sys.stderr)
     rows = _bench.run(cases)
     for d in directions:
-        print(_bench.format_table([r for r in rows if r["case"].direction == d]))
-        print()
+        for dts, base in ((("bfloat16", "float16"), _bench.FLASH),
+                          (("float32",), _bench.EFFICIENT)):  # flash has no float32
+            sel = [r for r in rows if r["case"].direction == d and r["case"].dtype in dts]
+            if sel:
+                print(_bench.format_table(sel, baseline=base))
+                print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_name(), "rows": _bench.rows_to_records(rows)}, f,
@@ -186,6 +192,9 @@ def main(argv=None) -> int:
     b.add_argument("--seqlens", default="1024,4096,16384")
     b.add_argument("--head-dims", default="64,128")
     b.add_argument("--direction", default="fwd,bwd", help="fwd, bwd or fwd,bwd")
+    b.add_argument("--dtypes", default="bfloat16,float16",
+                   help="any of bfloat16, float16, float32 (ratios: float32 against torch's "
+                        "memory-efficient backend, the others against its flash backend)")
     b.add_argument("--json", help="also write the rows to this JSON file")
     c = sub.add_parser("compile", help="compile every specialisation with NVRTC (no GPU)")
     c.add_argument("--archs", default="80,90")

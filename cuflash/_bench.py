@@ -71,9 +71,11 @@ def _cupy():
 
 
 def random_array(shape, dtype: str, rs):
-    """Standard-normal values rounded to float16 or bfloat16, as a CuPy array."""
+    """Standard-normal values rounded to float16 or bfloat16 (or float32), as a CuPy array."""
     cp = _cupy()
     x = rs.standard_normal(shape, dtype=cp.float32)
+    if dtype == "float32":
+        return x
     if dtype == "float16":
         return x.astype(cp.float16)
     import ml_dtypes
@@ -93,7 +95,7 @@ def make_inputs(case: Case, seed: int = 0):
 def _to_torch(x):
     import torch
 
-    if x.dtype == np.float16:
+    if x.dtype in (np.float16, np.float32):
         return torch.from_dlpack(x)
     return torch.from_dlpack(x.view(_cupy().uint16)).view(torch.bfloat16)
 
@@ -148,14 +150,14 @@ def _torch_sdpa(backend_name, backward=False):
 
 
 def _naive_setup(q, k, causal, score_matrices, max_bytes):
-    """Checks for the plain CuPy peers (float16 only, score matrices that fit) and their
-    scale and causal mask (None when not causal)."""
+    """Checks for the plain CuPy peers (float16 and float32, score matrices that fit) and
+    their scale and causal mask (None when not causal)."""
     cp = _cupy()
     B, H, L, D = q.shape
     Lk = k.shape[-2]
     if B * H * L * Lk * 4 * score_matrices > max_bytes:
         raise Skip("score matrix too large")
-    if q.dtype != np.float16:
+    if q.dtype not in (np.float16, np.float32):
         raise Skip("CuPy matmul has no bfloat16")
     mask = cp.arange(Lk)[None, :] > cp.arange(L)[:, None] + Lk - L if causal else None
     return 1.0 / math.sqrt(D), mask

@@ -1,6 +1,7 @@
 """Small forward and backward cases for compute-sanitizer (memcheck / racecheck): odd
 sizes, every masking regime, the aligned and the element-wise load paths, GQA, both
-backward modes, the options kernels (window, softcap, ALiBi) and packed sequences.
+backward modes, the options kernels (window, softcap, ALiBi, dropout), packed sequences,
+float32 (tf32) and the dropout-mask kernels.
 
     python3 tools/sanitize_cases.py [--small]   (--small: a few cases, for racecheck)
 """
@@ -23,10 +24,12 @@ cases = [((1, 2, 113, 64), (1, 2, 203, 64), True, {}), ((1, 1, 1, 40), (1, 1, 23
          ((1, 4, 100, 160), (1, 2, 150, 160), True, {}),
          ((1, 4, 300, 128), (1, 2, 260, 128), False, dict(options, alibi_slopes=slopes)),
          ((1, 4, 97, 64), (1, 1, 333, 64), True, dict(options, alibi_slopes=slopes)),
-         ((1, 2, 150, 72), (1, 2, 150, 72), False, {"window": (0, 0)})]
+         ((1, 2, 150, 72), (1, 2, 150, 72), False, {"window": (0, 0)}),
+         ((2, 4, 140, 128), (2, 2, 170, 128), True, {"dropout_p": 0.3, "seed": 5}),
+         ((1, 2, 77, 64), (1, 2, 99, 64), False, dict(options, dropout_p=0.1, seed=2))]
 if "--small" in sys.argv:
-    cases = [cases[0], cases[2], cases[4], cases[7]]
-for dtype in ("float16", "bfloat16"):
+    cases = [cases[0], cases[2], cases[4], cases[7], cases[10]]
+for dtype in ("float16", "bfloat16", "float32"):
     for sq, sk, causal, opts in cases:
         q = _bench.random_array(sq, dtype, rs)
         k = _bench.random_array(sk, dtype, rs)
@@ -39,7 +42,7 @@ for dtype in ("float16", "bfloat16"):
 # packed sequences, with a 0- and a 1-row one
 lengths = [0, 1, 130, 77]
 cu = cp.asarray([0] + list(np.cumsum(lengths)), dtype=cp.int32)
-for dtype in ("float16", "bfloat16"):
+for dtype in ("float16", "bfloat16", "float32"):
     q = _bench.random_array((int(cu[-1]), 4, 64), dtype, rs)
     k = _bench.random_array((int(cu[-1]), 2, 64), dtype, rs)
     v = _bench.random_array((int(cu[-1]), 2, 64), dtype, rs)
@@ -49,5 +52,8 @@ for dtype in ("float16", "bfloat16"):
     for deterministic in (False, True):
         cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, 130, 130,
                                           causal=True, deterministic=deterministic, softcap=2.0)
+x = cp.empty((2, 3, 113, 8), cp.float16)
+for transposed in (False, True):
+    cuflash.dropout_mask(x, x[:, :, :50], dropout_p=0.2, seed=1, transposed=transposed)
 cp.cuda.runtime.deviceSynchronize()
 print("sanitizer cases done")
