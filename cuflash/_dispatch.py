@@ -119,22 +119,25 @@ def _first_fitting(specs):
 
 
 def select_fwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
-                    arch: int, options: bool = False) -> _kernels.FwdSpec:
-    spec = _kernels.fwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, options=options)
+                    arch: int, options: bool = False, dropout: bool = False) -> _kernels.FwdSpec:
+    spec = _kernels.fwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, options=options,
+                             dropout=dropout)
     candidates = [spec]
     if spec.tile.stages == 2:
         # Smaller parts (sm_86/sm_89: 99 KB) get FlashAttention-2's single-stage schedule.
         t = spec.tile
         candidates.append(_kernels.fwd_spec(
             dtype, head_dim, head_dim_v, causal, vec, arch,
-            tile=_kernels.FwdTile(t.block_m, t.block_n, t.num_warps, 1, 1), options=options))
+            tile=_kernels.FwdTile(t.block_m, t.block_n, t.num_warps, 1, 1), options=options,
+            dropout=dropout))
     return _first_fitting(candidates)
 
 
-def _kernel_mask(causal: bool, options) -> tuple[bool, bool]:
-    """(causal template flag, options kernel) for a call: a window other than causal runs
-    the options kernel's mask, with the causal flag off."""
-    return (causal or options.causal) and not options.local, options.kernel
+def _kernel_mask(causal: bool, options) -> tuple[bool, bool, bool]:
+    """(causal template flag, options kernel, dropout kernel) for a call: a window other
+    than causal runs the options kernel's mask, with the causal flag off."""
+    return ((causal or options.causal) and not options.local, options.kernel,
+            options.dropout_p > 0)
 
 
 def _option_args(options, scale: float, seqlen_q: int, seqlen_k: int, alibi_slopes,
@@ -213,11 +216,11 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
     B, Hq, Lq, D, Hk, Lk, Dv = _shape(q, k, v, packed)
     if B == 0 or Hq == 0 or Lq == 0:
         return
-    causal, with_options = _kernel_mask(causal, options)
+    causal, with_options, with_dropout = _kernel_mask(causal, options)
     if spec is None:
         vec = is_vec_aligned((q, k, v, out), D, Dv)
         spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec,
-                         options=with_options)
+                         options=with_options, dropout=with_dropout)
     option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     kern = get_kernel(spec)
     w = _units(q.dtype)  # the kernels bound their copies by head dims in 16-bit units
@@ -251,7 +254,8 @@ def _dtype_name(dtype) -> str:
 
 
 def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
-                     arch: int, deterministic: bool, options: bool = False):
+                     arch: int, deterministic: bool, options: bool = False,
+                     dropout: bool = False):
     """(preprocess spec, main spec, dQ-pass spec or None) for one backward call.
 
     Where no atomic-dQ tile fits the device's shared memory (head dims above 224 on
@@ -263,7 +267,7 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
 
     def main_specs(atomic):
         return [_kernels.bwd_spec(dtype, head_dim, head_dim_v, causal, vec, arch, atomic, tile=t,
-                                  options=options)
+                                  options=options, dropout=dropout)
                 for t in _kernels.bwd_tiles(bucket, atomic, options, dtype)]
 
     limit = max_smem_per_block()
@@ -274,7 +278,7 @@ def select_bwd_specs(dtype: str, head_dim: int, head_dim_v: int, causal: bool, v
     if deterministic:
         dq = _first_fitting([
             _kernels.bwd_dq_spec(dtype, head_dim, head_dim_v, causal, vec, arch, tile=t,
-                                 options=options)
+                                 options=options, dropout=dropout)
             for t in _kernels.bwd_dq_tiles(bucket, options, dtype)])
     return _kernels.BwdPrepSpec(dtype, arch), main, dq
 
@@ -297,10 +301,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     B, Hq, Lq, D, Hk, Lk, Dv = _shape(q, k, v, packed)
     if B == 0 or Hk == 0:
         return
-    causal, with_options = _kernel_mask(causal, options)
+    causal, with_options, with_dropout = _kernel_mask(causal, options)
     vec = is_vec_aligned((q, k, v, dout, dq, dk, dv), D, Dv)
     prep, main, dq_pass = _selected(select_bwd_specs, _dtype_name(q.dtype), D, Dv, causal,
-                                    vec, deterministic=deterministic, options=with_options)
+                                    vec, deterministic=deterministic, options=with_options,
+                                    dropout=with_dropout)
     option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec

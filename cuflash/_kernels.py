@@ -87,6 +87,10 @@ def fwd_tile(dtype: str, bucket: int, options: bool) -> FwdTile:
     return (FWD_OPTION_TILES if options else FWD_TILES).get(bucket, FWD_TILES[bucket])
 
 
+#: (options, dropout) of the three kernel families: plain, options, options with dropout.
+KERNEL_FAMILIES = ((False, False), (True, False), (True, True))
+
+
 def head_dim_buckets(dtype: str = "float16") -> tuple[int, ...]:
     """The head-dim buckets of a dtype. float32 has no 224 bucket: its backward tile there
     spills (the dQ product splits into 14 pieces), so 193..256 run the 256 kernels."""
@@ -118,6 +122,7 @@ class _KernelSpec:
     arch: int
     tile: object
     options: bool = False
+    dropout: bool = False  # an options kernel with dropout's code as well (kDropout)
 
     kind = ""
     template = ""
@@ -138,7 +143,7 @@ class _KernelSpec:
     def name_expression(self) -> str:
         args = [_ELEM_TAG[self.dtype], self.head_dim, self.head_dim_v, *self._tile_args(),
                 _cbool(self.causal), _cbool(self.vec), *self._extra_args(),
-                _cbool(self.options)]
+                _cbool(self.options), _cbool(self.dropout)]
         return f"cuflash::{self.template}<" + ", ".join(str(a) for a in args) + ">"
 
     @property
@@ -146,7 +151,8 @@ class _KernelSpec:
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} dv{self.head_dim_v:<3d} "
                 f"{'causal' if self.causal else 'full  '} {'vec' if self.vec else 'scl'} "
                 f"sm_{self.arch} {self.tile.block_m}x{self.tile.block_n} "
-                f"w{self.tile.num_warps}{self._label_tail()}{' opt' if self.options else ''}")
+                f"w{self.tile.num_warps}{self._label_tail()}{' opt' if self.options else ''}"
+                f"{'+drop' if self.dropout else ''}")
 
     def _label_tail(self) -> str:
         return f" s{self.tile.stages}"
@@ -170,21 +176,23 @@ def _cbool(b: bool) -> str:
 
 
 def fwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool,
-             arch: int, tile: FwdTile | None = None, options: bool = False) -> FwdSpec:
+             arch: int, tile: FwdTile | None = None, options: bool = False,
+             dropout: bool = False) -> FwdSpec:
     """The forward specialisation for real head dims ``head_dim`` / ``head_dim_v``."""
     d, dv = head_dim_bucket(head_dim, dtype), head_dim_bucket(head_dim_v, dtype)
     if tile is None:
         tile = fwd_tile(dtype, max(d, dv), options)
-    return FwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
+    return FwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile,
+                   options=bool(options or dropout), dropout=bool(dropout))
 
 
 def shipped_fwd_specs(archs=SHIPPED_ARCHS) -> list[FwdSpec]:
     """Every forward specialisation that the dispatcher can pick (head_dim_v == head_dim)."""
     return [
-        fwd_spec(dtype, d, d, causal, vec, arch, options=options)
+        fwd_spec(dtype, d, d, causal, vec, arch, options=options, dropout=dropout)
         for arch, dtype in itertools.product(archs, DTYPES)
-        for d, causal, vec, options in itertools.product(
-            head_dim_buckets(dtype), (False, True), (True, False), (False, True))
+        for d, causal, vec, (options, dropout) in itertools.product(
+            head_dim_buckets(dtype), (False, True), (True, False), KERNEL_FAMILIES)
     ]
 
 
@@ -404,20 +412,24 @@ def bwd_dq_tiles(bucket: int, options: bool = False, dtype: str = "float16") -> 
 
 
 def bwd_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
-             atomic_dq: bool, tile: BwdTile | None = None, options: bool = False) -> BwdSpec:
+             atomic_dq: bool, tile: BwdTile | None = None, options: bool = False,
+             dropout: bool = False) -> BwdSpec:
     d, dv = head_dim_bucket(head_dim, dtype), head_dim_bucket(head_dim_v, dtype)
     if tile is None:
         tile = bwd_tiles(max(d, dv), atomic_dq, options, dtype)[0]
-    return BwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options),
-                   bool(atomic_dq))
+    return BwdSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile,
+                   options=bool(options or dropout), dropout=bool(dropout),
+                   atomic_dq=bool(atomic_dq))
 
 
 def bwd_dq_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, vec: bool, arch: int,
-                tile: FwdTile | None = None, options: bool = False) -> BwdDqSpec:
+                tile: FwdTile | None = None, options: bool = False,
+                dropout: bool = False) -> BwdDqSpec:
     d, dv = head_dim_bucket(head_dim, dtype), head_dim_bucket(head_dim_v, dtype)
     if tile is None:
         tile = bwd_dq_tiles(max(d, dv), options, dtype)[0]
-    return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile, bool(options))
+    return BwdDqSpec(dtype, d, dv, bool(causal), bool(vec), int(arch), tile,
+                     options=bool(options or dropout), dropout=bool(dropout))
 
 
 def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
@@ -429,12 +441,14 @@ def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
     for arch, dtype in itertools.product(archs, DTYPES):
         specs.append(BwdPrepSpec(dtype, arch))
         n_tiles = None if fallbacks and arch == archs[0] else 1
-        for d, causal, vec, opt in itertools.product(
-                head_dim_buckets(dtype), (False, True), (True, False), (False, True)):
+        for d, causal, vec, (opt, drop) in itertools.product(
+                head_dim_buckets(dtype), (False, True), (True, False), KERNEL_FAMILIES):
             for atomic in (True, False):
-                specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t, options=opt)
+                specs += [bwd_spec(dtype, d, d, causal, vec, arch, atomic, tile=t, options=opt,
+                                   dropout=drop)
                           for t in bwd_tiles(d, atomic, opt, dtype)[:n_tiles]]
-            specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t, options=opt)
+            specs += [bwd_dq_spec(dtype, d, d, causal, vec, arch, tile=t, options=opt,
+                                  dropout=drop)
                       for t in bwd_dq_tiles(d, opt, dtype)[:n_tiles]]
     return specs
 

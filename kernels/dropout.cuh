@@ -33,8 +33,8 @@ CUFLASH_DEVICE void philox4x32_10(u32 (&c)[4], u32 key0, u32 key1) {
   }
 }
 
-// The dropout of one (batch, head). A run-time option of the kOptions kernels: threshold 0
-// (p = 0) is off, and the plain kernels carry none of this code.
+// The dropout of one (batch, head), in the kDropout kernels: options kernels with this code
+// on top (kEnabled); the other kernels carry none of it. Threshold 0 (p = 0) is off.
 template <bool kEnabled>
 struct Dropout {
   u32 threshold;  // keep iff the 16-bit number >= threshold

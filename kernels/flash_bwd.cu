@@ -30,7 +30,7 @@ struct BwdBlock {
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
           int kDSplit, int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kAtomicDQ,
-          bool kSwap, bool kOptions>
+          bool kSwap, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                      const u16* __restrict__ v, const u16* __restrict__ dout,
@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   seqlen_q = seq.seqlen_q;
   seqlen_k = seq.seqlen_k;
 
-  BwdMainloop<T, kCausal, kVec, kOptions> mainloop;
+  static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
+  BwdMainloop<T, kCausal, kVec, kOptions, kDropout> mainloop;
   mainloop.q = q;
   mainloop.dout = dout;
   mainloop.q_batch_stride = q_batch_stride;
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.softcap_out = softcap_out;
   mainloop.alibi_slopes = alibi_slopes;
   mainloop.alibi_batch_stride = alibi_batch_stride;
-  mainloop.dropout = Dropout<kOptions>::make(dropout_threshold, dropout_seed,
+  mainloop.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
                                              dropout_bh0 + u32(batch) * num_heads_q);
   mainloop.dropout_scale = dropout_scale;
   mainloop.smem = smem_addr(smem);
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     store_frag<T::kPrec, typename T::TileK>(sK, dk_acc, key_row0, d_part * T::kDKCols, scale,
                                               lane);
     // dropout: dV = (P o Z)^T dO / (1 - p)
-    const float dv_scale = kOptions && dropout_threshold != 0u ? dropout_scale : 1.f;
+    const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
     store_frag<T::kPrec, typename T::TileV>(sV, dv_acc, key_row0, d_part * T::kDVCols,
                                               dv_scale, lane);
     __syncthreads();

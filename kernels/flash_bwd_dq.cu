@@ -8,7 +8,7 @@
 namespace cuflash {
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
-          int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kOptions>
+          int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                         const u16* __restrict__ v, const u16* __restrict__ dout,
@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int warp_row0 = (tid >> 5) * 16 * T::kMRep;
   const int rows_q = min(kBlockM, seqlen_q - m0);
 
-  BwdDqMainloop<T, kCausal, kVec, kOptions> mainloop;
+  static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
+  BwdDqMainloop<T, kCausal, kVec, kOptions, kDropout> mainloop;
   mainloop.k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
   mainloop.v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
   mainloop.k_row_stride = k_row_stride;
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
       scale_log2, softcap_in, softcap_out,
       alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f, seqlen_k - seqlen_q);
   mainloop.mask = Mask<kCausal, kOptions>{seqlen_q, seqlen_k, window_left, window_right};
-  mainloop.dropout = Dropout<kOptions>::make(dropout_threshold, dropout_seed,
+  mainloop.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
                                              dropout_bh0 + u32(batch) * gridDim.y + head);
   mainloop.dropout_scale = dropout_scale;
   mainloop.smem = smem_addr(smem);

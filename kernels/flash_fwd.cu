@@ -7,7 +7,7 @@
 //   scale (kOptions: softcap, ALiBi), in log2 units                     scores.cuh
 //   mask (only on the ragged/diagonal/window-edge tiles)                mask.cuh
 //   online softmax: m_i, l_i, rescale of o_acc, P = exp2(S - m_i)        softmax.cuh
-//   dropout of P (kOptions), after the row sums                         dropout.cuh
+//   dropout of P (kDropout), after the row sums                         dropout.cuh
 //   O += P V_j                                                          warp_gemm.cuh
 // then o_acc / l_i and lse are written once                             epilogue_fwd.cuh
 // The score matrix never reaches global memory. The host side picks the template
@@ -20,7 +20,7 @@
 namespace cuflash {
 
 template <class Elem, int kHeadDim, int kHeadDimV, int kBlockM, int kBlockN, int kNWarps,
-          int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kOptions>
+          int kStages, int kMinBlocks, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
     flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k,
                      const u16* __restrict__ v, u16* __restrict__ o, float* __restrict__ lse,
@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   const int n_block_max = mask.template n_block_max<kBlockN>(m0, kBlockM);
   const int n_block_min = mask.template n_block_min<kBlockN>(m0);
 
-  FwdMainloop<T, kCausal, kVec, kOptions> mainloop;
+  static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
+  FwdMainloop<T, kCausal, kVec, kOptions, kDropout> mainloop;
   mainloop.k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
   mainloop.v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
   mainloop.k_row_stride = k_row_stride;
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
       scale_log2, softcap_in, softcap_out,
       alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f, seqlen_k - seqlen_q);
   mainloop.mask = mask;
-  mainloop.dropout = Dropout<kOptions>::make(
+  mainloop.dropout = Dropout<kDropout>::make(
       dropout_threshold, dropout_seed, dropout_bh0 + u32(batch) * gridDim.y + head);
   mainloop.sQ = smem_addr(smem);
   mainloop.m0 = m0;

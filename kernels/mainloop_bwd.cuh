@@ -8,7 +8,7 @@
 //   S^T  = K Q^T                    recompute          gemm_rows_rows
 //                                   (kOptions: softcap, ALiBi; scores.cuh)
 //   P^T  = exp2(S^T - lse)          from the saved log-sum-exp, no online softmax
-//                                   (kOptions: dropout marks dropped entries by sign)
+//                                   (kDropout: dropped entries are marked by sign)
 //   dV  += P^T dO                                      gemm_regs_trans
 //                                   (with dropout: (P o Z)^T dO, / (1 - p) at the end)
 //   dP^T = V dO^T                                      gemm_rows_rows
@@ -106,7 +106,7 @@ struct BwdTraits {
       kStages * kStageBytes;
 };
 
-template <class T, bool kCausal, bool kVec, bool kOptions>
+template <class T, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 struct BwdMainloop {
   static constexpr bool kAtomicDQ = T::kAtomicDQ;
   // Query-side operands, as the kernel received them: offsets are computed where they are
@@ -129,7 +129,7 @@ struct BwdMainloop {
   float softcap_in, softcap_out;  // kOptions (scores.cuh)
   const float* alibi_slopes;      // kOptions: (batch, num_heads_q) with this batch stride, or null
   i64 alibi_batch_stride;
-  Dropout<kOptions> dropout;      // of query head 0 of this batch element (bh + head)
+  Dropout<kDropout> dropout;      // of query head 0 of this batch element (bh + head)
   float dropout_scale;            // 1 / (1 - p)
   Mask<kCausal, kOptions> mask;
   u32 smem;
@@ -202,7 +202,7 @@ struct BwdMainloop {
     }
     if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane, 0.f);
     if (dropout.active()) {
-      Dropout<kOptions> d = dropout;
+      Dropout<kDropout> d = dropout;
       d.bh += u32(head);
       d.template apply_transposed<true>(s, key0, m0 + q0, lane);
     }
@@ -344,12 +344,12 @@ struct BwdMainloop {
     }
     pending_dq(1, prev, has_prev, ds_buf);
 
-    // dV += P^T dO (kOptions: dropped entries, negative, count as 0)
+    // dV += P^T dO (kDropout: dropped entries, negative, count as 0)
     if constexpr (kPrec == kPrecF16) {
-      gemm_regs_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kOptions>(
+      gemm_regs_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kDropout>(
           dv_acc, p, sDO(st), lp, d_part * T::kDVCols);
     } else {
-      gemm_regs_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kOptions>(
+      gemm_regs_trans<kPrec, T::kNRep, T::kDVCols, T::kBlockM, typename T::TileDO, kDropout>(
           dv_acc, p_in, sDO(st), lp, d_part * T::kDVCols);
     }
     pending_dq(2, prev, has_prev, ds_buf);

@@ -5,7 +5,7 @@
 // order on every run. It recomputes what the main backward kernel already had:
 //   S  = Q K^T, P = exp2(S - lse)                   gemm_rows_rows (kOptions: scores.cuh)
 //   dP = dO V^T, dS = P (dP - delta)                gemm_rows_rows
-//   (kOptions with dropout: dS = P (Z dP / (1 - p) - delta), Z from dropout.cuh)
+//   (kDropout: dS = P (Z dP / (1 - p) - delta), Z from dropout.cuh)
 //   dQ += dS K                                      gemm_regs_trans (dS from registers)
 // which costs three extra matrix products per tile pair (docs/perf-log.md gives the price).
 #pragma once
@@ -50,7 +50,7 @@ struct BwdDqTraits {
   static constexpr int kSmemBytes = TileQ::kBytes + TileDO::kBytes + kStages * kStageBytes;
 };
 
-template <class T, bool kCausal, bool kVec, bool kOptions>
+template <class T, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 struct BwdDqMainloop {
   const u16* k_head;
   const u16* v_head;
@@ -60,7 +60,7 @@ struct BwdDqMainloop {
   int n_block_min;
   ScoreMod<kOptions> scores;
   Mask<kCausal, kOptions> mask;
-  Dropout<kOptions> dropout;
+  Dropout<kDropout> dropout;
   float dropout_scale;  // 1 / (1 - p)
   u32 smem;  // [Q][dO][K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;

@@ -1,7 +1,7 @@
 // cuflash: the forward main loop. Each warp owns kMRep slabs of 16 query rows; for one
 // key tile, on tensor cores (warp_gemm.cuh):
 //   S = Q K^T    gemm_rows_rows  (Q and K from shared memory by ldmatrix)
-//   then the score transform, the mask, the online softmax and (kOptions) dropout of P
+//   then the score transform, the mask, the online softmax and (kDropout) dropout of P
 //   O += P V     gemm_regs_trans (P straight from the S registers, V by ldmatrix.trans)
 #pragma once
 #include "common.cuh"
@@ -56,7 +56,7 @@ struct FwdTraits {
 // kStages == 2: tile n-1 streams into the other stage during the whole step for tile n.
 // kStages == 1 (FlashAttention-2's schedule, half the shared memory): V_n streams during
 // S = Q K^T, and K_{n-1} during the softmax and P V.
-template <class T, bool kCausal, bool kVec, bool kOptions>
+template <class T, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 struct FwdMainloop {
   const u16* k_head;
   const u16* v_head;
@@ -65,7 +65,7 @@ struct FwdMainloop {
   int n_block_min;
   ScoreMod<kOptions> scores;
   Mask<kCausal, kOptions> mask;
-  Dropout<kOptions> dropout;
+  Dropout<kDropout> dropout;
   u32 sQ;  // K and V stages follow Q's space: [K_0 V_0][K_1 V_1]
   int m0, warp_row0, tid;
   LanePatterns lp;

@@ -26,9 +26,11 @@ def test_spec_name_and_smem():
     assert spec.head_dim == 96
     assert spec.name_expression == (
         f"cuflash::flash_fwd_kernel<cuflash::bf16_t, 96, 96, {t.block_m}, {t.block_n}, "
-        f"{t.num_warps}, {t.stages}, {t.min_blocks}, true, true, false>")
+        f"{t.num_warps}, {t.stages}, {t.min_blocks}, true, true, false, false>")
     assert _kernels.fwd_spec("bfloat16", 80, 80, True, True, 90, options=True).name_expression \
-        .endswith("true, true, true>")
+        .endswith("true, true, true, false>")
+    drop = _kernels.fwd_spec("bfloat16", 80, 80, True, True, 90, dropout=True)
+    assert drop.options and drop.name_expression.endswith("true, true, true, true>")
     assert spec.smem_bytes == t.block_m * 96 * 2 + t.stages * t.block_n * 192 * 2
     assert spec.threads == 32 * t.num_warps
 
@@ -45,7 +47,7 @@ def test_shipped_specs_are_unique_and_complete():
     names = {(s.arch, s.name_expression) for s in specs}
     assert len(names) == len(specs)
     # archs x dtypes x buckets x causal x vec x options
-    assert len(specs) == len(_kernels.SHIPPED_ARCHS) * 2 * 2 * 2 * sum(
+    assert len(specs) == len(_kernels.SHIPPED_ARCHS) * 2 * 2 * 3 * sum(
         len(_kernels.head_dim_buckets(dt)) for dt in _kernels.DTYPES)
 
 
@@ -85,21 +87,22 @@ def test_shipped_bwd_specs_are_unique_and_complete():
         mine = [s for s in specs if s.arch == arch]
         prep = {s.dtype for s in mine if isinstance(s, _kernels.BwdPrepSpec)}
         assert prep == set(_kernels.DTYPES)
-        for dtype, d, causal, vec, opt in (
+        for dtype, d, causal, vec, (opt, drop) in (
                 (dt, *rest) for dt in _kernels.DTYPES for rest in itertools.product(
-                    _kernels.head_dim_buckets(dt), (False, True), (True, False), (False, True))):
+                    _kernels.head_dim_buckets(dt), (False, True), (True, False),
+                    _kernels.KERNEL_FAMILIES)):
             for atomic in (True, False):
                 tiles = _kernels.bwd_tiles(d, atomic, opt, dtype)
                 want = tiles if arch == fallback_arch else tiles[:1]
                 got = [s.tile for s in mine if isinstance(s, _kernels.BwdSpec)
                        and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.atomic_dq,
-                            s.options) == (dtype, d, d, causal, vec, atomic, opt)]
+                            s.options, s.dropout) == (dtype, d, d, causal, vec, atomic, opt, drop)]
                 assert got == want, (arch, dtype, d, causal, vec, atomic, opt)
             dq_tiles = _kernels.bwd_dq_tiles(d, opt, dtype)
             want = dq_tiles if arch == fallback_arch else dq_tiles[:1]
             got = [s.tile for s in mine if isinstance(s, _kernels.BwdDqSpec)
-                   and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.options)
-                   == (dtype, d, d, causal, vec, opt)]
+                   and (s.dtype, s.head_dim, s.head_dim_v, s.causal, s.vec, s.options, s.dropout)
+                   == (dtype, d, d, causal, vec, opt, drop)]
             assert got == want, (arch, dtype, d, causal, vec, opt)
 
 
@@ -110,7 +113,7 @@ def test_bwd_spec_name():
     assert spec.name_expression == (
         f"cuflash::flash_bwd_kernel<cuflash::f16_t, 96, 96, {t.block_m}, {t.block_n}, "
         f"{t.num_warps}, {t.d_split}, {t.stages}, {t.min_blocks}, true, false, true, "
-        f"{'true' if t.swap else 'false'}, false>")
+        f"{'true' if t.swap else 'false'}, false, false>")
     assert spec.threads == 32 * t.num_warps
 
 

@@ -108,12 +108,14 @@ def test_causal_folds_into_the_window(causal, window, expect):
 def test_kernel_choice():
     q = np.zeros((1, 2, 3, 8), np.float16)
     parse = lambda causal, **o: _options.parse(np, q, causal, o)  # noqa: E731
-    assert _dispatch._kernel_mask(False, parse(False)) == (False, False)
-    assert _dispatch._kernel_mask(True, parse(True)) == (True, False)
-    assert _dispatch._kernel_mask(False, parse(False, window=(-1, 0))) == (True, False)
-    assert _dispatch._kernel_mask(True, parse(True, softcap=3.0)) == (True, True)
-    assert _dispatch._kernel_mask(True, parse(True, window=(8, 0))) == (False, True)
-    assert _dispatch._kernel_mask(False, parse(False, window=(-1, 2))) == (False, True)
+    assert _dispatch._kernel_mask(False, parse(False)) == (False, False, False)
+    assert _dispatch._kernel_mask(True, parse(True)) == (True, False, False)
+    assert _dispatch._kernel_mask(False, parse(False, window=(-1, 0))) == (True, False, False)
+    assert _dispatch._kernel_mask(True, parse(True, softcap=3.0)) == (True, True, False)
+    assert _dispatch._kernel_mask(True, parse(True, window=(8, 0))) == (False, True, False)
+    assert _dispatch._kernel_mask(False, parse(False, window=(-1, 2))) == (False, True, False)
+    assert _dispatch._kernel_mask(True, parse(True, dropout_p=0.1, seed=1)) == (True, True, True)
+    assert _dispatch._kernel_mask(True, parse(True, dropout_p=0.0, seed=1)) == (True, False, False)
 
 
 @pytest.mark.parametrize("lq, lk", [(1, 1), (7, 3), (3, 7), (64, 64)])
