@@ -244,11 +244,12 @@ BWD_OPTION_TILES = {
 }
 
 # float32 (tf32): the same tile for atomic dQ and dK/dV only; no swap (16-bit pairs only).
-# Above d = 128 two warps share each 16-key slab, each with half of the dK/dV columns.
+# Above d = 64 several warps share each 16-key slab, each with part of the dK/dV columns.
 BWD_F32_TILES = {
     **{d: (BwdTile(32, 64, 4, 1, 1, 1),) * 2 for d in (32, 64)},
     **{d: (BwdTile(32, 64, 8, 2, 1, 1),) * 2 for d in (96, 128)},
-    **{d: (BwdTile(32, 32, 4, 2, 1, 1),) * 2 for d in (160, 192, 256)},
+    **{d: (BwdTile(32, 32, 4, 2, 1, 1),) * 2 for d in (160, 192)},
+    256: (BwdTile(32, 32, 8, 4, 1, 1),) * 2,  # four warps a key slab, 64 columns each
 }
 
 # The deterministic dQ pass: (block_m, block_n, warps, K/V stages, blocks per SM).

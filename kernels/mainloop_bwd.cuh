@@ -208,17 +208,33 @@ struct BwdMainloop {
     }
   }
 
-  // dS^T = P^T (dP^T - delta) (times 1 - tanh^2 with a softcap), in place of dP^T; p16
-  // holds P^T as fp16 pairs.
-  template <int kMTiles>
+  // P^T at fragment (r, m), row half h, columns e = 0, 1, from `pf`: fp16 pairs (pack_frags
+  // to fp16, [kMTiles / 2]) or, for float32 inputs, tf32 A fragments ([kMTiles], whose
+  // registers hold (h, e) = (0, 0), (1, 0), (0, 1), (1, 1)).
+  template <int kMTiles, int kN>
+  static CUFLASH_DEVICE void p_pair(const u32 (&pf)[T::kNRep][kN][4], int r, int m, int h,
+                                    float (&p)[2]) {
+    if constexpr (kN == kMTiles) {
+      p[0] = __uint_as_float(pf[r][m][h]);
+      p[1] = __uint_as_float(pf[r][m][h + 2]);
+    } else {
+      unpack2<false>(pf[r][m >> 1][2 * (m & 1) + h], p[0], p[1]);
+    }
+  }
+
+  // dS^T = P^T (dP^T - delta) (times 1 - tanh^2 with a softcap), in place of dP^T; `pf`
+  // holds P^T (p_pair): fp16 pairs, which keep dS's error at a plain 16-bit
+  // implementation's level, or tf32 values for float32 inputs (fp16's range would lose
+  // the small probabilities that float32 keeps).
+  template <int kMTiles, int kN>
   CUFLASH_DEVICE void scores_grad(float (&dp)[T::kNRep][kMTiles][4],
-                                  const u32 (&p16)[T::kNRep][kMTiles / 2][4],
+                                  const u32 (&pf)[T::kNRep][kN][4],
                                   const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
                                   int st) const {
     const int lane = tid & 31;
     const bool softcap = kOptions && softcap_in != 0.f;
     if (dropout.active()) {
-      scores_grad_dropout(dp, p16, dtanh, q0, st);
+      scores_grad_dropout(dp, pf, dtanh, q0, st);
       return;
     }
 #pragma unroll
@@ -229,10 +245,10 @@ struct BwdMainloop {
       for (int r = 0; r < T::kNRep; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          // p16[r][m/2][2(m%2) + h] holds P^T at this fragment's two columns
           const int i = 2 * (m & 1) + h;
-          float p0, p1;
-          unpack2<false>(p16[r][m >> 1][i], p0, p1);
+          float pp[2];
+          p_pair<kMTiles>(pf, r, m, h, pp);
+          float p0 = pp[0], p1 = pp[1];
           if (softcap) {
             float d0, d1;
             unpack2<false>(dtanh[r][m >> 1][i], d0, d1);
@@ -247,9 +263,9 @@ struct BwdMainloop {
 
   // scores_grad with dropout: P^T < 0 marks a dropped entry, whose dP^T counts as 0;
   // kept ones take dP^T / (1 - p).
-  template <int kMTiles>
+  template <int kMTiles, int kN>
   CUFLASH_DEVICE void scores_grad_dropout(float (&dp)[T::kNRep][kMTiles][4],
-                                          const u32 (&p16)[T::kNRep][kMTiles / 2][4],
+                                          const u32 (&pf)[T::kNRep][kN][4],
                                           const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
                                           int st) const {
     const int lane = tid & 31;
@@ -264,7 +280,7 @@ struct BwdMainloop {
         for (int h = 0; h < 2; ++h) {
           const int i = 2 * (m & 1) + h;
           float p[2], d[2] = {1.f, 1.f};
-          unpack2<false>(p16[r][m >> 1][i], p[0], p[1]);
+          p_pair<kMTiles>(pf, r, m, h, p);
           if (softcap) unpack2<false>(dtanh[r][m >> 1][i], d[0], d[1]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
@@ -326,9 +342,10 @@ struct BwdMainloop {
     constexpr int kPrec = T::kPrec;
     pending_dq(0, prev, has_prev, ds_buf);
 
-    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept as fp16
-    // pairs whatever the input type: P is in [0, 1], and fp16's 11 significant bits keep
-    // dS's error at a plain implementation's level where bf16's 8 would double it.
+    // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept for dS as
+    // fp16 pairs for 16-bit inputs: P is in [0, 1], and fp16's 11 significant bits keep
+    // dS's error at a plain implementation's level where bf16's 8 would double it (float32
+    // inputs use p_in's tf32 values instead: see scores_grad).
     u32 p[T::kNRep][T::kBlockM / 16][4];
     // P^T as dV's operand in the input precision (bf16, tf32; fp16 uses p), then (tf32)
     // dS^T, which fp16 and bf16 pack in place of p
@@ -358,7 +375,11 @@ struct BwdMainloop {
     float dp[T::kNRep][T::kMTiles][4];
     gemm_rows_rows<kPrec, T::kNRep, T::kBlockM, T::kHeadDimV * T::kWords, typename T::TileV,
                    typename T::TileDO>(dp, sV(), lp, sDO(st));
-    scores_grad(dp, p, dtanh, 0, st);
+    if constexpr (kPrec == kPrecTF32) {
+      scores_grad(dp, p_in, dtanh, 0, st);
+    } else {
+      scores_grad(dp, p, dtanh, 0, st);
+    }
     if constexpr (kPrec == kPrecTF32) {
       dk_and_ds(p_in, dp, st, ds_buf, dk_acc, prev, has_prev);
     } else {

@@ -199,7 +199,7 @@ def test_torch_errors(cp):
 
     q = _tensor((1, 2, 16, 32), "float16", 0)
     with pytest.raises(TypeError, match="q.dtype"):
-        ct.attention(q.float(), q, q)
+        ct.attention(q.double(), q, q)
     with pytest.raises(ValueError, match="CUDA"):
         ct.attention(q.cpu(), q, q)
     strided = torch.empty((1, 2, 32, 16), device="cuda", dtype=torch.float16).transpose(-1, -2)
