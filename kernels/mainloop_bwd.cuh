@@ -209,8 +209,8 @@ struct BwdMainloop {
   }
 
   // P^T at fragment (r, m), row half h, columns e = 0, 1, from `pf`: fp16 pairs (pack_frags
-  // to fp16, [kMTiles / 2]) or, for float32 inputs, tf32 A fragments ([kMTiles], whose
-  // registers hold (h, e) = (0, 0), (1, 0), (0, 1), (1, 1)).
+  // to fp16, [kMTiles / 2]) or, for float32 inputs, tf32 A fragments ([kMTiles], float32
+  // bits, whose registers hold (h, e) = (0, 0), (1, 0), (0, 1), (1, 1)).
   template <int kMTiles, int kN>
   static CUFLASH_DEVICE void p_pair(const u32 (&pf)[T::kNRep][kN][4], int r, int m, int h,
                                     float (&p)[2]) {
@@ -224,8 +224,8 @@ struct BwdMainloop {
 
   // dS^T = P^T (dP^T - delta) (times 1 - tanh^2 with a softcap), in place of dP^T; `pf`
   // holds P^T (p_pair): fp16 pairs, which keep dS's error at a plain 16-bit
-  // implementation's level, or tf32 values for float32 inputs (fp16's range would lose
-  // the small probabilities that float32 keeps).
+  // implementation's level, or for float32 inputs P itself (as a plain float32
+  // implementation has it; fp16 would round it, and lose the small ones to its range).
   template <int kMTiles, int kN>
   CUFLASH_DEVICE void scores_grad(float (&dp)[T::kNRep][kMTiles][4],
                                   const u32 (&pf)[T::kNRep][kN][4],
@@ -345,7 +345,7 @@ struct BwdMainloop {
     // S^T = K Q^T, then P^T = exp2(S^T * scale * log2(e) - lse * log2(e)), kept for dS as
     // fp16 pairs for 16-bit inputs: P is in [0, 1], and fp16's 11 significant bits keep
     // dS's error at a plain implementation's level where bf16's 8 would double it (float32
-    // inputs use p_in's tf32 values instead: see scores_grad).
+    // inputs use p_in, P in float32, instead: see scores_grad).
     u32 p[T::kNRep][T::kBlockM / 16][4];
     // P^T as dV's operand in the input precision (bf16, tf32; fp16 uses p), then (tf32)
     // dS^T, which fp16 and bf16 pack in place of p

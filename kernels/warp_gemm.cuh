@@ -108,7 +108,9 @@ CUFLASH_DEVICE void gemm_rows_rows(float (&acc)[kMRep][kN / 8][4], u32 sA,
 
 // C fragments (kMRep x kK/8 n8 tiles of fp32) -> A fragments of the k steps over those
 // columns. 16-bit: a[r][kk] = {c[2kk][0,1], c[2kk][2,3], c[2kk+1][0,1], c[2kk+1][2,3]}
-// as packed pairs. tf32: a[r][kk] = {c[kk][0], c[kk][2], c[kk][1], c[kk][3]}, which puts
+// as packed pairs. tf32: a[r][kk] = {c[kk][0], c[kk][2], c[kk][1], c[kk][3]}, kept as
+// float32 bits (gemm_regs_trans rounds them to tf32 where it uses them, so the backward can
+// still read P at full precision for dS), which puts
 // the lane's columns 2t and 2t + 1 at the fragment's k = t and t + 4: the k order inside
 // each step is permuted, and every B operand that meets these fragments is read in the
 // same order (rows 2t and 2t + 1; mma_b_trans, gemm_trans_trans).
@@ -122,7 +124,7 @@ CUFLASH_DEVICE void pack_frags(u32 (&a)[kMRep][kK / kKStep<kPrec>][4],
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if constexpr (kPrec == kPrecTF32) {
-          a[r][kk][j] = to_tf32(c[r][kk][(j >> 1) | ((j & 1) << 1)]);
+          a[r][kk][j] = __float_as_uint(c[r][kk][(j >> 1) | ((j & 1) << 1)]);
         } else {
           const float* src = c[r][2 * kk + (j >> 1)];
           a[r][kk][j] = pack2<kPrec == kPrecBF16>(src[2 * (j & 1)], src[2 * (j & 1) + 1]);
@@ -178,9 +180,9 @@ CUFLASH_DEVICE void mma_b_trans(float (&acc)[kMRep][kN / 8][4], const u32 (&a)[k
   }
 }
 
-// acc += A B over kK (elements), with A in registers as packed A fragments (pack_frags)
-// and B stored k x cols: columns [col0, col0 + kN) of the tile. kReluA: A's negative
-// entries count as 0 (relu_frag).
+// acc += A B over kK (elements), with A in registers as packed A fragments (pack_frags;
+// tf32: rounded here) and B stored k x cols: columns [col0, col0 + kN) of the tile.
+// kReluA: A's negative entries count as 0 (relu_frag).
 template <int kPrec, int kMRep, int kN, int kK, class TileB, bool kReluA = false>
 CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
                                     const u32 (&a_in)[kMRep][kK / kKStep<kPrec>][4], u32 sB,
@@ -191,7 +193,10 @@ CUFLASH_DEVICE void gemm_regs_trans(float (&acc)[kMRep][kN / 8][4],
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) a[r][j] = kReluA ? relu_frag<kPrec>(a_in[r][kk][j]) : a_in[r][kk][j];
+      for (int j = 0; j < 4; ++j) {
+        const u32 x = kReluA ? relu_frag<kPrec>(a_in[r][kk][j]) : a_in[r][kk][j];
+        a[r][j] = kPrec == kPrecTF32 ? to_tf32(__uint_as_float(x)) : x;
+      }
     mma_b_trans<kPrec, kMRep, kN, TileB>(acc, a, sB, lp, kk, col0);
   }
 }
