@@ -201,10 +201,10 @@ struct BwdMainloop {
         for (int e = 0; e < 4; ++e) s[r][m][e] = exp2_approx(fmaf(s[r][m][e], units, -lse[e & 1]));
     }
     if (kMasked) mask.apply_transposed(s, key0, m0 + q0, lane, 0.f);
-    if (dropout.active()) {
-      Dropout<kDropout> d = dropout;
-      d.bh += u32(head);
-      d.template apply_transposed<true>(s, key0, m0 + q0, lane);
+    if constexpr (kDropout) {
+      if (dropout.active()) {
+        dropout.for_head(head).template apply_transposed<true>(s, key0, m0 + q0, lane);
+      }
     }
   }
 
@@ -233,9 +233,11 @@ struct BwdMainloop {
                                   int st) const {
     const int lane = tid & 31;
     const bool softcap = kOptions && softcap_in != 0.f;
-    if (dropout.active()) {
-      scores_grad_dropout(dp, pf, dtanh, q0, st);
-      return;
+    if constexpr (kDropout) {
+      if (dropout.active()) {
+        scores_grad_dropout(dp, pf, dtanh, q0, st);
+        return;
+      }
     }
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
@@ -443,7 +445,7 @@ struct BwdMainloop {
       pack_frags<false, T::kNRep, kHalfM>(p16, s);
       u32 p_in[T::kNRep][kHalfM / 16][4];
       pack_frags<kPrec, T::kNRep, kHalfM>(p_in, s);
-      if (dropout.active()) {  // dV's operand: dropped entries (negative) count as 0
+      if (kDropout && dropout.active()) {  // dV's operand: dropped entries count as 0
 #pragma unroll
         for (int r = 0; r < T::kNRep; ++r)
 #pragma unroll

@@ -120,12 +120,14 @@ struct BwdDqMainloop {
             s[r][j][e] = p;
           }
       // dropped entries: -P (P >= 0), so that dS below can tell them apart
-      if (dropout.active()) dropout.template apply<true>(s, m0 + warp_row0, n * T::kBlockN, lane);
+      if constexpr (kDropout) {
+        if (dropout.active()) dropout.template apply<true>(s, m0 + warp_row0, n * T::kBlockN, lane);
+      }
     }
     float dp[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kPrec, T::kMRep, T::kBlockN, T::kHeadDimV * T::kWords, typename T::TileDO,
                    typename T::TileV>(dp, sDO(), lp, sV(st));
-    if (dropout.active()) {
+    if (kDropout && dropout.active()) {
 #pragma unroll
       for (int r = 0; r < T::kMRep; ++r)
 #pragma unroll

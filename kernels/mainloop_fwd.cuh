@@ -122,7 +122,9 @@ struct FwdMainloop {
     }
     softmax.template update<kOptions>(s, o_acc, scores.units());
     // dropout after the row sums (l_i normalises over every key); finalize() scales by 1/(1-p)
-    if (dropout.active()) dropout.template apply<false>(s, m0 + warp_row0, n * T::kBlockN, lane);
+    if constexpr (kDropout) {
+      if (dropout.active()) dropout.template apply<false>(s, m0 + warp_row0, n * T::kBlockN, lane);
+    }
     u32 p[T::kMRep][T::kBlockN / kKStep<T::kPrec>][4];
     pack_frags<T::kPrec, T::kMRep, T::kBlockN>(p, s);
     gemm_regs_trans<T::kPrec, T::kMRep, T::kHeadDimV, T::kBlockN, typename T::TileV>(
