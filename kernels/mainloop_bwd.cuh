@@ -226,52 +226,29 @@ struct BwdMainloop {
   // holds P^T (p_pair): fp16 pairs, which keep dS's error at a plain 16-bit
   // implementation's level, or for float32 inputs P itself (as a plain float32
   // implementation has it; fp16 would round it, and lose the small ones to its range).
+  // With dropout, P^T < 0 marks a dropped entry, whose dP^T counts as 0; kept ones take
+  // dP^T / (1 - p).
   template <int kMTiles, int kN>
   CUFLASH_DEVICE void scores_grad(float (&dp)[T::kNRep][kMTiles][4],
                                   const u32 (&pf)[T::kNRep][kN][4],
                                   const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
                                   int st) const {
-    const int lane = tid & 31;
-    const bool softcap = kOptions && softcap_in != 0.f;
     if constexpr (kDropout) {
       if (dropout.active()) {
-        scores_grad_dropout(dp, pf, dtanh, q0, st);
+        scores_grad_with(dp, pf, dtanh, q0, st, BoolConst<true>{});
         return;
       }
     }
-#pragma unroll
-    for (int m = 0; m < kMTiles; ++m) {
-      float delta[2];
-      ld_shared_f2(delta[0], delta[1], sDelta(st) + (q0 + m * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-      for (int r = 0; r < T::kNRep; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = 2 * (m & 1) + h;
-          float pp[2];
-          p_pair<kMTiles>(pf, r, m, h, pp);
-          float p0 = pp[0], p1 = pp[1];
-          if (softcap) {
-            float d0, d1;
-            unpack2<false>(dtanh[r][m >> 1][i], d0, d1);
-            p0 *= d0;
-            p1 *= d1;
-          }
-          dp[r][m][2 * h] = p0 * (dp[r][m][2 * h] - delta[0]);
-          dp[r][m][2 * h + 1] = p1 * (dp[r][m][2 * h + 1] - delta[1]);
-        }
-    }
+    scores_grad_with(dp, pf, dtanh, q0, st, BoolConst<false>{});
   }
 
-  // scores_grad with dropout: P^T < 0 marks a dropped entry, whose dP^T counts as 0;
-  // kept ones take dP^T / (1 - p).
-  template <int kMTiles, int kN>
-  CUFLASH_DEVICE void scores_grad_dropout(float (&dp)[T::kNRep][kMTiles][4],
-                                          const u32 (&pf)[T::kNRep][kN][4],
-                                          const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
-                                          int st) const {
+  template <int kMTiles, int kN, bool kDropped>
+  CUFLASH_DEVICE void scores_grad_with(float (&dp)[T::kNRep][kMTiles][4],
+                                       const u32 (&pf)[T::kNRep][kN][4],
+                                       const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
+                                       int st, BoolConst<kDropped>) const {
     const int lane = tid & 31;
-    const bool softcap = softcap_in != 0.f;
+    const bool softcap = kOptions && softcap_in != 0.f;
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
       float delta[2];
@@ -280,14 +257,18 @@ struct BwdMainloop {
       for (int r = 0; r < T::kNRep; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int i = 2 * (m & 1) + h;
           float p[2], d[2] = {1.f, 1.f};
           p_pair<kMTiles>(pf, r, m, h, p);
-          if (softcap) unpack2<false>(dtanh[r][m >> 1][i], d[0], d[1]);
+          if (softcap) unpack2<false>(dtanh[r][m >> 1][2 * (m & 1) + h], d[0], d[1]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float dpz = p[e] >= 0.f ? dp[r][m][2 * h + e] * dropout_scale : 0.f;
-            dp[r][m][2 * h + e] = fabsf(p[e]) * d[e] * (dpz - delta[e]);
+            float& x = dp[r][m][2 * h + e];
+            if (kDropped) {
+              const float dpz = p[e] >= 0.f ? x * dropout_scale : 0.f;
+              x = fabsf(p[e]) * d[e] * (dpz - delta[e]);
+            } else {
+              x = (softcap ? p[e] * d[e] : p[e]) * (x - delta[e]);
+            }
           }
         }
     }

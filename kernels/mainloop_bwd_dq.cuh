@@ -127,29 +127,14 @@ struct BwdDqMainloop {
     float dp[T::kMRep][T::kNTiles][4];
     gemm_rows_rows<kPrec, T::kMRep, T::kBlockN, T::kHeadDimV * T::kWords, typename T::TileDO,
                    typename T::TileV>(dp, sDO(), lp, sV(st));
-    if (kDropout && dropout.active()) {
-#pragma unroll
-      for (int r = 0; r < T::kMRep; ++r)
-#pragma unroll
-        for (int j = 0; j < T::kNTiles; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float p = s[r][j][e];
-            const float dpz = p >= 0.f ? dp[r][j][e] * dropout_scale : 0.f;
-            s[r][j][e] = fabsf(p) * (dpz - delta[r][e >> 1]);
-          }
+    if constexpr (kDropout) {
+      if (dropout.active()) {
+        scores_grad<true>(s, dp);
+      } else {
+        scores_grad<false>(s, dp);
+      }
     } else {
-#pragma unroll
-      for (int r = 0; r < T::kMRep; ++r)
-#pragma unroll
-        for (int j = 0; j < T::kNTiles; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float p = kOptions
-                ? s[r][j][e]
-                : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
-            s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);  // dS
-          }
+      scores_grad<false>(s, dp);
     }
     // Hidden entries: dS = 0, set after the fact (a scale <= 0 makes their P +inf or NaN)
     if (!kOptions && kMasked) mask.apply(s, m0 + warp_row0, n * T::kBlockN, lane, 0.f);
@@ -157,6 +142,31 @@ struct BwdDqMainloop {
     pack_frags<kPrec, T::kMRep, T::kBlockN>(ds, s);
     gemm_regs_trans<kPrec, T::kMRep, T::kHeadDim, T::kBlockN, typename T::TileK>(dq_acc, ds,
                                                                                  sK(st), lp);
+  }
+
+  // dS = P (dP - delta) in place of s, which holds P (kOptions) or the raw products; with
+  // kDropped, P < 0 marks a dropped entry (its dP counts as 0) and kept ones take
+  // dP / (1 - p).
+  template <bool kDropped>
+  CUFLASH_DEVICE void scores_grad(float (&s)[T::kMRep][T::kNTiles][4],
+                                  const float (&dp)[T::kMRep][T::kNTiles][4]) const {
+#pragma unroll
+    for (int r = 0; r < T::kMRep; ++r)
+#pragma unroll
+      for (int j = 0; j < T::kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (kDropped) {
+            const float p = s[r][j][e];
+            const float dpz = p >= 0.f ? dp[r][j][e] * dropout_scale : 0.f;
+            s[r][j][e] = fabsf(p) * (dpz - delta[r][e >> 1]);
+          } else {
+            const float p = kOptions
+                ? s[r][j][e]
+                : exp2_approx(fmaf(s[r][j][e], scale_log2, -lse_log2[r][e >> 1]));
+            s[r][j][e] = p * (dp[r][j][e] - delta[r][e >> 1]);
+          }
+        }
   }
 
   // Key tiles n_block_max-1 down to n_block_min: the masked ones (ragged end, causal
