@@ -15,7 +15,6 @@ wheel.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import re
 import shutil
