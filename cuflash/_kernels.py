@@ -71,7 +71,7 @@ FWD_OPTION_TILES = {
 # and the options kernels, and every tile fits the 163 KB of an A100 block.
 FWD_F32_TILES = {
     32: FwdTile(64, 64, 4, 2, 2),
-    64: FwdTile(64, 64, 4, 1, 2),
+    64: FwdTile(64, 32, 4, 1, 2),  # (64x64 spills 8 bytes in the options kernels)
     96: FwdTile(64, 32, 4, 1, 2),
     128: FwdTile(64, 32, 4, 1, 2),
     160: FwdTile(64, 32, 4, 1, 1),
@@ -236,11 +236,12 @@ BWD_TILES = {
 
 # Where the options kernels need a tile of their own (as FWD_OPTION_TILES): at d64 the
 # 4-warp atomic-dQ tile spills with them (bf16, sm_90); with dropout's code, so do the
-# two-buffer dK/dV-only tiles at d96 and d192 (sm_90): one query buffer there.
+# two-buffer dK/dV-only tiles at d96 and d192 (sm_90): one query buffer there, and at d192
+# 32 queries a step (64 spilled 16 bytes in the scalar-load dropout kernel).
 BWD_OPTION_TILES = {
     64: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 2, 1)),
     96: (BwdTile(64, 128, 8, 1, 2, 1), BwdTile(64, 128, 8, 1, 1, 1)),
-    192: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(64, 64, 8, 2, 1, 1)),  # (64x64 atomic: scl spills)
+    192: (BwdTile(32, 64, 8, 2, 2, 1), BwdTile(32, 64, 8, 2, 1, 1)),  # (64x64: scl spills)
 }
 
 # float32 (tf32): the same tile for atomic dQ and dK/dV only; no swap (16-bit pairs only).
