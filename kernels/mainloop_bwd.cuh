@@ -339,8 +339,8 @@ struct BwdMainloop {
       gemm_rows_rows<kPrec, T::kNRep, T::kBlockM, T::kHeadDim * T::kWords, typename T::TileK,
                      typename T::TileQ>(s, sK(), lp, sQ(st));
       probabilities<kMasked>(s, dtanh, head, m0, 0, st);
-      pack_frags<kPrecF16, T::kNRep, T::kBlockM>(p, s);
-      if (kPrec != kPrecF16) pack_frags<kPrec, T::kNRep, T::kBlockM>(p_in, s);
+      if constexpr (kPrec != kPrecTF32) pack_frags<kPrecF16, T::kNRep, T::kBlockM>(p, s);
+      if constexpr (kPrec != kPrecF16) pack_frags<kPrec, T::kNRep, T::kBlockM>(p_in, s);
     }
     pending_dq(1, prev, has_prev, ds_buf);
 

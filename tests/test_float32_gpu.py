@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import GRADS, random_array, random_qkv, to_f32
+from gpu_util import GRADS, check_grads, random_array, random_qkv, to_f32
 from gpu_util import cp, poison_allocator  # noqa: F401
 from test_options_gpu import OPTION_SETS, check_case, check_forward
 
@@ -66,8 +66,6 @@ def test_float32_strided_and_unaligned(cp):
         tr = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
         o, lse = check_forward(cp, tr(q), tr(k), tr(v), "float32", False, {"softcap": 2.0})
         dout = random_array(cp, o.shape, "float32", rng)
-        from gpu_util import check_grads
-
         grads = cuflash.attention_backward(dout, tr(q), tr(k), tr(v), o, lse, softcap=2.0)
         check_grads(cp, grads, tr(q), tr(k), tr(v), dout, o, "float32", False, softcap=2.0)
 
