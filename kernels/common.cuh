@@ -105,6 +105,22 @@ CUFLASH_DEVICE void unpack2(u32 x, float& lo, float& hi) {
   }
 }
 
+// Two floats kept for a later step of the same thread: fp16 halves of one register, or
+// (kWide) two float registers, for float32 inputs, whose products round to tf32 (as many
+// significant bits as fp16), so that one more rounding would double their error.
+template <bool kWide>
+struct FloatPair {
+  u32 bits;
+  CUFLASH_DEVICE void set(float lo, float hi) { bits = pack2<false>(lo, hi); }
+  CUFLASH_DEVICE void get(float& lo, float& hi) const { unpack2<false>(bits, lo, hi); }
+};
+template <>
+struct FloatPair<true> {
+  float lo_, hi_;
+  CUFLASH_DEVICE void set(float lo, float hi) { lo_ = lo, hi_ = hi; }
+  CUFLASH_DEVICE void get(float& lo, float& hi) const { lo = lo_, hi = hi_; }
+};
+
 template <bool kIsBf16>
 CUFLASH_DEVICE float to_float(u16 x) {
   if (kIsBf16) {

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kNWarps * 32, kMinBlocks)
   mainloop.head_dim = head_dim;
   mainloop.head_dim_v = head_dim_v;
   mainloop.scale_log2 = scale_log2;
-  mainloop.scores = ScoreMod<kOptions>::make(
+  mainloop.scores = decltype(mainloop.scores)::make(
       scale_log2, softcap_in, softcap_out,
       alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f, seqlen_k - seqlen_q);
   mainloop.mask = Mask<kCausal, kOptions>{seqlen_q, seqlen_k, window_left, window_right};

@@ -109,6 +109,9 @@ struct BwdTraits {
 template <class T, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 struct BwdMainloop {
   static constexpr bool kAtomicDQ = T::kAtomicDQ;
+  // float32 inputs: an accurate softcap tanh, and its derivative kept in float32
+  using Scores = ScoreMod<kOptions, T::kPrec == kPrecTF32>;
+  using Dtanh = FloatPair<T::kPrec == kPrecTF32>;
   // Query-side operands, as the kernel received them: offsets are computed where they are
   // used (from `batch` and the head), which leaves ptxas free to reload these from the
   // parameter space instead of holding derived pointers in registers all the loop long.
@@ -173,10 +176,10 @@ struct BwdMainloop {
   }
 
   // The score transform of query head `head` (kOptions: its ALiBi slope).
-  CUFLASH_DEVICE ScoreMod<kOptions> scores(int head) const {
+  CUFLASH_DEVICE Scores scores(int head) const {
     const float slope =
         kOptions && alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
-    return ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope, mask.offset());
+    return Scores::make(scale_log2, softcap_in, softcap_out, slope, mask.offset());
   }
 
   // P^T = exp2(S^T - lse) from the raw products of a (kMTiles x 8)-query slice starting at
@@ -185,7 +188,7 @@ struct BwdMainloop {
   // would turn into +inf or NaN).
   template <bool kMasked, int kMTiles>
   CUFLASH_DEVICE void probabilities(float (&s)[T::kNRep][kMTiles][4],
-                                    u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int head, int m0,
+                                    Dtanh (&dtanh)[T::kNRep][kMTiles / 2][4], int head, int m0,
                                     int q0, int st) const {
     const int lane = tid & 31;
     const int key0 = n_block * T::kBlockN + key_row0;
@@ -231,7 +234,7 @@ struct BwdMainloop {
   template <int kMTiles, int kN>
   CUFLASH_DEVICE void scores_grad(float (&dp)[T::kNRep][kMTiles][4],
                                   const u32 (&pf)[T::kNRep][kN][4],
-                                  const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
+                                  const Dtanh (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
                                   int st) const {
     if constexpr (kDropout) {
       if (dropout.active()) {
@@ -245,7 +248,7 @@ struct BwdMainloop {
   template <int kMTiles, int kN, bool kDropped>
   CUFLASH_DEVICE void scores_grad_with(float (&dp)[T::kNRep][kMTiles][4],
                                        const u32 (&pf)[T::kNRep][kN][4],
-                                       const u32 (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
+                                       const Dtanh (&dtanh)[T::kNRep][kMTiles / 2][4], int q0,
                                        int st, BoolConst<kDropped>) const {
     const int lane = tid & 31;
     const bool softcap = kOptions && softcap_in != 0.f;
@@ -259,7 +262,7 @@ struct BwdMainloop {
         for (int h = 0; h < 2; ++h) {
           float p[2], d[2] = {1.f, 1.f};
           p_pair<kMTiles>(pf, r, m, h, p);
-          if (softcap) unpack2<false>(dtanh[r][m >> 1][2 * (m & 1) + h], d[0], d[1]);
+          if (softcap) dtanh[r][m >> 1][2 * (m & 1) + h].get(d[0], d[1]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = dp[r][m][2 * h + e];
@@ -333,7 +336,7 @@ struct BwdMainloop {
     // P^T as dV's operand in the input precision (bf16, tf32; fp16 uses p), then (tf32)
     // dS^T, which fp16 and bf16 pack in place of p
     u32 p_in[T::kNRep][T::kBlockM / kKStep<kPrec>][4];
-    u32 dtanh[T::kNRep][T::kBlockM / 16][4];  // kOptions with a softcap
+    Dtanh dtanh[T::kNRep][T::kBlockM / 16][4];  // kOptions with a softcap
     {
       float s[T::kNRep][T::kMTiles][4];
       gemm_rows_rows<kPrec, T::kNRep, T::kBlockM, T::kHeadDim * T::kWords, typename T::TileK,
@@ -417,7 +420,7 @@ struct BwdMainloop {
     const int q0 = d_part * kHalfM;  // this warp's first query of the tile
     pending_dq(0, prev, has_prev, ds_buf);
     u32 p16[T::kNRep][kHalfM / 16][4];  // P^T in fp16, for dS (see step)
-    u32 dtanh[T::kNRep][kHalfM / 16][4];  // kOptions with a softcap
+    Dtanh dtanh[T::kNRep][kHalfM / 16][4];  // kOptions with a softcap
     {
       float s[T::kNRep][kHalfM / 8][4];
       gemm_rows_rows<kPrec, T::kNRep, kHalfM, T::kHeadDim, typename T::TileK,

@@ -58,7 +58,7 @@ struct BwdDqMainloop {
   int seqlen_k, head_dim, head_dim_v;
   float scale_log2;
   int n_block_min;
-  ScoreMod<kOptions> scores;
+  ScoreMod<kOptions, T::kPrec == kPrecTF32> scores;
   Mask<kCausal, kOptions> mask;
   Dropout<kDropout> dropout;
   float dropout_scale;  // 1 / (1 - p)

@@ -63,7 +63,7 @@ struct FwdMainloop {
   i64 k_row_stride, v_row_stride;
   int seqlen_k, head_dim, head_dim_v;
   int n_block_min;
-  ScoreMod<kOptions> scores;
+  ScoreMod<kOptions, T::kPrec == kPrecTF32> scores;
   Mask<kCausal, kOptions> mask;
   Dropout<kDropout> dropout;
   u32 sQ;  // K and V stages follow Q's space: [K_0 V_0][K_1 V_1]

@@ -18,28 +18,36 @@ CUFLASH_DEVICE float rcp_approx(float x) {
   return y;
 }
 
-// tanh for the softcap. Default: the special-function unit's tanh.approx.f32 (one
+// tanh for the softcap. For 16-bit inputs the special-function unit's tanh.approx.f32 (one
 // instruction; relative error about 2^-11, the size of an fp16 rounding of the capped
-// score). With CUFLASH_TANH_ACCURATE: relative error about 1e-6, from an odd Taylor
+// score). kAccurate (float32 inputs, whose tf32 products are about that accurate
+// themselves) or CUFLASH_TANH_ACCURATE: relative error about 1e-6, from an odd Taylor
 // polynomial below |y| = 1/8 and 1 - 2 / (1 + e^(2y)) above (two special-function
 // instructions, ex2 and rcp; e^(2y) overflows to +inf for large y, which gives 1).
+template <bool kAccurate>
 CUFLASH_DEVICE float tanh_softcap(float y) {
 #ifdef CUFLASH_TANH_ACCURATE
-  const float y2 = y * y;
-  const float poly = y * fmaf(y2, fmaf(y2, fmaf(y2, -17.f / 315.f, 2.f / 15.f), -1.f / 3.f), 1.f);
-  const float expo = 1.f - 2.f * rcp_approx(1.f + exp2_approx(y * (2.f * kLog2e)));
-  return fabsf(y) < 0.125f ? poly : expo;
+  constexpr bool kPoly = true;
 #else
-  float t;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
-  return t;
+  constexpr bool kPoly = kAccurate;
 #endif
+  if constexpr (kPoly) {
+      const float y2 = y * y;
+    const float poly =
+        y * fmaf(y2, fmaf(y2, fmaf(y2, -17.f / 315.f, 2.f / 15.f), -1.f / 3.f), 1.f);
+    const float expo = 1.f - 2.f * rcp_approx(1.f + exp2_approx(y * (2.f * kLog2e)));
+    return fabsf(y) < 0.125f ? poly : expo;
+  } else {
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
+    return t;
+  }
 }
 
 // With a softcap the scores are kept in units of c * log2(e): s' = tanh(.) + ALiBi / (c
 // log2 e), and the softmax multiplies by units() inside the exp2 it already computes
 // (exp2(units * s' - m)), which saves a multiply per score.
-template <bool kOptions>
+template <bool kOptions, bool kAccurateTanh = false>
 struct ScoreMod {
   float scale_log2;   // scale * log2(e)
   float softcap_in;   // kOptions: scale / c, or 0 when there is no softcap
@@ -71,7 +79,7 @@ struct ScoreMod {
   // The scaled (or capped) score, without the ALiBi bias.
   CUFLASH_DEVICE float capped(float x, float& t) const {
     if (!has_softcap()) return x * scale_log2;
-    t = tanh_softcap(x * softcap_in);
+    t = tanh_softcap<kAccurateTanh>(x * softcap_in);
     return t;
   }
 
@@ -112,14 +120,14 @@ struct ScoreMod {
   }
 
   // The same on transposed scores (rows are keys, columns are queries), as the backward
-  // pass holds them; dtanh gets 1 - tanh^2 as fp16 pairs in the layout of pack_frags
+  // pass holds them; dtanh gets 1 - tanh^2 as pairs in the layout of pack_frags
   // (filled only with a softcap). Returns the units of the result, relative to log2
   // units: with neither softcap nor ALiBi the dot products are left as they are and the
   // caller's exp2 multiplies by scale * log2(e) (which may be <= 0: the backward pass has
   // no running max).
-  template <int kNRep, int kMTiles>
+  template <int kNRep, int kMTiles, bool kWide>
   CUFLASH_DEVICE float apply_transposed(float (&st)[kNRep][kMTiles][4],
-                                        u32 (&dtanh)[kNRep][kMTiles / 2][4], int key0,
+                                        FloatPair<kWide> (&dtanh)[kNRep][kMTiles / 2][4], int key0,
                                         int query0, int lane) const {
     if (!has_softcap() && !has_alibi()) return scale_log2;
     const float dist0 = float(query0 + (lane & 3) * 2 + offset - key0 - (lane >> 2));
@@ -136,8 +144,8 @@ struct ScoreMod {
             st[r][m][2 * h + e] = score(st[r][m][2 * h + e], dist, t[e]);
           }
           if (has_softcap()) {
-            dtanh[r][m >> 1][2 * (m & 1) + h] =
-                pack2<false>(fmaf(-t[0], t[0], 1.f), fmaf(-t[1], t[1], 1.f));
+            dtanh[r][m >> 1][2 * (m & 1) + h].set(fmaf(-t[0], t[0], 1.f),
+                                                  fmaf(-t[1], t[1], 1.f));
           }
         }
     return units();
