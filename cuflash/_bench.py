@@ -27,6 +27,7 @@ EFFICIENT = "torch_efficient"
 CUPY = "cupy_naive"
 CUFLASH = "cuflash"
 CUFLASH_DET = "cuflash_det"
+CUFLASH_MMA = "cuflash_mma"  # the portable kernels where an sm_90a one would run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,28 @@ def impl_cuflash(q, k, v, causal, spec=None):
     lse = cp.empty(q.shape[:-1], dtype=cp.float32)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return lambda: _dispatch.forward(q, k, v, out, lse, causal=causal, scale=scale, spec=spec)
+
+
+def impl_cuflash_mma(q, k, v, causal):
+    """cuflash's portable mma.sync kernels, also on Hopper (where the dispatcher would pick
+    an sm_90a kernel): the two families side by side. Skipped elsewhere."""
+    import cuflash
+
+    try:
+        from cuflash import _sm90
+    except ImportError as e:  # an older tree (asv history)
+        raise Skip("no sm_90a kernels in this tree") from e
+    if not _sm90.available(int(_cupy().cuda.Device().compute_capability)):
+        raise Skip("no sm_90a kernels on this device")
+
+    def run():
+        saved, _sm90.enabled = _sm90.enabled, False
+        try:
+            return cuflash.attention(q, k, v, causal=causal)
+        finally:
+            _sm90.enabled = saved
+
+    return run
 
 
 def _torch_sdpa(backend_name, backward=False):
@@ -234,6 +257,7 @@ def impl_cupy_naive_bwd(q, k, v, causal, max_bytes=8 << 30):
 
 PEERS = {
     CUFLASH: impl_cuflash,
+    CUFLASH_MMA: impl_cuflash_mma,
     FLASH: _torch_sdpa("FLASH_ATTENTION"),
     CUDNN: _torch_sdpa("CUDNN_ATTENTION"),
     EFFICIENT: _torch_sdpa("EFFICIENT_ATTENTION"),
@@ -317,7 +341,9 @@ def format_table(rows, baseline=FLASH, ours=CUFLASH) -> str:
     """One line per case: TFLOP/s of each implementation, and ratios of ours (and of the
     deterministic variant, when present) over the baseline."""
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    ratios = [(n, baseline) for n in (ours, CUFLASH_DET) if n in impls]
+    ratios = [(n, baseline) for n in (ours, CUFLASH_DET, CUFLASH_MMA) if n in impls]
+    if CUDNN in impls and ours in impls and baseline != CUDNN:
+        ratios.append((ours, CUDNN))
     by_case: dict = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["impl"]] = r

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import _kernels, _options
+from . import _kernels, _options, _sm90
 
 _MAX_GRID_YZ = 65535
 _ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -217,6 +217,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
     if B == 0 or Hq == 0 or Lq == 0:
         return
     causal, with_options, with_dropout = _kernel_mask(causal, options)
+    if spec is None and _sm90.available(device_arch()):
+        hopper = _sm90.fwd_spec_for(q, k, v, out, causal=causal, scale=scale,
+                                    options_kernel=with_options, packed=packed)
+        if hopper is not None:
+            _sm90.forward(hopper, q, k, v, out, lse, scale=scale)
+            return
     if spec is None:
         vec = is_vec_aligned((q, k, v, out), D, Dv)
         spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec,

@@ -455,11 +455,94 @@ def shipped_bwd_specs(archs=SHIPPED_ARCHS, *, fallbacks: bool = True) -> list:
     return specs
 
 
+# --------------------------------------------------------------------------- Hopper
+
+
+@dataclasses.dataclass(frozen=True)
+class Sm90FwdTile:
+    """Hopper forward tiling: keys per step, consumer warpgroups (64 query rows each) and
+    K/V stages of the copy engine's ring."""
+
+    block_n: int
+    consumers: int
+    stages: int
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def num_warps(self) -> int:
+        return 4 * (self.consumers + 1)
+
+
+#: Head dims of the sm_90a forward kernels (16-bit inputs); smaller head dims that are
+#: whole 16-byte rows round up, as in the portable kernels.
+SM90_FWD_TILES = {
+    64: Sm90FwdTile(128, 2, 2),
+    128: Sm90FwdTile(128, 2, 2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sm90FwdSpec:
+    """One sm_90a forward kernel (kernels/flash_fwd_sm90.cu): wgmma, TMA, a producer
+    warpgroup; no options, dropout or packed sequences yet."""
+
+    dtype: str
+    head_dim: int
+    causal: bool
+    tile: Sm90FwdTile
+
+    source = "flash_fwd_sm90.cu"
+    kind = "fwd90"
+    arch = "90a"
+
+    @property
+    def threads(self) -> int:
+        return self.tile.num_warps * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        kv = self.tile.block_n * self.head_dim * 2
+        return 1024 + self.tile.block_m * self.head_dim * 2 + 2 * self.tile.stages * kv + 64
+
+    @property
+    def name_expression(self) -> str:
+        t = self.tile
+        return (f"cuflash::sm90::flash_fwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, {self.head_dim}, "
+                f"{t.block_n}, {t.consumers}, {t.stages}, {_cbool(self.causal)}>")
+
+    @property
+    def label(self) -> str:
+        t = self.tile
+        return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
+                f"{'causal' if self.causal else 'full  '} sm_{self.arch} "
+                f"{t.block_m}x{t.block_n} wg{t.consumers}+1 s{t.stages}")
+
+
+def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90FwdSpec | None:
+    """The sm_90a forward kernel for real head dim ``head_dim``, or None where there is none
+    (float32, head dims above the largest bucket)."""
+    if dtype not in ("float16", "bfloat16"):
+        return None
+    for d in sorted(SM90_FWD_TILES):
+        if head_dim <= d:
+            return Sm90FwdSpec(dtype, d, bool(causal), SM90_FWD_TILES[d])
+    return None
+
+
+def shipped_sm90_specs() -> list:
+    return [Sm90FwdSpec(dtype, d, causal, tile)
+            for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
+            for causal in (False, True)]
+
+
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:
-    """Every specialisation, forward and backward, and the dropout-mask kernels: what CI
-    compiles."""
+    """Every specialisation, forward and backward, the dropout-mask kernels and the sm_90a
+    kernels: what CI compiles."""
     return (shipped_fwd_specs(archs) + shipped_bwd_specs(archs)
-            + [DropoutMaskSpec(arch) for arch in archs])
+            + [DropoutMaskSpec(arch) for arch in archs] + shipped_sm90_specs())
 
 
 # --------------------------------------------------------------------------- sources

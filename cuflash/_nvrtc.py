@@ -91,6 +91,17 @@ _RE_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+
 
 def compile_spec(spec, *, source: str | None = None) -> CompileResult:
     """Compile one specialisation to a cubin for ``spec.arch`` and parse ``ptxas -v``."""
+    return _compile(spec, source)[0]
+
+
+def build_cubin(spec) -> tuple[bytes, dict[str, str]]:
+    """The cubin of ``spec`` and the lowered (mangled) name of each of its kernels: for
+    targets that CuPy's own compile cannot name (sm_90a)."""
+    _, cubin, names = _compile(spec, None, keep=True)
+    return cubin, names
+
+
+def _compile(spec, source: str | None, keep: bool = False):
     lib = _lib()
     src = (source or _kernels.source_text(spec.source)).encode()
     prog = ctypes.c_void_p()
@@ -113,6 +124,16 @@ def compile_spec(spec, *, source: str | None = None) -> CompileResult:
         _check(status, f"compiling {spec.name_expression}", log)
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
         cubin_bytes = size.value
+        cubin, lowered = b"", {}
+        if keep:
+            buf = ctypes.create_string_buffer(cubin_bytes)
+            _check(lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+            cubin = buf.raw
+            for expr in getattr(spec, "name_expressions", (spec.name_expression,)):
+                name = ctypes.c_char_p()
+                _check(lib.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(name)),
+                       "nvrtcGetLoweredName")
+                lowered[expr] = name.value.decode()
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -122,6 +143,7 @@ def compile_spec(spec, *, source: str | None = None) -> CompileResult:
     if not regs or not stacks:
         raise NvrtcError(f"no ptxas resource report for {spec.name_expression}:\n{log}")
     warnings = [ln for ln in log.splitlines() if "warning" in ln.lower()]
-    return CompileResult(spec, cubin_bytes, log, seconds, max(regs),
-                         max(x[0] for x in stacks), max(x[1] for x in stacks),
-                         max(x[2] for x in stacks), warnings)
+    result = CompileResult(spec, cubin_bytes, log, seconds, max(regs),
+                           max(x[0] for x in stacks), max(x[1] for x in stacks),
+                           max(x[2] for x in stacks), warnings)
+    return result, cubin, lowered

@@ -6,6 +6,7 @@ the poisoning is autouse, so it then applies to every test of that module (and o
 of the modules that import it).
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -245,3 +246,30 @@ def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None, **opts)
     empty = ~visible(cp, q.shape[-2], k.shape[-2], causal, opts.get("window")).any(axis=1)
     if bool(empty.any()):
         assert bool((g32[0][..., empty, :] == 0).all())
+
+
+FORWARD_PATHS = ("mma", "sm90")
+
+
+@contextlib.contextmanager
+def forward_path(cp, path):
+    """Run the forward pass on one kernel family: "mma" (the portable mma.sync kernels)
+    or "sm90" (the Hopper kernels, where they cover the call; skipped on other devices).
+    Yields a list that collects the sm_90a specs launched, so a test can check that the
+    Hopper kernel really ran."""
+    from cuflash import _sm90
+
+    if path == "sm90" and int(cp.cuda.Device().compute_capability) != 90:
+        pytest.skip("the sm_90a kernels need an sm_90 device")
+    launched = []
+    saved, saved_forward = _sm90.enabled, _sm90.forward
+
+    def spy(spec, *args, **kwargs):
+        launched.append(spec)
+        return saved_forward(spec, *args, **kwargs)
+
+    _sm90.enabled, _sm90.forward = path == "sm90", spy
+    try:
+        yield launched
+    finally:
+        _sm90.enabled, _sm90.forward = saved, saved_forward

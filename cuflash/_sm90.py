@@ -1,0 +1,134 @@
+"""Hopper (sm_90a) dispatch: the wgmma/TMA forward kernel (kernels/flash_fwd_sm90.cu).
+
+The kernel reads Q, K and V through tensor maps (the copy engine's descriptors), which the
+host encodes here with ``cuda.bindings`` and passes by value. Its module is compiled for
+``sm_90a`` by :mod:`cuflash._nvrtc` (CuPy's own compile can only name plain ``sm_90``) and
+loaded from the cubin.
+
+Calls that the kernel does not cover run the portable kernels: other devices, float32,
+the score options and dropout, packed sequences, head dims above 128 or not a whole
+number of 16-byte rows, Dv != D, and views whose strides or base addresses the copy
+engine cannot take (16-byte multiples). ``CUFLASH_SM90=0`` turns this path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+
+import numpy as np
+
+from . import _kernels, _nvrtc
+
+_MAX_GRID_YZ = 65535
+_TENSOR_MAP = np.dtype((np.void, 128))
+
+#: Set False to run the portable kernels on Hopper too (tests and benchmarks compare them).
+enabled = os.environ.get("CUFLASH_SM90", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return driver
+
+
+def available(arch: int) -> bool:
+    """Whether this process can run the sm_90a kernels on a device of ``arch``."""
+    return enabled and arch == 90 and _driver() is not None
+
+
+def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bool,
+                 packed) -> object:
+    """The sm_90a forward spec for this call, or None where the portable kernel runs."""
+    if packed is not None or options_kernel or not scale > 0:
+        return None
+    B, H, Lq, D = q.shape
+    if v.shape[3] != D or B > _MAX_GRID_YZ or Lq == 0:
+        return None
+    spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal)
+    if spec is None or D % 8:
+        return None
+    for x in (q, k, v):
+        if x.data.ptr % 16 or x.strides[3] != 2:
+            return None
+        if any(s % 16 for n, s in zip(x.shape[:3], x.strides[:3]) if n > 1):
+            return None
+    if out.data.ptr % 4 or out.strides[3] != 2 or any(s % 4 for s in out.strides[:3]):
+        return None
+    return spec
+
+
+def _encode(x, rows: int):
+    """Tensor map of a (B, H, L, D) view: 4-D (D, L, H, B), boxes of 64 columns x ``rows``
+    rows, 128-byte swizzle, zeros past the end of each dim."""
+    drv = _driver()
+    B, H, L, D = x.shape
+    dims = [D, L, H, B]
+    strides = []
+    inner = D * 2
+    for n, s in zip((L, H, B), (x.strides[2], x.strides[1], x.strides[0])):
+        strides.append(s if n > 1 else inner)  # a size-1 dim's stride is never used
+        inner = strides[-1] * n
+    dtype = (drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+             if np.dtype(x.dtype).name == "bfloat16"
+             else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    err, tmap = drv.cuTensorMapEncodeTiled(
+        dtype, 4, x.data.ptr,
+        [drv.cuuint64_t(n) for n in dims],
+        [drv.cuuint64_t(s) for s in strides],
+        [drv.cuuint32_t(n) for n in (64, rows, 1, 1)],
+        [drv.cuuint32_t(1)] * 4,
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {x.shape}, "
+                           f"strides {x.strides}")
+    raw = ctypes.string_at(tmap.getPtr(), 128)
+    return np.frombuffer(raw, dtype=_TENSOR_MAP)[0]
+
+
+_functions: dict = {}
+
+
+def get_function(spec):
+    """The compiled kernel of ``spec`` on the current device (compiled on first use)."""
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    fn = _functions.get((spec, dev))
+    if fn is None:
+        cubin, names = _nvrtc.build_cubin(spec)
+        mod = cupy.cuda.function.Module()
+        mod.load(cubin)
+        fn = mod.get_function(names[spec.name_expression])
+        fn._cuflash_module = mod  # keep the module alive with the function
+        cupy.cuda.driver.funcSetAttribute(
+            fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            spec.smem_bytes)
+        _functions[(spec, dev)] = fn
+    return fn
+
+
+def forward(spec, q, k, v, out, lse, *, scale: float) -> None:
+    """Launch the sm_90a forward kernel ``spec`` (from :func:`fwd_spec_for`) on
+    (B, H, L, D) views (lse (B, H, Lq))."""
+    B, Hq, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    t = spec.tile
+    fn = get_function(spec)
+    os_ = tuple(s // 2 for s in out.strides)
+    ls = tuple(s // 4 for s in lse.strides)
+    args = (_encode(q, t.block_m), _encode(k, t.block_n), _encode(v, t.block_n), out, lse,
+            np.int64(os_[0]), np.int64(os_[1]), np.int64(os_[2]), np.int64(ls[0]),
+            np.int64(ls[1]), np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Hq // Hk),
+            np.float32(scale * math.log2(math.e)))
+    fn((math.ceil(Lq / t.block_m), Hq, B), (spec.threads, 1, 1), args,
+       shared_mem=spec.smem_bytes)
