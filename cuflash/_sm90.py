@@ -107,9 +107,8 @@ def get_function(spec):
     if fn is None:
         cubin, names = _nvrtc.build_cubin(spec)
         mod = cupy.cuda.function.Module()
-        mod.load(cubin)
+        mod.load(cubin)  # (the function holds its module)
         fn = mod.get_function(names[spec.name_expression])
-        fn._cuflash_module = mod  # keep the module alive with the function
         cupy.cuda.driver.funcSetAttribute(
             fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             spec.smem_bytes)
