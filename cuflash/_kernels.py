@@ -466,6 +466,8 @@ class Sm90FwdTile:
     block_n: int
     consumers: int
     stages: int
+    overlap: bool = True   # S_{j+1} = QK^T during the softmax of tile j
+    pingpong: bool = True  # consumer warpgroups take turns at the tensor cores
 
     @property
     def block_m(self) -> int:
@@ -511,14 +513,16 @@ class Sm90FwdSpec:
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflash::sm90::flash_fwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, {self.head_dim}, "
-                f"{t.block_n}, {t.consumers}, {t.stages}, {_cbool(self.causal)}>")
+                f"{t.block_n}, {t.consumers}, {t.stages}, {_cbool(t.overlap)}, "
+                f"{_cbool(t.pingpong)}, {_cbool(self.causal)}>")
 
     @property
     def label(self) -> str:
         t = self.tile
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
                 f"{'causal' if self.causal else 'full  '} sm_{self.arch} "
-                f"{t.block_m}x{t.block_n} wg{t.consumers}+1 s{t.stages}")
+                f"{t.block_m}x{t.block_n} wg{t.consumers}+1 s{t.stages}"
+                f"{' overlap' if t.overlap else ''}{' pingpong' if t.pingpong else ''}")
 
 
 def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90FwdSpec | None:

@@ -23,13 +23,19 @@
 namespace cuflash {
 namespace sm90 {
 
-template <class Elem, int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_>
+template <class Elem, int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_,
+          bool kOverlap_, bool kPingpong_>
 struct FwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kStages = kStages_;
+  // kOverlap: S_{j+1} = Q K^T is computed while the softmax of tile j runs (its P V product
+  // too), within each consumer warpgroup; kPingpong: the two consumer warpgroups take
+  // turns issuing their products, so one's softmax overlaps the other's products.
+  static constexpr bool kOverlap = kOverlap_;
+  static constexpr bool kPingpong = kPingpong_ && kConsumers_ == 2;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kNTiles = kBlockN / 8;    // n8 column tiles of S
@@ -76,7 +82,146 @@ CUFLASH_DEVICE void load_tile(u32 dst, const TensorMap& map, u32 bar, int rows, 
   for (int c = 0; c < kColBlocks; ++c) tma_load_4d(dst + c * rows * 128, map, bar, c * 64, row0, head, batch);
 }
 
-template <class Elem, int kHeadDim, int kBlockN, int kConsumers, int kStages, bool kCausal>
+// One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
+// of the key loop, named after the algorithm.
+template <class T, bool kCausal>
+struct FwdConsumer {
+  FwdSmem<T> sm;
+  Mask<kCausal> mask;
+  float scale_log2;
+  u32 q_rows;     // this warpgroup's 64 rows of the Q tile
+  int m0, warp_row0, wg, lane;
+
+  float o_acc[1][T::kDTiles][4];
+  OnlineSoftmax<1> softmax;
+
+  // Turns between the two consumer warpgroups (kPingpong): named barriers 1 and 2.
+  CUFLASH_DEVICE void wait_turn() const {
+    if constexpr (T::kPingpong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+  }
+  CUFLASH_DEVICE void pass_turn() const {
+    if constexpr (T::kPingpong) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
+  }
+
+  // S = Q K^T on stage st (issued, not awaited): kHeadDim / 16 products of k16, both
+  // operands K-major.
+  CUFLASH_DEVICE void issue_qk(float (&s)[1][T::kNTiles][4], int st) const {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
+      const u32 col = (kk % 4) * 32;  // bytes into the 128-byte column block
+      const u64 da = smem_desc(q_rows + (kk / 4) * T::kBlockM * 128 + col, 16);
+      const u64 db = smem_desc(sm.k(st) + (kk / 4) * T::kBlockN * 128 + col, 16);
+      wgmma_ss<T::kBlockN, T::kIsBf16>(s[0], da, db, kk > 0);
+    }
+    wgmma_commit();
+  }
+
+  // O += P V on stage st (issued, not awaited): P from registers, V MN-major (its rows
+  // are the k dimension).
+  CUFLASH_DEVICE void issue_pv(const u32 (&p)[1][T::kBlockN / 16][4], int st) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+      const u64 db = smem_desc(sm.v(st) + kk * 16 * 128, T::kBlockN * 128);
+      wgmma_rs<T::kHeadDim, T::kIsBf16>(o_acc[0], p[0][kk], db, true);
+    }
+    wgmma_commit();
+  }
+
+  // One arrival per warp on a stage's empty barrier: the producer may refill it.
+  CUFLASH_DEVICE void release(u32 empty_bar) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_bar);
+  }
+
+  // The scores of key tile n: mask, then the softmax's first half (alpha for o_acc).
+  CUFLASH_DEVICE void softmax_scores(float (&s)[1][T::kNTiles][4], int n, float (&alpha)[1][2]) {
+    if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
+      mask.apply(s, warp_row0, n * T::kBlockN, lane);
+    }
+    softmax.template update_scores<true>(s, alpha, scale_log2);
+  }
+
+  CUFLASH_DEVICE static void pack_p(u32 (&p)[1][T::kBlockN / 16][4],
+                                    const float (&s)[1][T::kNTiles][4]) {
+    pack_frags<T::kIsBf16 ? kPrecBF16 : kPrecF16, 1, T::kBlockN>(p, s);
+  }
+
+  // Tiles n_block_max - 1 down to 0, one after the other: S, softmax, P V.
+  CUFLASH_DEVICE void run_sequential(int n_block_max) {
+    for (int it = 0; it < n_block_max; ++it) {
+      const int n = n_block_max - 1 - it, st = it % T::kStages;
+      const u32 parity = (it / T::kStages) & 1;
+      float s[1][T::kNTiles][4];
+      u32 p[1][T::kBlockN / 16][4];
+      float alpha[1][2];
+      mbar_wait(sm.k_full(st), parity);
+      wait_turn();
+      issue_qk(s, st);
+      wgmma_wait<0>();
+      pass_turn();
+      fence_regs(s[0]);
+      release(sm.k_empty(st));
+      softmax_scores(s, n, alpha);
+      softmax.rescale(o_acc, alpha);
+      pack_p(p, s);
+      mbar_wait(sm.v_full(st), parity);
+      issue_pv(p, st);
+      wgmma_wait<0>();
+      fence_regs(o_acc[0]);
+      release(sm.v_empty(st));
+    }
+  }
+
+  // kOverlap: S_{j+1} and P_j V_j are issued together; the softmax of S_{j+1} runs while
+  // P_j V_j is still in flight, and o_acc is rescaled once it has landed.
+  CUFLASH_DEVICE void run_overlapped(int n_block_max) {
+    float s[1][T::kNTiles][4];
+    u32 p[1][T::kBlockN / 16][4];
+    float alpha[1][2];
+    mbar_wait(sm.k_full(0), 0);
+    wait_turn();
+    issue_qk(s, 0);
+    pass_turn();
+    wgmma_wait<0>();
+    fence_regs(s[0]);
+    release(sm.k_empty(0));
+    softmax_scores(s, n_block_max - 1, alpha);  // (o_acc is 0: no rescale)
+    pack_p(p, s);
+    for (int it = 1; it < n_block_max; ++it) {
+      const int n = n_block_max - 1 - it, st = it % T::kStages, prev = (it - 1) % T::kStages;
+      const u32 parity = (it / T::kStages) & 1, prev_parity = ((it - 1) / T::kStages) & 1;
+      mbar_wait(sm.k_full(st), parity);
+      mbar_wait(sm.v_full(prev), prev_parity);
+      wait_turn();
+      issue_qk(s, st);
+      issue_pv(p, prev);
+      pass_turn();
+      wgmma_wait<1>();  // S_{j+1} has landed; P_j V_j may still run
+      fence_regs(s[0]);
+      release(sm.k_empty(st));
+      softmax_scores(s, n, alpha);
+      wgmma_wait<0>();
+      fence_regs(o_acc[0]);
+      fence_regs(p[0]);
+      release(sm.v_empty(prev));
+      softmax.rescale(o_acc, alpha);
+      pack_p(p, s);
+    }
+    const int last = (n_block_max - 1) % T::kStages;
+    mbar_wait(sm.v_full(last), ((n_block_max - 1) / T::kStages) & 1);
+    wait_turn();
+    issue_pv(p, last);
+    pass_turn();
+    wgmma_wait<0>();
+    fence_regs(o_acc[0]);
+    release(sm.v_empty(last));
+  }
+};
+
+template <class Elem, int kHeadDim, int kBlockN, int kConsumers, int kStages, bool kOverlap,
+          bool kPingpong, bool kCausal>
 __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
     flash_fwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
                           const __grid_constant__ TensorMap tm_k,
@@ -85,7 +230,7 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           i64 o_row_stride, i64 lse_batch_stride, i64 lse_head_stride,
                           int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
                           float scale_log2) {
-  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages>;
+  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const FwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
 
@@ -142,79 +287,49 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   // ---- consumers: 64 query rows a warpgroup ----
   regs_alloc<T::kConsumerRegs>();
   const int tid = threadIdx.x - 128 * warpgroup;  // within the warpgroup
-  const int lane = tid & 31;
-  const int wg = warpgroup - 1;
-  const int warp_row0 = m0 + wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
-
-  float o_acc[1][T::kDTiles][4];
+  FwdConsumer<T, kCausal> c;
+  c.sm = sm;
+  c.mask = mask;
+  c.scale_log2 = scale_log2;
+  c.wg = warpgroup - 1;
+  c.lane = tid & 31;
+  c.m0 = m0;
+  c.warp_row0 = m0 + c.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
+  c.q_rows = sm.q() + c.wg * 64 * 128;
 #pragma unroll
   for (int d = 0; d < T::kDTiles; ++d)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o_acc[0][d][e] = 0.f;
-  OnlineSoftmax<1> softmax;
-  softmax.init();
+    for (int e = 0; e < 4; ++e) c.o_acc[0][d][e] = 0.f;
+  c.softmax.init();
 
-  if (n_block_max > 0) mbar_wait(sm.q_full(), 0);
-  // Q rows of this warpgroup: 64 rows into each column block
-  const u32 q_rows = sm.q() + wg * 64 * 128;
-  for (int it = 0; it < n_block_max; ++it) {
-    const int n = n_block_max - 1 - it, st = it % kStages;
-    const u32 parity = (it / kStages) & 1;
-
-    // S = Q K_j^T: kHeadDim / 16 products of k16, both operands K-major
-    float s[1][T::kNTiles][4];
-    mbar_wait(sm.k_full(st), parity);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const u32 col = (kk % 4) * 32;  // bytes into the column block
-      const u64 da = smem_desc(q_rows + (kk / 4) * T::kBlockM * 128 + col, 16);
-      const u64 db = smem_desc(sm.k(st) + (kk / 4) * kBlockN * 128 + col, 16);
-      wgmma_ss<kBlockN, T::kIsBf16>(s[0], da, db, kk > 0);
+  // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
+  if (T::kPingpong && c.wg == 1) c.pass_turn();
+  if (n_block_max > 0) {
+    mbar_wait(sm.q_full(), 0);
+    if constexpr (kOverlap) {
+      c.run_overlapped(n_block_max);
+    } else {
+      c.run_sequential(n_block_max);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(s[0]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.k_empty(st));
-
-    if (mask.template tile_needs_mask<kBlockN, T::kBlockM>(n, m0)) {
-      mask.apply(s, warp_row0, n * kBlockN, lane);
-    }
-    softmax.template update<true>(s, o_acc, scale_log2);
-
-    // O += P V_j: P from registers, V MN-major (its rows are the k dimension)
-    u32 p[1][kBlockN / 16][4];
-    pack_frags<T::kIsBf16 ? kPrecBF16 : kPrecF16, 1, kBlockN>(p, s);
-    mbar_wait(sm.v_full(st), parity);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const u64 db = smem_desc(sm.v(st) + kk * 16 * 128, kBlockN * 128);
-      wgmma_rs<kHeadDim, T::kIsBf16>(o_acc[0], p[0][kk], db, true);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(o_acc[0]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.v_empty(st));
   }
+  if (T::kPingpong && c.wg == 0) c.wait_turn();
 
   // ---- epilogue: o_acc / l_i and lse, straight from registers ----
+  const int lane = c.lane;
   float lse_rows[1][2];
-  softmax.finalize(o_acc, lse_rows, scale_log2);
+  c.softmax.finalize(c.o_acc, lse_rows, scale_log2);
   u16* o_tile = o + i64(batch) * o_batch_stride + i64(head) * o_head_stride;
   float* lse_tile = lse + i64(batch) * lse_batch_stride + i64(head) * lse_head_stride;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int row = warp_row0 + (lane >> 2) + 8 * h;
+    const int row = c.warp_row0 + (lane >> 2) + 8 * h;
     if (row >= seqlen_q) continue;
     u16* o_row = o_tile + i64(row) * o_row_stride;
 #pragma unroll
     for (int d = 0; d < T::kDTiles; ++d) {
       const int col = d * 8 + (lane & 3) * 2;
       if (col < head_dim) {  // head dims are even here (16-byte rows for the copy engine)
-        const u32 pair = pack2<T::kIsBf16>(o_acc[0][d][2 * h], o_acc[0][d][2 * h + 1]);
+        const u32 pair = pack2<T::kIsBf16>(c.o_acc[0][d][2 * h], c.o_acc[0][d][2 * h + 1]);
         *reinterpret_cast<u32*>(o_row + col) = pair;
       }
     }

@@ -33,41 +33,74 @@ struct OnlineSoftmax {
   template <bool kScaled = false, int kNTiles, int kDTiles>
   CUFLASH_DEVICE void update(float (&s)[kMRep][kNTiles][4], float (&o_acc)[kMRep][kDTiles][4],
                              float units = 1.f) {
-    const float u = kScaled ? units : 1.f;
 #pragma unroll
     for (int r = 0; r < kMRep; ++r) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float m_new = m_i[r][h];
-#pragma unroll
-        for (int n = 0; n < kNTiles; ++n) {
-          m_new = fmaxf(m_new, fmaxf(s[r][n][2 * h], s[r][n][2 * h + 1]));
-        }
-        m_new = quad_max(m_new);
-        // A row that has seen only masked keys has m_new = -inf; measuring from 0 instead
-        // keeps exp2(-inf - (-inf)) = NaN out: its p and alpha are then exactly 0.
-        const float m_ref = m_new == neg_inf() ? 0.f : m_new;
-        const float alpha = exp2_approx(kScaled ? (m_i[r][h] - m_ref) * u : m_i[r][h] - m_ref);
-        const float m_scaled = m_ref * u;
-        m_i[r][h] = m_new;
-        float row_sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < kNTiles; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = exp2_approx(kScaled ? fmaf(s[r][n][2 * h + e], u, -m_scaled)
-                                                : s[r][n][2 * h + e] - m_ref);
-            s[r][n][2 * h + e] = p;
-            row_sum += p;
-          }
-        }
-        l_i[r][h] = l_i[r][h] * alpha + row_sum;
-#pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-          o_acc[r][d][2 * h] *= alpha;
-          o_acc[r][d][2 * h + 1] *= alpha;
-        }
+        const float alpha = update_row<kScaled>(s, r, h, units);
+        rescale_row(o_acc, r, h, alpha);
       }
+    }
+  }
+
+  // update() in two halves, for kernels whose o_acc is still being written (by an
+  // asynchronous product) while the next tile's scores are exponentiated: the scores and
+  // m_i, l_i first, giving each row's alpha; then rescale(o_acc, alpha).
+  template <bool kScaled = false, int kNTiles>
+  CUFLASH_DEVICE void update_scores(float (&s)[kMRep][kNTiles][4], float (&alpha)[kMRep][2],
+                                    float units = 1.f) {
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) alpha[r][h] = update_row<kScaled>(s, r, h, units);
+  }
+  template <int kDTiles>
+  CUFLASH_DEVICE static void rescale(float (&o_acc)[kMRep][kDTiles][4],
+                                     const float (&alpha)[kMRep][2]) {
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) rescale_row(o_acc, r, h, alpha[r][h]);
+  }
+
+  // Row half h of slab r: m_i, l_i and the scores; returns alpha.
+  template <bool kScaled, int kNTiles>
+  CUFLASH_DEVICE float update_row(float (&s)[kMRep][kNTiles][4], int r, int h, float units) {
+    const float u = kScaled ? units : 1.f;
+    float m_new = m_i[r][h];
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+      m_new = fmaxf(m_new, fmaxf(s[r][n][2 * h], s[r][n][2 * h + 1]));
+    }
+    m_new = quad_max(m_new);
+    // A row that has seen only masked keys has m_new = -inf; measuring from 0 instead
+    // keeps exp2(-inf - (-inf)) = NaN out: its p and alpha are then exactly 0.
+    const float m_ref = m_new == neg_inf() ? 0.f : m_new;
+    const float alpha = exp2_approx(kScaled ? (m_i[r][h] - m_ref) * u : m_i[r][h] - m_ref);
+    const float m_scaled = m_ref * u;
+    m_i[r][h] = m_new;
+    float row_sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p = exp2_approx(kScaled ? fmaf(s[r][n][2 * h + e], u, -m_scaled)
+                                            : s[r][n][2 * h + e] - m_ref);
+        s[r][n][2 * h + e] = p;
+        row_sum += p;
+      }
+    }
+    l_i[r][h] = l_i[r][h] * alpha + row_sum;
+    return alpha;
+  }
+
+  template <int kDTiles>
+  CUFLASH_DEVICE static void rescale_row(float (&o_acc)[kMRep][kDTiles][4], int r, int h,
+                                         float alpha) {
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      o_acc[r][d][2 * h] *= alpha;
+      o_acc[r][d][2 * h + 1] *= alpha;
     }
   }
 
