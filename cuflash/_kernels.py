@@ -481,8 +481,8 @@ class Sm90FwdTile:
 #: Head dims of the sm_90a forward kernels (16-bit inputs); smaller head dims that are
 #: whole 16-byte rows round up, as in the portable kernels.
 SM90_FWD_TILES = {
-    64: Sm90FwdTile(128, 2, 2),
-    128: Sm90FwdTile(128, 2, 2),
+    64: Sm90FwdTile(128, 3, 2, overlap=False, pingpong=False),
+    128: Sm90FwdTile(128, 2, 2, overlap=True, pingpong=False),
 }
 
 

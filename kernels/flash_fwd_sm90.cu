@@ -51,7 +51,7 @@ struct FwdTraits {
   static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 
   static_assert(kHeadDim % 64 == 0, "head dims in whole 128-byte column blocks");
-  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "key tiles of 64..256");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tiles of 16..256 keys");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
 

@@ -18,7 +18,10 @@ CANDIDATES = {
           (128, 2, 2, True, True), (128, 3, 2, True, False), (128, 3, 2, False, False),
          (128, 2, 3, True, True), (192, 2, 2, True, True)],
     128: [(128, 2, 2, False, False), (128, 2, 2, True, False), (128, 2, 2, False, True),
-          (128, 2, 2, True, True), (128, 2, 3, True, True)],
+          (128, 2, 2, True, True), (128, 2, 3, True, False), (176, 2, 2, True, False),
+          (176, 2, 2, False, False), (192, 2, 2, True, False)],
+    192: [(96, 2, 2, True, False), (96, 2, 2, False, False), (64, 2, 2, True, False)],
+    256: [(80, 2, 2, True, False), (80, 2, 2, False, False), (64, 2, 2, True, False)],
 }
 
 
@@ -45,7 +48,7 @@ def _f32(cp, x):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--head-dims", default="64,128,192,256")
     ap.add_argument("--seqlens", default="4096,16384")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
