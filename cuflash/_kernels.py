@@ -478,11 +478,14 @@ class Sm90FwdTile:
         return 4 * (self.consumers + 1)
 
 
-#: Head dims of the sm_90a forward kernels (16-bit inputs); smaller head dims that are
-#: whole 16-byte rows round up, as in the portable kernels.
+#: Head dims of the sm_90a forward kernels (16-bit inputs); other head dims that are
+#: whole 16-byte rows round up, as in the portable kernels. Tuned on the H200 with
+#: tools/tune_sm90.py (docs/perf-log.md, h1-h3).
 SM90_FWD_TILES = {
     64: Sm90FwdTile(128, 3, 2, overlap=False, pingpong=False),
     128: Sm90FwdTile(128, 2, 2, overlap=True, pingpong=False),
+    192: Sm90FwdTile(96, 2, 2, overlap=True, pingpong=False),
+    256: Sm90FwdTile(80, 2, 2, overlap=True, pingpong=False),
 }
 
 

@@ -6,8 +6,8 @@ host encodes here with ``cuda.bindings`` and passes by value. Its module is comp
 loaded from the cubin.
 
 Calls that the kernel does not cover run the portable kernels: other devices, float32,
-the score options and dropout, packed sequences, head dims above 128 or not a whole
-number of 16-byte rows, Dv != D, and views whose strides or base addresses the copy
+the score options and dropout, packed sequences, head dims that are not a whole number
+of 16-byte rows, Dv != D, and views whose strides or base addresses the copy
 engine cannot take (16-byte multiples). ``CUFLASH_SM90=0`` turns this path off.
 """
 
