@@ -569,8 +569,8 @@ def source_hash() -> str:
     """Hash of every kernel source: CuPy's disk cache keys on the main file's text and
     the options, not on included headers, so this goes into the options."""
     h = hashlib.sha256()
-    for p in sorted(kernel_dir().glob("*.cu*")):
-        h.update(p.name.encode())
+    for p in sorted(kernel_dir().rglob("*.cu*")):
+        h.update(p.relative_to(kernel_dir()).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

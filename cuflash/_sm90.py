@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -38,9 +40,19 @@ def _driver():
     return driver
 
 
+@functools.lru_cache(maxsize=None)
+def _can_compile() -> bool:
+    try:
+        _nvrtc.version()
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
 def available(arch: int) -> bool:
-    """Whether this process can run the sm_90a kernels on a device of ``arch``."""
-    return enabled and arch == 90 and _driver() is not None
+    """Whether this process can run the sm_90a kernels on a device of ``arch``: it needs
+    ``cuda-bindings`` (tensor maps) and NVRTC through ``cuda-pathfinder``."""
+    return enabled and arch == 90 and _driver() is not None and _can_compile()
 
 
 def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bool,
@@ -105,15 +117,44 @@ def get_function(spec):
     dev = cupy.cuda.Device().id
     fn = _functions.get((spec, dev))
     if fn is None:
-        cubin, names = _nvrtc.build_cubin(spec)
+        cubin, name = _cached_cubin(spec)
         mod = cupy.cuda.function.Module()
         mod.load(cubin)  # (the function holds its module)
-        fn = mod.get_function(names[spec.name_expression])
+        fn = mod.get_function(name)
         cupy.cuda.driver.funcSetAttribute(
             fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             spec.smem_bytes)
         _functions[(spec, dev)] = fn
     return fn
+
+
+def _cache_dir() -> Path:
+    """CuPy's kernel cache folder (``CUPY_CACHE_DIR``, default ~/.cupy/kernel_cache)."""
+    return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+
+
+def _cached_cubin(spec) -> tuple[bytes, str]:
+    """The cubin of ``spec`` and its kernel's lowered name, from the disk cache or compiled
+    (then cached). The key covers the spec, every kernel source and the NVRTC version."""
+    key = hashlib.sha256(f"{spec.name_expression}|{_kernels.source_hash()}|"
+                         f"{_nvrtc.version()}".encode()).hexdigest()[:32]
+    path = _cache_dir() / f"cuflash_sm90_{key}.cubin"
+    try:
+        blob = path.read_bytes()
+        name, cubin = blob.split(b"\0", 1)
+        return cubin, name.decode()
+    except (OSError, ValueError):
+        pass
+    cubin, names = _nvrtc.build_cubin(spec)
+    name = names[spec.name_expression]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(name.encode() + b"\0" + cubin)
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    except OSError:
+        pass  # a read-only cache folder only costs a compile per process
+    return cubin, name
 
 
 def forward(spec, q, k, v, out, lse, *, scale: float) -> None:

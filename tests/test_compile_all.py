@@ -39,3 +39,40 @@ def test_compile_all_specialisations_without_spills(capsys):
     bad = [r.spec.label for r in results if r.spills]
     assert not bad, f"local-memory spills or stack frames in: {bad}"
     assert all(r.cubin_bytes > 0 for r in results)
+
+
+#: ptxas warnings that make an sm_90a kernel slow without failing it: setmaxnreg ignored
+#: (C7508) and wgmma serialised (C7510 and its kin: C75xx naming wgmma).
+def _hopper_problems(result) -> list[str]:
+    return [w for w in result.warnings
+            if "C7508" in w or ("C75" in w and "wgmma" in w.lower()) or "serializ" in w.lower()]
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC (pip install 'cuflash[test]') not found")
+def test_sm90_kernels_keep_wgmma_async_and_setmaxnreg(capsys):
+    results = [_nvrtc.compile_spec(s) for s in _kernels.shipped_sm90_specs()]
+    with capsys.disabled():
+        print("\nsm_90a: " + ", ".join(f"{r.spec.label.strip()} ({r.registers} regs at entry, "
+                                      f"{r.spec.smem_bytes} B smem)" for r in results))
+    for r in results:
+        assert not _hopper_problems(r), f"{r.spec.label}: {_hopper_problems(r)}"
+        assert not r.spills, f"{r.spec.label} spills"
+
+
+def test_hopper_warning_filter_catches_the_warnings():
+    fake = type("R", (), {"warnings": [
+        "ptxas warning : (C7508) Potential Performance Loss: 'setmaxnreg' ignored",
+        "ptxas warning : (C7510) Potential Performance Loss: wgmma.mma_async instructions "
+        "are serialized due to ...", "ptxas warning : something else"]})()
+    assert len(_hopper_problems(fake)) == 2
+
+
+def test_wgmma_wrappers_are_generated_from_the_script():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gen_wgmma.py"
+    if not script.is_file():
+        pytest.skip("tools/ is not installed with the package")
+    assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
