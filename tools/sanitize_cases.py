@@ -1,7 +1,8 @@
 """Small forward and backward cases for compute-sanitizer (memcheck / racecheck): odd
 sizes, every masking regime, the aligned and the element-wise load paths, GQA, both
 backward modes, the options kernels (window, softcap, ALiBi, dropout), packed sequences,
-float32 (tf32) and the dropout-mask kernels.
+float32 (tf32) and the dropout-mask kernels. On sm_90 devices the forward cases run on
+both kernel families (the Hopper kernels, where they cover a call, and the portable ones).
 
     python3 tools/sanitize_cases.py [--small]   (--small: a few cases, for racecheck)
 """
@@ -12,7 +13,7 @@ import cupy as cp
 import numpy as np
 
 import cuflash
-from cuflash import _bench
+from cuflash import _bench, _sm90
 
 rs = cp.random.RandomState(0)
 slopes = cp.asarray([0.5, 0.25, 0.125, 0.0625], dtype=cp.float32)
@@ -26,15 +27,18 @@ cases = [((1, 2, 113, 64), (1, 2, 203, 64), True, {}), ((1, 1, 1, 40), (1, 1, 23
          ((1, 4, 97, 64), (1, 1, 333, 64), True, dict(options, alibi_slopes=slopes)),
          ((1, 2, 150, 72), (1, 2, 150, 72), False, {"window": (0, 0)}),
          ((2, 4, 140, 128), (2, 2, 170, 128), True, {"dropout_p": 0.3, "seed": 5}),
-         ((1, 2, 77, 64), (1, 2, 99, 64), False, dict(options, dropout_p=0.1, seed=2))]
+         ((1, 2, 77, 64), (1, 2, 99, 64), False, dict(options, dropout_p=0.1, seed=2)),
+         ((1, 2, 700, 128), (1, 2, 900, 128), True, {}), ((1, 2, 333, 192), (1, 2, 555, 192), False, {})]
 if "--small" in sys.argv:
-    cases = [cases[0], cases[2], cases[4], cases[7], cases[10]]
+    cases = [cases[0], cases[2], cases[4], cases[7], cases[10], cases[12]]
 for dtype in ("float16", "bfloat16", "float32"):
     for sq, sk, causal, opts in cases:
         q = _bench.random_array(sq, dtype, rs)
         k = _bench.random_array(sk, dtype, rs)
         v = _bench.random_array(sk, dtype, rs)
-        out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True, **opts)
+        for hopper in (False, True):  # (the same kernels twice where there is no sm_90)
+            _sm90.enabled = hopper
+            out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True, **opts)
         dout = _bench.random_array(out.shape, dtype, rs)
         for deterministic in (False, True):
             cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
