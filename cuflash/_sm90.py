@@ -79,19 +79,25 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
 def _encode(x, rows: int):
     """Tensor map of a (B, H, L, D) view: 4-D (D, L, H, B), boxes of 64 columns x ``rows``
     rows, 128-byte swizzle, zeros past the end of each dim."""
+    return _encode_cached(x.data.ptr, x.shape, x.strides, np.dtype(x.dtype).name, rows)
+
+
+@functools.lru_cache(maxsize=512)
+def _encode_cached(ptr: int, shape: tuple, byte_strides: tuple, dtype_name: str, rows: int):
+    # (a map holds only the address, shape and strides: one for a reused buffer is valid)
     drv = _driver()
-    B, H, L, D = x.shape
+    B, H, L, D = shape
     dims = [D, L, H, B]
     strides = []
     inner = D * 2
-    for n, s in zip((L, H, B), (x.strides[2], x.strides[1], x.strides[0])):
+    for n, s in zip((L, H, B), (byte_strides[2], byte_strides[1], byte_strides[0])):
         strides.append(s if n > 1 else inner)  # a size-1 dim's stride is never used
         inner = strides[-1] * n
     dtype = (drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-             if np.dtype(x.dtype).name == "bfloat16"
+             if dtype_name == "bfloat16"
              else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
     err, tmap = drv.cuTensorMapEncodeTiled(
-        dtype, 4, x.data.ptr,
+        dtype, 4, ptr,
         [drv.cuuint64_t(n) for n in dims],
         [drv.cuuint64_t(s) for s in strides],
         [drv.cuuint32_t(n) for n in (64, rows, 1, 1)],
@@ -101,8 +107,8 @@ def _encode(x, rows: int):
         drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != drv.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {x.shape}, "
-                           f"strides {x.strides}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {shape}, "
+                           f"strides {byte_strides}")
     raw = ctypes.string_at(tmap.getPtr(), 128)
     return np.frombuffer(raw, dtype=_TENSOR_MAP)[0]
 

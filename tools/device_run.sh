@@ -27,7 +27,9 @@ for s in $stages; do
         | tee "$OUT/pytest.txt" | tail -n 25
       summary+=("tests: $(tail -n 1 "$OUT/pytest.txt")") ;;
     sanitize)
-      compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+      # (--report-api-errors no: cuda.bindings probes the driver with cuGetProcAddress
+      #  for entry points this driver lacks, which memcheck would count as errors)
+      compute-sanitizer --tool memcheck --leak-check no --report-api-errors no --error-exitcode 3 \
         python3 tools/sanitize_cases.py > "$OUT/sanitizer.txt" 2>&1
       rc=$?; tail -n 5 "$OUT/sanitizer.txt"
       summary+=("memcheck: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.txt" | tail -n 1)") ;;
