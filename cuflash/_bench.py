@@ -115,26 +115,33 @@ def impl_cuflash(q, k, v, causal, spec=None):
     return lambda: _dispatch.forward(q, k, v, out, lse, causal=causal, scale=scale, spec=spec)
 
 
-def impl_cuflash_mma(q, k, v, causal):
-    """cuflash's portable mma.sync kernels, also on Hopper (where the dispatcher would pick
-    an sm_90a kernel): the two families side by side. Skipped elsewhere."""
-    import cuflash
-
-    try:
-        from cuflash import _sm90
-    except ImportError as e:  # an older tree (asv history)
-        raise Skip("no sm_90a kernels in this tree") from e
-    if not _sm90.available(int(_cupy().cuda.Device().compute_capability)):
-        raise Skip("no sm_90a kernels on this device")
-
-    def run():
+def _portable(make):
+    """``make``'s callable run on cuflash's portable mma.sync kernels, also on Hopper (where
+    the dispatcher would pick an sm_90a kernel): the two families side by side. Skipped
+    elsewhere."""
+    def factory(q, k, v, causal):
+        try:
+            from cuflash import _sm90
+        except ImportError as e:  # an older tree (asv history)
+            raise Skip("no sm_90a kernels in this tree") from e
+        if not _sm90.available(int(_cupy().cuda.Device().compute_capability)):
+            raise Skip("no sm_90a kernels on this device")
         saved, _sm90.enabled = _sm90.enabled, False
         try:
-            return cuflash.attention(q, k, v, causal=causal)
+            fn = make(q, k, v, causal)
         finally:
             _sm90.enabled = saved
 
-    return run
+        def run():
+            saved, _sm90.enabled = _sm90.enabled, False
+            try:
+                return fn()
+            finally:
+                _sm90.enabled = saved
+
+        return run
+
+    return factory
 
 
 def _torch_sdpa(backend_name, backward=False):
@@ -257,7 +264,7 @@ def impl_cupy_naive_bwd(q, k, v, causal, max_bytes=8 << 30):
 
 PEERS = {
     CUFLASH: impl_cuflash,
-    CUFLASH_MMA: impl_cuflash_mma,
+    CUFLASH_MMA: _portable(impl_cuflash),
     FLASH: _torch_sdpa("FLASH_ATTENTION"),
     CUDNN: _torch_sdpa("CUDNN_ATTENTION"),
     EFFICIENT: _torch_sdpa("EFFICIENT_ATTENTION"),
@@ -266,6 +273,7 @@ PEERS = {
 
 PEERS_BWD = {
     CUFLASH: impl_cuflash_bwd,
+    CUFLASH_MMA: _portable(impl_cuflash_bwd),
     CUFLASH_DET: impl_cuflash_bwd_det,
     FLASH: _torch_sdpa("FLASH_ATTENTION", backward=True),
     CUDNN: _torch_sdpa("CUDNN_ATTENTION", backward=True),

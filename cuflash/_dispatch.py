@@ -313,6 +313,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                                     vec, deterministic=deterministic, options=with_options,
                                     dropout=with_dropout)
     option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
+    hopper = None
+    if main_spec is None and _sm90.available(device_arch()):
+        hopper = _sm90.bwd_spec_for(q, k, v, dout, dk, dv, causal=causal, scale=scale,
+                                    options_kernel=with_options, packed=packed,
+                                    deterministic=deterministic)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec
     if dq_spec is not None and deterministic:
@@ -328,7 +333,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     nb_stats = B if packed is None else 1
     lse_log2 = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
     delta = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
-    dq_accum = None if deterministic else cp.zeros((nb_stats, Hq, stats_pad, main.head_dim),
+    dq_head_dim = main.head_dim if hopper is None else hopper.head_dim
+    dq_accum = None if deterministic else cp.zeros((nb_stats, Hq, stats_pad, dq_head_dim),
                                                   cp.float32)
     cu = (_NULL, _NULL) if packed is None else (packed.cu_seqlens_q, packed.cu_seqlens_k)
     qs, ks, vs, dos, os_, dqs, dks, dvs = (
@@ -350,7 +356,10 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 (at(out), at(dout), at(lse), st(lse_log2), st(delta), *_i64(*os_[:3]),
                  *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(stats_pad), np.int32(Dv),
                  cu_at[0]))
-        if Lk:
+        if Lk and hopper is not None:
+            _sm90.backward_main(hopper, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
+                                seqlen_q_pad=stats_pad, scale=scale)
+        elif Lk:
             accum = st(dq_accum) if dq_accum is not None else st(delta)  # unused if None
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
             grid = (Hk, nb, n_blocks) if causal else (n_blocks, Hk, nb)
@@ -377,8 +386,9 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
             get_kernel(prep, prep.name_expressions[1])(
                 (-(-Lq * D // 256), Hq, nb), (256, 1, 1),
                 (st(dq_accum), at(dq), *_i64(*dqs[:3]), np.int32(Lq), np.int32(stats_pad),
-                 np.int32(D), np.int32(main.head_dim),
-                 *(np.int32(x) for x in main.dq_layout), np.float32(scale), cu_at[0]))
+                 np.int32(D), np.int32(dq_head_dim),
+                 *(np.int32(x) for x in (main if hopper is None else hopper).dq_layout),
+                 np.float32(scale), cu_at[0]))
 
 
 def dropout_mask(out, seqlen_q: int, seqlen_k: int, options, transposed: bool) -> None:

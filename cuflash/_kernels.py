@@ -539,10 +539,58 @@ def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90FwdSpec | None
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Sm90BwdSpec:
+    """One sm_90a backward kernel (kernels/flash_bwd_sm90.cu): 128 keys a block in two
+    consumer warpgroups, 64-query steps, dQ by atomics in the portable kernel's fragment
+    order; no options, dropout, packed sequences or deterministic mode yet."""
+
+    dtype: str
+    head_dim: int
+    causal: bool
+
+    source = "flash_bwd_sm90.cu"
+    kind = "bwd90"
+    arch = "90a"
+    threads = 384
+    block_n = 128
+    #: (block_m, mrep, cols, warps_m) of its dQ fragments (BwdSpec.dq_layout)
+    dq_layout = (64, 1, 64, 4)
+
+    @property
+    def smem_bytes(self) -> int:
+        d = self.head_dim
+        return 1024 + 2 * 128 * d * 2 + 2 * 2 * 64 * d * 2 + 2 * 128 * 64 * 2 + 64
+
+    @property
+    def name_expression(self) -> str:
+        return (f"cuflash::sm90::flash_bwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, "
+                f"{self.head_dim}, {_cbool(self.causal)}>")
+
+    @property
+    def label(self) -> str:
+        return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
+                f"{'causal' if self.causal else 'full  '} sm_{self.arch} 64x128 wg2+1")
+
+
+SM90_BWD_HEAD_DIMS = (64, 128)
+
+
+def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90BwdSpec | None:
+    if dtype not in ("float16", "bfloat16"):
+        return None
+    for d in SM90_BWD_HEAD_DIMS:
+        if head_dim <= d:
+            return Sm90BwdSpec(dtype, d, bool(causal))
+    return None
+
+
 def shipped_sm90_specs() -> list:
-    return [Sm90FwdSpec(dtype, d, causal, tile)
-            for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
-            for causal in (False, True)]
+    return ([Sm90FwdSpec(dtype, d, causal, tile)
+             for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
+             for causal in (False, True)]
+            + [Sm90BwdSpec(dtype, d, causal) for dtype in ("float16", "bfloat16")
+               for d in SM90_BWD_HEAD_DIMS for causal in (False, True)])
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:

@@ -1,11 +1,12 @@
-"""Hopper (sm_90a) dispatch: the wgmma/TMA forward kernel (kernels/flash_fwd_sm90.cu).
+"""Hopper (sm_90a) dispatch: the wgmma/TMA forward and backward kernels
+(kernels/flash_fwd_sm90.cu, kernels/flash_bwd_sm90.cu).
 
 The kernel reads Q, K and V through tensor maps (the copy engine's descriptors), which the
 host encodes here with ``cuda.bindings`` and passes by value. Its module is compiled for
 ``sm_90a`` by :mod:`cuflash._nvrtc` (CuPy's own compile can only name plain ``sm_90``) and
 loaded from the cubin.
 
-Calls that the kernel does not cover run the portable kernels: other devices, float32,
+Calls that the kernels do not cover run the portable kernels: other devices, float32,
 the score options and dropout, packed sequences, head dims that are not a whole number
 of 16-byte rows, Dv != D, and views whose strides or base addresses the copy
 engine cannot take (16-byte multiples). ``CUFLASH_SM90=0`` turns this path off.
@@ -66,14 +67,58 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
     spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal)
     if spec is None or D % 8:
         return None
-    for x in (q, k, v):
-        if x.data.ptr % 16 or x.strides[3] != 2:
-            return None
-        if any(s % 16 for n, s in zip(x.shape[:3], x.strides[:3]) if n > 1):
-            return None
-    if out.data.ptr % 4 or out.strides[3] != 2 or any(s % 4 for s in out.strides[:3]):
+    if not _tma_ready(q, k, v) or not _pair_writable(out):
         return None
     return spec
+
+
+def _tma_ready(*arrays) -> bool:
+    """Whether the copy engine can read these (B, H, L, D) views: 16-byte aligned bases,
+    contiguous rows, 16-byte strides."""
+    for x in arrays:
+        if x.data.ptr % 16 or x.strides[3] != 2:
+            return False
+        if any(s % 16 for n, s in zip(x.shape[:3], x.strides[:3]) if n > 1):
+            return False
+    return True
+
+
+def _pair_writable(*arrays) -> bool:
+    """Whether the epilogues' 4-byte stores of element pairs are aligned in these views."""
+    return all(x.data.ptr % 4 == 0 and x.strides[3] == 2 and not any(s % 4 for s in x.strides[:3])
+               for x in arrays)
+
+
+def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_kernel: bool,
+                 packed, deterministic: bool) -> object:
+    """The sm_90a backward spec for this call, or None where the portable kernels run."""
+    if packed is not None or options_kernel or deterministic or not scale > 0:
+        return None
+    B, H, Lq, D = q.shape
+    if v.shape[3] != D or B > _MAX_GRID_YZ or k.shape[1] > _MAX_GRID_YZ or D % 8:
+        return None
+    spec = _kernels.sm90_bwd_spec(np.dtype(q.dtype).name, D, causal)
+    if spec is None or not _tma_ready(q, k, v, dout) or not _pair_writable(dk, dv):
+        return None
+    return spec
+
+
+def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
+                  seqlen_q_pad: int, scale: float) -> None:
+    """Launch the sm_90a backward kernel: dK and dV written, dQ added to ``dq_accum``
+    (float32, zeroed, in ``spec.dq_layout`` fragment order); lse_log2 and delta from the
+    portable preprocess kernel."""
+    B, Hq, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    fn = get_function(spec)
+    dks, dvs = (tuple(s // 2 for s in x.strides) for x in (dk, dv))
+    args = (_encode(q, 64), _encode(k, spec.block_n), _encode(v, spec.block_n),
+            _encode(dout, 64), lse_log2, delta, dq_accum, dk, dv,
+            *(np.int64(x) for x in (*dks[:3], *dvs[:3])), np.int32(Lq), np.int32(Lk),
+            np.int32(seqlen_q_pad), np.int32(Hq), np.int32(D), np.int32(Hq // Hk),
+            np.float32(scale * math.log2(math.e)), np.float32(scale))
+    fn((math.ceil(Lk / spec.block_n), Hk, B), (spec.threads, 1, 1), args,
+       shared_mem=spec.smem_bytes)
 
 
 def _encode(x, rows: int):

@@ -249,27 +249,34 @@ def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None, **opts)
 
 
 FORWARD_PATHS = ("mma", "sm90")
+KERNEL_PATHS = FORWARD_PATHS
 
 
 @contextlib.contextmanager
 def forward_path(cp, path):
-    """Run the forward pass on one kernel family: "mma" (the portable mma.sync kernels)
-    or "sm90" (the Hopper kernels, where they cover the call; skipped on other devices).
-    Yields a list that collects the sm_90a specs launched, so a test can check that the
-    Hopper kernel really ran."""
+    """Run on one kernel family: "mma" (the portable mma.sync kernels) or "sm90" (the
+    Hopper kernels, where they cover the call; skipped on other devices). Yields a list
+    that collects the sm_90a launches ("fwd", spec) and ("bwd", spec), so a test can check
+    that the Hopper kernels really ran."""
     from cuflash import _sm90
 
     if path == "sm90" and int(cp.cuda.Device().compute_capability) != 90:
         pytest.skip("the sm_90a kernels need an sm_90 device")
     launched = []
-    saved, saved_forward = _sm90.enabled, _sm90.forward
+    saved = _sm90.enabled, _sm90.forward, _sm90.backward_main
 
-    def spy(spec, *args, **kwargs):
-        launched.append(spec)
-        return saved_forward(spec, *args, **kwargs)
+    def spy(kind, fn):
+        def run(spec, *args, **kwargs):
+            launched.append((kind, spec))
+            return fn(spec, *args, **kwargs)
+        return run
 
-    _sm90.enabled, _sm90.forward = path == "sm90", spy
+    _sm90.enabled = path == "sm90"
+    _sm90.forward, _sm90.backward_main = spy("fwd", saved[1]), spy("bwd", saved[2])
     try:
         yield launched
     finally:
-        _sm90.enabled, _sm90.forward = saved, saved_forward
+        _sm90.enabled, _sm90.forward, _sm90.backward_main = saved
+
+
+kernel_path = forward_path

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import (DTYPES, GRADS, HEAD_DIMS, SEQLENS, check_grads, random_array,
-                      random_qkv, to_f32)
+from gpu_util import (DTYPES, GRADS, HEAD_DIMS, KERNEL_PATHS, SEQLENS, check_grads,
+                      kernel_path, random_array, random_qkv, to_f32)
 from gpu_util import cp, poison_allocator  # noqa: F401
 
 pytestmark = pytest.mark.gpu
@@ -52,8 +52,26 @@ def check_backward(cp, q, k, v, name, causal, rng, *, scale=None, dout=None, out
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("name", DTYPES)
-def test_backward_grid(cp, name, causal, head_dim, seqlens):
-    check_grid_case(cp, name, causal, head_dim, seqlens)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_backward_grid(cp, path, name, causal, head_dim, seqlens):
+    with kernel_path(cp, path) as launched:
+        check_grid_case(cp, name, causal, head_dim, seqlens)
+    if path == "sm90":  # the Hopper backward covers head dims up to 128 in 16-byte rows
+        bwd = [s for kind, s in launched if kind == "bwd"]
+        assert bool(bwd) == (head_dim <= 128 and head_dim % 8 == 0)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_backward_gqa_strided_paths(cp, path, causal):
+    """GQA 4:1 on (B, L, H, D) views with odd lengths, on both kernel families."""
+    rng = np.random.default_rng()
+    for name, D, Lq, Lk in (("bfloat16", 128, 333, 1000), ("float16", 64, 1000, 77)):
+        q, k, v = random_qkv(cp, (2, Lq, 8, D), (2, Lk, 2, D), (2, Lk, 2, D), name, rng)
+        tr = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+        with kernel_path(cp, path) as launched:
+            check_backward(cp, tr(q), tr(k), tr(v), name, causal, rng)
+        assert any(kind == "bwd" for kind, _ in launched) == (path == "sm90")
 
 
 def check_grid_case(cp, name, causal, head_dim, seqlens, **kwargs):

@@ -1,0 +1,319 @@
+// cuflash: attention backward for Hopper (sm_90a): TMA tile loads, wgmma products, a
+// producer warpgroup. The math is that of the portable backward (docs/backward.md).
+//
+// One thread block owns kBlockN = 128 keys of one (batch, kv head) and keeps K_j and V_j
+// in shared memory; dK_j and dV_j accumulate in registers while it walks the query tiles
+// (64 rows) of every query head of its group:
+//   warpgroup 0 (producer): one thread loads K_j, V_j once, then Q_i and dO_i into a ring
+//     of two stages (full/empty mbarriers)
+//   warpgroups 1, 2 (consumers): 64 keys each; per query tile:
+//       S^T  = K Q_i^T            wgmma, both operands K-major in shared memory
+//       dP^T = V dO_i^T           wgmma
+//       P^T  = exp2(S^T scale log2 e - lse log2 e), masked    (recompute from lse)
+//       dV  += P^T dO_i           wgmma, P^T from registers, dO_i MN-major
+//       dS^T = P^T (dP^T - delta)
+//       dK  += dS^T Q_i           wgmma, dS^T from registers
+//       dS^T -> shared memory (both warpgroups' keys), then
+//       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
+//                                 columns of dQ, added to the float32 buffer by atomics
+//   in the fragment order of the portable kernel, so the same conversion pass reads it.
+// Scores and probabilities never reach global memory.
+#include "common.cuh"
+#include "mask.cuh"
+#include "warp_gemm.cuh"
+#include "sm90/tma.cuh"
+#include "sm90/wgmma.cuh"
+
+namespace cuflash {
+namespace sm90 {
+
+template <class Elem, int kHeadDim_>
+struct BwdTraits {
+  static constexpr bool kIsBf16 = Elem::kIsBf16;
+  static constexpr int kPrec = kIsBf16 ? kPrecBF16 : kPrecF16;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 128;  // keys a block (64 a consumer warpgroup)
+  static constexpr int kBlockM = 64;   // queries a step
+  static constexpr int kStages = 2;
+  static constexpr int kColBlocks = kHeadDim / 64;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;    // Q_i or dO_i
+  static constexpr int kDSBytes = kBlockN * kBlockM * 2;    // dS^T, one buffer
+  // dQ: each warpgroup computes 64 columns; at d64 warpgroup 0 alone
+  static constexpr int kDQCols = 64;
+  static constexpr int kDQGroups = kHeadDim / kDQCols;
+  static constexpr int kSmemBytes =
+      1024 + 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDSBytes + 64;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "sm_90a backward: head dims 64 and 128");
+  static_assert(Elem::kWords == 1, "16-bit inputs only");
+};
+
+template <class T>
+struct BwdSmem {
+  u32 base;
+  CUFLASH_DEVICE u32 k() const { return base; }
+  CUFLASH_DEVICE u32 v() const { return base + T::kKVBytes; }
+  CUFLASH_DEVICE u32 q(int st) const { return base + 2 * T::kKVBytes + st * T::kQBytes; }
+  CUFLASH_DEVICE u32 dout(int st) const {
+    return base + 2 * T::kKVBytes + (T::kStages + st) * T::kQBytes;
+  }
+  CUFLASH_DEVICE u32 ds(int buf) const {
+    return base + 2 * T::kKVBytes + 2 * T::kStages * T::kQBytes + buf * T::kDSBytes;
+  }
+  CUFLASH_DEVICE u32 bar(int i) const {
+    return base + 2 * T::kKVBytes + 2 * T::kStages * T::kQBytes + 2 * T::kDSBytes + 8 * i;
+  }
+  CUFLASH_DEVICE u32 kv_full() const { return bar(0); }
+  CUFLASH_DEVICE u32 qdo_full(int st) const { return bar(1 + 2 * st); }
+  CUFLASH_DEVICE u32 qdo_empty(int st) const { return bar(2 + 2 * st); }
+};
+
+template <int kColBlocks>
+CUFLASH_DEVICE void load_rows(u32 dst, const TensorMap& map, u32 bar, int rows, int row0,
+                              int head, int batch) {
+#pragma unroll
+  for (int c = 0; c < kColBlocks; ++c) {
+    tma_load_4d(dst + c * rows * 128, map, bar, c * 64, row0, head, batch);
+  }
+}
+
+// 16-bit pair (col, col + 1) of row `row` into a 128-byte-swizzled tile of 64 columns:
+// chunk col / 8 of the row moves to chunk (col / 8) ^ (row % 8).
+CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {
+  return tile + row * 128 + ((((col >> 3) ^ (row & 7)) << 4) | ((col & 7) << 1));
+}
+
+template <class Elem, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
+                          const __grid_constant__ TensorMap tm_k,
+                          const __grid_constant__ TensorMap tm_v,
+                          const __grid_constant__ TensorMap tm_do,
+                          const float* __restrict__ lse_log2, const float* __restrict__ delta,
+                          float* __restrict__ dq_accum, u16* __restrict__ dk,
+                          u16* __restrict__ dv, i64 dk_batch_stride, i64 dk_head_stride,
+                          i64 dk_row_stride, i64 dv_batch_stride, i64 dv_head_stride,
+                          i64 dv_row_stride, int seqlen_q, int seqlen_k, int seqlen_q_pad,
+                          int num_heads_q, int head_dim, int heads_per_kv, float scale_log2,
+                          float scale) {
+  using T = BwdTraits<Elem, kHeadDim>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
+  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const int n0 = n_block * T::kBlockN;
+  const Mask<kCausal> mask{seqlen_q, seqlen_k, 0, 0};
+  const int m_begin = mask.template m_block_min<T::kBlockM>(n0);
+  const int m_end = (seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int steps = max(m_end - m_begin, 0) * heads_per_kv;
+  const int warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.kv_full(), 1);
+#pragma unroll
+    for (int st = 0; st < T::kStages; ++st) {
+      mbar_init(sm.qdo_full(st), 1);
+      mbar_init(sm.qdo_empty(st), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    regs_dealloc<24>();
+    if (threadIdx.x == 0 && steps > 0) {
+      prefetch_tensor_map(tm_q);
+      prefetch_tensor_map(tm_do);
+      mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
+      load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, n0, kv_head, batch);
+      load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, n0, kv_head, batch);
+      for (int it = 0; it < steps; ++it) {
+        const int st = it % T::kStages;
+        const int head = kv_head * heads_per_kv + it / (m_end - m_begin);
+        const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
+        mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
+        mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes);
+        load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, m0, head, batch);
+        load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM, m0, head,
+                                 batch);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: 64 keys a warpgroup ----
+  regs_alloc<240>();
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x - 128 * warpgroup;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int key_row0 = n0 + wg * 64 + warp * 16 + (lane >> 2);  // rows +0 and +8
+  const u32 k_rows = sm.k() + wg * 64 * 128, v_rows = sm.v() + wg * 64 * 128;
+
+  float dk_acc[kHeadDim / 8][4], dv_acc[kHeadDim / 8][4];
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[j][e] = dv_acc[j][e] = 0.f;
+
+  if (steps > 0) mbar_wait(sm.kv_full(), 0);
+  for (int it = 0; it < steps; ++it) {
+    const int st = it % T::kStages;
+    const int head = kv_head * heads_per_kv + it / (m_end - m_begin);
+    const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
+    const i64 stats = (i64(batch) * num_heads_q + head) * seqlen_q_pad;
+    mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
+
+    // S^T = K Q_i^T and dP^T = V dO_i^T (64 keys x 64 queries each)
+    float s[8][4], dp[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
+      const u32 qcol = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
+      wgmma_ss<64, T::kIsBf16>(s, smem_desc(k_rows + col, 16), smem_desc(sm.q(st) + qcol, 16),
+                               kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
+      const u32 qcol = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
+      wgmma_ss<64, T::kIsBf16>(dp, smem_desc(v_rows + col, 16),
+                               smem_desc(sm.dout(st) + qcol, 16), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(s);
+
+    // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
+    const bool masked = n0 + T::kBlockN > seqlen_k ||
+                        (kCausal && n0 + T::kBlockN - 1 > m0 + mask.offset());
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
+        const int key = key_row0 + (e >> 1) * 8;
+        float p = exp2_approx(fmaf(s[j][e], scale_log2, -__ldg(lse_log2 + stats + query)));
+        if (masked && (key >= seqlen_k || (kCausal && key > query + mask.offset()))) p = 0.f;
+        s[j][e] = p;
+      }
+    }
+    u32 pf[4][4];  // P^T as A fragments (k = queries)
+    {
+      u32 tmp[1][4][4];
+      pack_frags<T::kPrec, 1, 64>(tmp, reinterpret_cast<const float(&)[1][8][4]>(s));
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pf[kk][r] = tmp[0][kk][r];
+    }
+    // dV += P^T dO_i (dO_i MN-major: its rows are the k dimension)
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_rs<kHeadDim, T::kIsBf16>(dv_acc, pf[kk],
+                                     smem_desc(sm.dout(st) + kk * 16 * 128, T::kBlockM * 128),
+                                     true);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T has landed
+    fence_regs(dp);
+
+    // dS^T = P^T (dP^T - delta), in place of dP^T
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
+        dp[j][e] = s[j][e] * (dp[j][e] - __ldg(delta + stats + query));
+      }
+    u32 dsf[4][4];
+    {
+      u32 tmp[1][4][4];
+      pack_frags<T::kPrec, 1, 64>(tmp, reinterpret_cast<const float(&)[1][8][4]>(dp));
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dsf[kk][r] = tmp[0][kk][r];
+    }
+    // dS^T into shared memory for dQ: rows are this block's keys, 64 query columns
+    const u32 ds_tile = sm.ds(it & 1);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = wg * 64 + warp * 16 + (lane >> 2) + h * 8;
+        const int col = j * 8 + (lane & 3) * 2;
+        st_shared_b32(swizzled(ds_tile, row, col),
+                      pack2<T::kIsBf16>(dp[j][2 * h], dp[j][2 * h + 1]));
+      }
+    // dK += dS^T Q_i
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_rs<kHeadDim, T::kIsBf16>(dk_acc, dsf[kk],
+                                     smem_desc(sm.q(st) + kk * 16 * 128, T::kBlockM * 128), true);
+    }
+    wgmma_commit();
+    // both warpgroups' dS^T in place, visible to the tensor cores
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+
+    // dQ_i (64 queries x 64 columns of this warpgroup) = dS K: A = dS^T (MN-major: queries
+    // contiguous), B = K (MN-major: columns contiguous), k = the block's 128 keys
+    if (wg < T::kDQGroups) {
+      float dq[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+        wgmma_ss_tt<64, T::kIsBf16>(
+            dq, smem_desc(ds_tile + kk * 16 * 128, T::kBlockN * 128),
+            smem_desc(sm.k() + wg * T::kBlockN * 128 + kk * 16 * 128, T::kBlockN * 128),
+            kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+      fence_regs(dk_acc);
+      fence_regs(dv_acc);
+      // fragment order of the portable kernel's dQ buffer (flash_bwd_prep.cu,
+      // DqAccumLayout with block_m 64, mrep 1, cols 64, warps_m 4)
+      float* tile = dq_accum + (stats + m0) * kHeadDim;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
+      }
+    } else {
+      wgmma_wait<0>();
+      fence_regs(dk_acc);
+      fence_regs(dv_acc);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.qdo_empty(st));
+  }
+
+  // ---- epilogue: dK * scale and dV, from registers ----
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int key = key_row0 + h * 8;
+    if (key >= seqlen_k) continue;
+    u16* dk_row = dk + i64(batch) * dk_batch_stride + i64(kv_head) * dk_head_stride +
+                  i64(key) * dk_row_stride;
+    u16* dv_row = dv + i64(batch) * dv_batch_stride + i64(kv_head) * dv_head_stride +
+                  i64(key) * dv_row_stride;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      if (col < head_dim) {
+        *reinterpret_cast<u32*>(dk_row + col) =
+            pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
+        *reinterpret_cast<u32*>(dv_row + col) =
+            pack2<T::kIsBf16>(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuflash
