@@ -68,15 +68,6 @@ struct BwdSmem {
   CUFLASH_DEVICE u32 qdo_empty(int st) const { return bar(2 + 2 * st); }
 };
 
-template <int kColBlocks>
-CUFLASH_DEVICE void load_rows(u32 dst, const TensorMap& map, u32 bar, int rows, int row0,
-                              int head, int batch) {
-#pragma unroll
-  for (int c = 0; c < kColBlocks; ++c) {
-    tma_load_4d(dst + c * rows * 128, map, bar, c * 64, row0, head, batch);
-  }
-}
-
 // 16-bit pair (col, col + 1) of row `row` into a 128-byte-swizzled tile of 64 columns:
 // chunk col / 8 of the row moves to chunk (col / 8) ^ (row % 8).
 CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {

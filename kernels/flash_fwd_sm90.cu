@@ -73,15 +73,6 @@ struct FwdSmem {
   CUFLASH_DEVICE u32 v_empty(int st) const { return bar(4 + 4 * st); }
 };
 
-// A tile of `rows` rows at (row0, head, batch): one box per 64-column block, each landing
-// as `rows` x 128 bytes.
-template <int kColBlocks>
-CUFLASH_DEVICE void load_tile(u32 dst, const TensorMap& map, u32 bar, int rows, int row0,
-                              int head, int batch) {
-#pragma unroll
-  for (int c = 0; c < kColBlocks; ++c) tma_load_4d(dst + c * rows * 128, map, bar, c * 64, row0, head, batch);
-}
-
 // One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
 // of the key loop, named after the algorithm.
 template <class T, bool kCausal>
@@ -266,18 +257,18 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
       const int kv_head = head / heads_per_kv;
       if (n_block_max > 0) {
         mbar_expect_tx(sm.q_full(), T::kQBytes);
-        load_tile<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, m0, head, batch);
+        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, m0, head, batch);
       }
       for (int it = 0; it < n_block_max; ++it) {
         const int n = n_block_max - 1 - it, st = it % kStages;
         const u32 parity = ((it / kStages) & 1) ^ 1;
         mbar_wait(sm.k_empty(st), parity);
         mbar_expect_tx(sm.k_full(st), T::kKVBytes);
-        load_tile<T::kColBlocks>(sm.k(st), tm_k, sm.k_full(st), kBlockN, n * kBlockN, kv_head,
+        load_rows<T::kColBlocks>(sm.k(st), tm_k, sm.k_full(st), kBlockN, n * kBlockN, kv_head,
                                  batch);
         mbar_wait(sm.v_empty(st), parity);
         mbar_expect_tx(sm.v_full(st), T::kKVBytes);
-        load_tile<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN, n * kBlockN, kv_head,
+        load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN, n * kBlockN, kv_head,
                                  batch);
       }
     }

@@ -58,6 +58,17 @@ CUFLASH_DEVICE void tma_load_4d(u32 dst, const TensorMap& map, u32 bar, int col,
       : "memory");
 }
 
+// `rows` rows of a tile at (row0, head, batch): one box per 64-column block, each landing
+// as `rows` x 128 bytes at dst + c * rows * 128.
+template <int kColBlocks>
+CUFLASH_DEVICE void load_rows(u32 dst, const TensorMap& map, u32 bar, int rows, int row0,
+                              int head, int batch) {
+#pragma unroll
+  for (int c = 0; c < kColBlocks; ++c) {
+    tma_load_4d(dst + c * rows * 128, map, bar, c * 64, row0, head, batch);
+  }
+}
+
 CUFLASH_DEVICE void prefetch_tensor_map(const TensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(&map)) : "memory");
 }
