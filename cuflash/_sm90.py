@@ -62,7 +62,7 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
     if packed is not None or options_kernel or not scale > 0:
         return None
     B, H, Lq, D = q.shape
-    if v.shape[3] != D or B > _MAX_GRID_YZ or Lq == 0:
+    if v.shape[3] != D or not _grid_ok(q, k):
         return None
     spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal)
     if spec is None or D % 8:
@@ -72,13 +72,23 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
     return spec
 
 
+def _grid_ok(q, k) -> bool:
+    """Non-empty sequences (a tensor map has no empty dims) and grid dims in range."""
+    B, H, Lq, _ = q.shape
+    return 0 < B <= _MAX_GRID_YZ and 0 < H <= _MAX_GRID_YZ and Lq > 0 and k.shape[2] > 0
+
+
+_MAX_STRIDE = 1 << 40  # the copy engine's limit on a tensor map's byte strides
+
+
 def _tma_ready(*arrays) -> bool:
     """Whether the copy engine can read these (B, H, L, D) views: 16-byte aligned bases,
     contiguous rows, 16-byte strides."""
     for x in arrays:
         if x.data.ptr % 16 or x.strides[3] != 2:
             return False
-        if any(s % 16 for n, s in zip(x.shape[:3], x.strides[:3]) if n > 1):
+        if any(s % 16 or not 0 < s < _MAX_STRIDE
+               for n, s in zip(x.shape[:3], x.strides[:3]) if n > 1):
             return False
     return True
 
@@ -95,7 +105,7 @@ def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_k
     if packed is not None or options_kernel or deterministic or not scale > 0:
         return None
     B, H, Lq, D = q.shape
-    if v.shape[3] != D or B > _MAX_GRID_YZ or k.shape[1] > _MAX_GRID_YZ or D % 8:
+    if v.shape[3] != D or not _grid_ok(q, k) or D % 8:
         return None
     spec = _kernels.sm90_bwd_spec(np.dtype(q.dtype).name, D, causal)
     if spec is None or not _tma_ready(q, k, v, dout) or not _pair_writable(dk, dv):

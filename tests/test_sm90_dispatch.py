@@ -1,0 +1,97 @@
+"""Which calls the sm_90a kernels take (cuflash/_sm90.py), on stand-in arrays: no GPU
+needed. Everything else must fall back to the portable kernels."""
+
+import numpy as np
+import pytest
+
+from cuflash import _sm90
+
+
+class FakeArray:
+    """What the eligibility checks read of a CuPy array: shape, byte strides, dtype and
+    the device address."""
+
+    def __init__(self, shape, dtype="float16", strides=None, ptr=1 << 20):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        item = self.dtype.itemsize
+        if strides is None:
+            strides, acc = [], item
+            for n in reversed(self.shape):
+                strides.insert(0, acc)
+                acc *= n
+        self.strides = tuple(strides)
+        self.data = type("Ptr", (), {"ptr": ptr})()
+
+
+def fwd(q, k=None, v=None, out=None, **kw):
+    k = k or FakeArray(q.shape, q.dtype)
+    v = v or FakeArray(k.shape, q.dtype)
+    out = out or FakeArray(q.shape, q.dtype)
+    args = dict(causal=False, scale=0.125, options_kernel=False, packed=None)
+    args.update(kw)
+    return _sm90.fwd_spec_for(q, k, v, out, **args)
+
+
+def bwd(q, k=None, **kw):
+    k = k or FakeArray(q.shape, q.dtype)
+    args = dict(causal=True, scale=0.125, options_kernel=False, packed=None,
+                deterministic=False)
+    args.update(kw)
+    x = FakeArray(q.shape, q.dtype)
+    return _sm90.bwd_spec_for(q, k, FakeArray(k.shape, q.dtype), x, FakeArray(k.shape, q.dtype),
+                              FakeArray(k.shape, q.dtype), **args)
+
+
+def test_plain_16bit_calls_take_the_hopper_kernels():
+    for dtype in ("float16", "bfloat16"):
+        for d, bucket in ((40, 64), (64, 64), (96, 128), (128, 128), (200, 256)):
+            spec = fwd(FakeArray((2, 4, 300, d), dtype))
+            assert spec is not None and spec.head_dim == bucket and spec.dtype == dtype
+        spec = bwd(FakeArray((2, 4, 300, 128), dtype))
+        assert spec is not None and spec.head_dim == 128 and spec.causal
+
+
+@pytest.mark.parametrize("why", ["float32", "options", "packed", "scale", "empty q", "empty k",
+                                 "head dim 36", "unaligned base", "odd row stride",
+                                 "last dim strided", "dv != d"])
+def test_other_calls_fall_back(why):
+    q = FakeArray((2, 4, 300, 64))
+    k = None
+    kw = {}
+    if why == "float32":
+        q = FakeArray((2, 4, 300, 64), "float32")
+    elif why == "options":
+        kw["options_kernel"] = True
+    elif why == "packed":
+        kw["packed"] = object()
+    elif why == "scale":
+        kw["scale"] = -1.0
+    elif why == "empty q":
+        q = FakeArray((2, 4, 0, 64))
+    elif why == "empty k":
+        k = FakeArray((2, 4, 0, 64))
+    elif why == "head dim 36":
+        q = FakeArray((2, 4, 300, 36))
+    elif why == "unaligned base":
+        q = FakeArray((2, 4, 300, 64), ptr=(1 << 20) + 8)
+    elif why == "odd row stride":  # rows of 72 bytes: not a 16-byte multiple
+        q = FakeArray((2, 4, 300, 64), strides=(4 * 300 * 72, 300 * 72, 72, 2))
+    elif why == "last dim strided":
+        q = FakeArray((2, 4, 300, 64), strides=(4 * 300 * 256, 300 * 256, 256, 4))
+    if why == "dv != d":
+        v = FakeArray((2, 4, 300, 128))
+        assert fwd(q, v=v) is None
+        return
+    assert fwd(q, k, **kw) is None
+    assert bwd(q, k, **kw) is None
+
+
+def test_backward_limits():
+    assert bwd(FakeArray((2, 4, 300, 192))) is None  # d192/d256: portable backward
+    assert bwd(FakeArray((2, 4, 300, 64)), deterministic=True) is None
+
+
+def test_size_one_dims_ignore_their_strides():
+    q = FakeArray((1, 1, 300, 64), strides=(7, 3, 128, 2))  # never-used odd strides
+    assert fwd(q) is not None
