@@ -126,18 +126,12 @@ def _portable(make):
             raise Skip("no sm_90a kernels in this tree") from e
         if not _sm90.available(int(_cupy().cuda.Device().compute_capability)):
             raise Skip("no sm_90a kernels on this device")
-        saved, _sm90.enabled = _sm90.enabled, False
-        try:
+        with _sm90.disabled():
             fn = make(q, k, v, causal)
-        finally:
-            _sm90.enabled = saved
 
         def run():
-            saved, _sm90.enabled = _sm90.enabled, False
-            try:
+            with _sm90.disabled():
                 return fn()
-            finally:
-                _sm90.enabled = saved
 
         return run
 

@@ -333,9 +333,9 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     nb_stats = B if packed is None else 1
     lse_log2 = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
     delta = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
-    dq_head_dim = main.head_dim if hopper is None else hopper.head_dim
-    dq_accum = None if deterministic else cp.zeros((nb_stats, Hq, stats_pad, dq_head_dim),
-                                                  cp.float32)
+    accum_spec = main if hopper is None else hopper  # the kernel that fills dq_accum
+    dq_accum = None if deterministic else cp.zeros(
+        (nb_stats, Hq, stats_pad, accum_spec.head_dim), cp.float32)
     cu = (_NULL, _NULL) if packed is None else (packed.cu_seqlens_q, packed.cu_seqlens_k)
     qs, ks, vs, dos, os_, dqs, dks, dvs = (
         _elem_strides(x) for x in (q, k, v, dout, out, dq, dk, dv))
@@ -386,9 +386,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
             get_kernel(prep, prep.name_expressions[1])(
                 (-(-Lq * D // 256), Hq, nb), (256, 1, 1),
                 (st(dq_accum), at(dq), *_i64(*dqs[:3]), np.int32(Lq), np.int32(stats_pad),
-                 np.int32(D), np.int32(dq_head_dim),
-                 *(np.int32(x) for x in (main if hopper is None else hopper).dq_layout),
-                 np.float32(scale), cu_at[0]))
+                 np.int32(D), np.int32(accum_spec.head_dim),
+                 *(np.int32(x) for x in accum_spec.dq_layout), np.float32(scale), cu_at[0]))
 
 
 def dropout_mask(out, seqlen_q: int, seqlen_k: int, options, transposed: bool) -> None:

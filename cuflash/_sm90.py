@@ -14,6 +14,7 @@ engine cannot take (16-byte multiples). ``CUFLASH_SM90=0`` turns this path off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,6 +31,18 @@ _TENSOR_MAP = np.dtype((np.void, 128))
 
 #: Set False to run the portable kernels on Hopper too (tests and benchmarks compare them).
 enabled = os.environ.get("CUFLASH_SM90", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled():
+    """The portable kernels only, while inside (benchmarks set the two families side by
+    side)."""
+    global enabled
+    saved, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = saved
 
 
 @functools.lru_cache(maxsize=None)

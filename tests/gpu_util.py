@@ -248,12 +248,11 @@ def check_grads(cp, grads, q, k, v, dout, out, name, causal, scale=None, **opts)
         assert bool((g32[0][..., empty, :] == 0).all())
 
 
-FORWARD_PATHS = ("mma", "sm90")
-KERNEL_PATHS = FORWARD_PATHS
+KERNEL_PATHS = ("mma", "sm90")
 
 
 @contextlib.contextmanager
-def forward_path(cp, path):
+def kernel_path(cp, path):
     """Run on one kernel family: "mma" (the portable mma.sync kernels) or "sm90" (the
     Hopper kernels, where they cover the call; skipped on other devices). Yields a list
     that collects the sm_90a launches ("fwd", spec) and ("bwd", spec), so a test can check
@@ -278,5 +277,3 @@ def forward_path(cp, path):
     finally:
         _sm90.enabled, _sm90.forward, _sm90.backward_main = saved
 
-
-kernel_path = forward_path

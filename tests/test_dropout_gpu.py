@@ -13,8 +13,8 @@ import pytest
 
 import cuflash
 from cuflash import _dropout
-from gpu_util import (GRADS, check_grads, forward_path, max_err, random_array, random_qkv,
-                      reference, to_f32)
+from gpu_util import (GRADS, check_grads, kernel_path, max_err, random_array,
+                      random_qkv, reference, to_f32)
 from gpu_util import cp, poison_allocator  # noqa: F401
 from test_options_gpu import check_forward, ref_options
 
@@ -69,7 +69,7 @@ def test_seed_gives_the_same_bits_and_another_seed_does_not(cp):
     assert bool((o1.view(cp.uint16) == o2.view(cp.uint16)).all())
     o3 = cuflash.attention(q, k, v, **{**kw, "seed": 43})
     assert not bool((o1.view(cp.uint16) == o3.view(cp.uint16)).all())
-    with forward_path(cp, "mma"):  # the kernel family of the dropout call (bit for bit)
+    with kernel_path(cp, "mma"):  # the kernel family of the dropout call (bit for bit)
         o0, lse0 = cuflash.attention(q, k, v, causal=True, return_lse=True)
     assert bool((lse0 == lse1).all()), "lse is that of P, before dropout"
     dout = random_array(cp, o1.shape, "bfloat16", rng)

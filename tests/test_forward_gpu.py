@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import (DTYPES, FORWARD_PATHS, HEAD_DIMS, SEQLENS, forward_path, max_err,
+from gpu_util import (DTYPES, HEAD_DIMS, KERNEL_PATHS, SEQLENS, kernel_path, max_err,
                       random_qkv, reference, to_f32, visible)
 from gpu_util import cp, poison_allocator  # noqa: F401
 
@@ -44,20 +44,20 @@ def check_forward(cp, q, k, v, name, causal, out=None):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("name", DTYPES)
-@pytest.mark.parametrize("path", FORWARD_PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_forward_grid(cp, path, name, causal, head_dim, seqlens):
     rng = np.random.default_rng()
     Lq, Lk = seqlens
     B, H = max(1, 16 // max(Lq, 1)), 2  # one-row cases: more rows (test_backward_gpu.py)
     q, k, v = random_qkv(cp, (B, H, Lq, head_dim), (B, H, Lk, head_dim), (B, H, Lk, head_dim),
                          name, rng)
-    with forward_path(cp, path) as launched:
+    with kernel_path(cp, path) as launched:
         check_forward(cp, q, k, v, name, causal)
     if path == "sm90":  # the Hopper kernel covers head dims of whole 16-byte rows
         assert bool(launched) == (head_dim % 8 == 0)
 
 
-@pytest.mark.parametrize("path", FORWARD_PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 def test_forward_gqa_strided_paths(cp, path, causal):
     """GQA 4:1 on (B, L, H, D) views, odd lengths, both kernel families; the out buffer is
@@ -67,7 +67,7 @@ def test_forward_gqa_strided_paths(cp, path, causal):
         q, k, v = random_qkv(cp, (2, Lq, 8, D), (2, Lk, 2, D), (2, Lk, 2, D), name, rng)
         tr = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
         out = cp.full((2, Lq, 8, D), np.nan, q.dtype).transpose(0, 2, 1, 3)
-        with forward_path(cp, path) as launched:
+        with kernel_path(cp, path) as launched:
             check_forward(cp, tr(q), tr(k), tr(v), name, causal, out=out)
         assert bool(launched) == (path == "sm90")
 

@@ -4,9 +4,9 @@ Each packed sequence must give what cuflash.attention gives on that sequence alo
 same kernels visit the same tiles in the same order, so the forward output, lse, and the
 deterministic gradients are bit-identical. (Packed calls run the portable kernels, so the
 single-sequence calls here do too: on sm_90 a plain call would run the Hopper kernel,
-whose sums are ordered differently; tests/test_forward_gpu.py checks that one.) The default (atomic dQ) gradients are held to
-the tolerance rule against the float64 reference, sequence by sequence. Outputs are
-poisoned (NaN) before each call.
+whose sums are ordered differently; tests/test_forward_gpu.py checks that one.) The
+default (atomic dQ) gradients are held to the tolerance rule against the float64
+reference, sequence by sequence. Outputs are poisoned (NaN) before each call.
 """
 
 import math
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import (DTYPES, GRADS, check_grads, forward_path, random_array, random_qkv,
-                      to_f32)
+from gpu_util import (DTYPES, GRADS, check_grads, kernel_path, random_array,
+                      random_qkv, to_f32)
 from gpu_util import cp, poison_allocator  # noqa: F401
 
 pytestmark = pytest.mark.gpu
@@ -68,7 +68,7 @@ def test_varlen_equals_each_sequence(cp, name, causal, head_dim, lengths, opt):
     for b in range(len(lq)):
         rq, rk = slice(int(hcu_q[b]), int(hcu_q[b + 1])), slice(int(hcu_k[b]), int(hcu_k[b + 1]))
         qs, ks, vs = seq_view(q, rq), seq_view(k, rk), seq_view(v, rk)
-        with forward_path(cp, "mma"):
+        with kernel_path(cp, "mma"):
             o1, l1 = cuflash.attention(qs, ks, vs, causal=causal, return_lse=True, **opts)
         assert bool((bits(cp, seq_view(out, rq)) == bits(cp, o1)).all()), f"out of sequence {b}"
         assert bool((bits(cp, lse[:, rq][None]) == bits(cp, l1)).all()), f"lse of sequence {b}"
