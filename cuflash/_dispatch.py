@@ -217,17 +217,18 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
     if B == 0 or Hq == 0 or Lq == 0:
         return
     causal, with_options, with_dropout = _kernel_mask(causal, options)
+    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     if spec is None and _sm90.available(device_arch()):
         hopper = _sm90.fwd_spec_for(q, k, v, out, causal=causal, scale=scale,
-                                    options_kernel=with_options, packed=packed)
+                                    options_kernel=with_options, dropout_kernel=with_dropout,
+                                    packed=packed)
         if hopper is not None:
-            _sm90.forward(hopper, q, k, v, out, lse, scale=scale)
+            _sm90.forward(hopper, q, k, v, out, lse, scale=scale, option_args=option_args)
             return
     if spec is None:
         vec = is_vec_aligned((q, k, v, out), D, Dv)
         spec = _selected(select_fwd_spec, _dtype_name(q.dtype), D, Dv, causal, vec,
                          options=with_options, dropout=with_dropout)
-    option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     kern = get_kernel(spec)
     w = _units(q.dtype)  # the kernels bound their copies by head dims in 16-bit units
     qs, ks, vs, os_ = (_elem_strides(x) for x in (q, k, v, out))
@@ -316,8 +317,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     hopper = None
     if main_spec is None and _sm90.available(device_arch()):
         hopper = _sm90.bwd_spec_for(q, k, v, dout, dk, dv, causal=causal, scale=scale,
-                                    options_kernel=with_options, packed=packed,
-                                    deterministic=deterministic)
+                                    options_kernel=with_options, dropout_kernel=with_dropout,
+                                    packed=packed, deterministic=deterministic)
     if main_spec is not None:  # tile sweeps (tools/tune_bwd.py)
         main = main_spec
     if dq_spec is not None and deterministic:
@@ -358,7 +359,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  cu_at[0]))
         if Lk and hopper is not None:
             _sm90.backward_main(hopper, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
-                                seqlen_q_pad=stats_pad, scale=scale)
+                                seqlen_q_pad=stats_pad, scale=scale, option_args=option_args)
         elif Lk:
             accum = st(dq_accum) if dq_accum is not None else st(delta)  # unused if None
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)

@@ -492,12 +492,15 @@ SM90_FWD_TILES = {
 @dataclasses.dataclass(frozen=True)
 class Sm90FwdSpec:
     """One sm_90a forward kernel (kernels/flash_fwd_sm90.cu): wgmma, TMA, a producer
-    warpgroup; no options, dropout or packed sequences yet."""
+    warpgroup; ``options``: window, softcap and ALiBi, ``dropout`` (with options) too; no
+    packed sequences yet."""
 
     dtype: str
     head_dim: int
     causal: bool
     tile: Sm90FwdTile
+    options: bool = False
+    dropout: bool = False
 
     source = "flash_fwd_sm90.cu"
     kind = "fwd90"
@@ -517,7 +520,8 @@ class Sm90FwdSpec:
         t = self.tile
         return (f"cuflash::sm90::flash_fwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, {self.head_dim}, "
                 f"{t.block_n}, {t.consumers}, {t.stages}, {_cbool(t.overlap)}, "
-                f"{_cbool(t.pingpong)}, {_cbool(self.causal)}>")
+                f"{_cbool(t.pingpong)}, {_cbool(self.causal)}, {_cbool(self.options)}, "
+                f"{_cbool(self.dropout)}>")
 
     @property
     def label(self) -> str:
@@ -525,17 +529,28 @@ class Sm90FwdSpec:
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
                 f"{'causal' if self.causal else 'full  '} sm_{self.arch} "
                 f"{t.block_m}x{t.block_n} wg{t.consumers}+1 s{t.stages}"
-                f"{' overlap' if t.overlap else ''}{' pingpong' if t.pingpong else ''}")
+                f"{' overlap' if t.overlap else ''}{' pingpong' if t.pingpong else ''}"
+                f"{_option_tag(self.options, self.dropout)}")
 
 
-def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90FwdSpec | None:
+def _option_tag(options: bool, dropout: bool) -> str:
+    return " +dropout" if dropout else (" +options" if options else "")
+
+
+#: The variants of each sm_90a kernel: (options, dropout).
+SM90_OPTION_KINDS = ((False, False), (True, False), (True, True))
+
+
+def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
+                  dropout: bool = False) -> Sm90FwdSpec | None:
     """The sm_90a forward kernel for real head dim ``head_dim``, or None where there is none
     (float32, head dims above the largest bucket)."""
     if dtype not in ("float16", "bfloat16"):
         return None
     for d in sorted(SM90_FWD_TILES):
         if head_dim <= d:
-            return Sm90FwdSpec(dtype, d, bool(causal), SM90_FWD_TILES[d])
+            return Sm90FwdSpec(dtype, d, bool(causal), SM90_FWD_TILES[d], bool(options),
+                               bool(dropout))
     return None
 
 
@@ -543,11 +558,14 @@ def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90FwdSpec | None
 class Sm90BwdSpec:
     """One sm_90a backward kernel (kernels/flash_bwd_sm90.cu): 128 keys a block in two
     consumer warpgroups, 64-query steps, dQ by atomics in the portable kernel's fragment
-    order; no options, dropout, packed sequences or deterministic mode yet."""
+    order; ``options`` and ``dropout`` as in :class:`Sm90FwdSpec`; no packed sequences or
+    deterministic mode yet."""
 
     dtype: str
     head_dim: int
     causal: bool
+    options: bool = False
+    dropout: bool = False
 
     source = "flash_bwd_sm90.cu"
     kind = "bwd90"
@@ -565,32 +583,36 @@ class Sm90BwdSpec:
     @property
     def name_expression(self) -> str:
         return (f"cuflash::sm90::flash_bwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, "
-                f"{self.head_dim}, {_cbool(self.causal)}>")
+                f"{self.head_dim}, {_cbool(self.causal)}, {_cbool(self.options)}, "
+                f"{_cbool(self.dropout)}>")
 
     @property
     def label(self) -> str:
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
-                f"{'causal' if self.causal else 'full  '} sm_{self.arch} 64x128 wg2+1")
+                f"{'causal' if self.causal else 'full  '} sm_{self.arch} 64x128 wg2+1"
+                f"{_option_tag(self.options, self.dropout)}")
 
 
 SM90_BWD_HEAD_DIMS = (64, 128)
 
 
-def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool) -> Sm90BwdSpec | None:
+def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
+                  dropout: bool = False) -> Sm90BwdSpec | None:
     if dtype not in ("float16", "bfloat16"):
         return None
     for d in SM90_BWD_HEAD_DIMS:
         if head_dim <= d:
-            return Sm90BwdSpec(dtype, d, bool(causal))
+            return Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout))
     return None
 
 
 def shipped_sm90_specs() -> list:
-    return ([Sm90FwdSpec(dtype, d, causal, tile)
+    return ([Sm90FwdSpec(dtype, d, causal, tile, options, dropout)
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
-             for causal in (False, True)]
-            + [Sm90BwdSpec(dtype, d, causal) for dtype in ("float16", "bfloat16")
-               for d in SM90_BWD_HEAD_DIMS for causal in (False, True)])
+             for causal in (False, True) for options, dropout in SM90_OPTION_KINDS]
+            + [Sm90BwdSpec(dtype, d, causal, options, dropout)
+               for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
+               for causal in (False, True) for options, dropout in SM90_OPTION_KINDS])
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:

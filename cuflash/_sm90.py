@@ -6,10 +6,11 @@ host encodes here with ``cuda.bindings`` and passes by value. Its module is comp
 ``sm_90a`` by :mod:`cuflash._nvrtc` (CuPy's own compile can only name plain ``sm_90``) and
 loaded from the cubin.
 
-Calls that the kernels do not cover run the portable kernels: other devices, float32,
-the score options and dropout, packed sequences, head dims that are not a whole number
-of 16-byte rows, Dv != D, and views whose strides or base addresses the copy
-engine cannot take (16-byte multiples). ``CUFLASH_SM90=0`` turns this path off.
+The kernels take the score options (window, softcap, ALiBi) and dropout. Calls that
+they do not cover run the portable kernels: other devices, float32, packed sequences,
+head dims that are not a whole number of 16-byte rows, Dv != D, views whose strides or
+base addresses the copy engine cannot take (16-byte multiples), and in the backward pass
+head dims above 128 and the deterministic mode. ``CUFLASH_SM90=0`` turns this path off.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def available(arch: int) -> bool:
 
 
 def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bool,
-                 packed) -> object:
+                 dropout_kernel: bool, packed) -> object:
     """The sm_90a forward spec for this call, or None where the portable kernel runs."""
-    if packed is not None or options_kernel or not scale > 0:
+    if packed is not None or not scale > 0:
         return None
     B, H, Lq, D = q.shape
     if v.shape[3] != D or not _grid_ok(q, k):
         return None
-    spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal)
+    spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal, options_kernel,
+                                  dropout_kernel)
     if spec is None or D % 8:
         return None
     if not _tma_ready(q, k, v) or not _pair_writable(out):
@@ -113,24 +115,25 @@ def _pair_writable(*arrays) -> bool:
 
 
 def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_kernel: bool,
-                 packed, deterministic: bool) -> object:
+                 dropout_kernel: bool, packed, deterministic: bool) -> object:
     """The sm_90a backward spec for this call, or None where the portable kernels run."""
-    if packed is not None or options_kernel or deterministic or not scale > 0:
+    if packed is not None or deterministic or not scale > 0:
         return None
     B, H, Lq, D = q.shape
     if v.shape[3] != D or not _grid_ok(q, k) or D % 8:
         return None
-    spec = _kernels.sm90_bwd_spec(np.dtype(q.dtype).name, D, causal)
+    spec = _kernels.sm90_bwd_spec(np.dtype(q.dtype).name, D, causal, options_kernel,
+                                  dropout_kernel)
     if spec is None or not _tma_ready(q, k, v, dout) or not _pair_writable(dk, dv):
         return None
     return spec
 
 
 def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
-                  seqlen_q_pad: int, scale: float) -> None:
+                  seqlen_q_pad: int, scale: float, option_args: tuple) -> None:
     """Launch the sm_90a backward kernel: dK and dV written, dQ added to ``dq_accum``
     (float32, zeroed, in ``spec.dq_layout`` fragment order); lse_log2 and delta from the
-    portable preprocess kernel."""
+    portable preprocess kernel; ``option_args`` as in :func:`forward`."""
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     fn = get_function(spec)
@@ -139,7 +142,7 @@ def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
             _encode(dout, 64), lse_log2, delta, dq_accum, dk, dv,
             *(np.int64(x) for x in (*dks[:3], *dvs[:3])), np.int32(Lq), np.int32(Lk),
             np.int32(seqlen_q_pad), np.int32(Hq), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)), np.float32(scale))
+            np.float32(scale * math.log2(math.e)), np.float32(scale), *option_args)
     fn((math.ceil(Lk / spec.block_n), Hk, B), (spec.threads, 1, 1), args,
        shared_mem=spec.smem_bytes)
 
@@ -231,9 +234,10 @@ def _cached_cubin(spec) -> tuple[bytes, str]:
     return cubin, name
 
 
-def forward(spec, q, k, v, out, lse, *, scale: float) -> None:
+def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple) -> None:
     """Launch the sm_90a forward kernel ``spec`` (from :func:`fwd_spec_for`) on
-    (B, H, L, D) views (lse (B, H, Lq))."""
+    (B, H, L, D) views (lse (B, H, Lq)); ``option_args``: the options' kernel arguments
+    (``_dispatch._option_args``), which a plain kernel ignores."""
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     t = spec.tile
@@ -243,6 +247,6 @@ def forward(spec, q, k, v, out, lse, *, scale: float) -> None:
     args = (_encode(q, t.block_m), _encode(k, t.block_n), _encode(v, t.block_n), out, lse,
             np.int64(os_[0]), np.int64(os_[1]), np.int64(os_[2]), np.int64(ls[0]),
             np.int64(ls[1]), np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)))
+            np.float32(scale * math.log2(math.e)), *option_args)
     fn((math.ceil(Lq / t.block_m), Hq, B), (spec.threads, 1, 1), args,
        shared_mem=spec.smem_bytes)

@@ -10,8 +10,10 @@
 //       S^T  = K Q_i^T            wgmma, both operands K-major in shared memory
 //       dP^T = V dO_i^T           wgmma
 //       P^T  = exp2(S^T scale log2 e - lse log2 e), masked    (recompute from lse)
+//              (kOptions: softcap, ALiBi, window; kDropout: dropped entries negated)
 //       dV  += P^T dO_i           wgmma, P^T from registers, dO_i MN-major
-//       dS^T = P^T (dP^T - delta)
+//       dS^T = P^T (dP^T - delta)  (times 1 - tanh^2 with a softcap; with dropout
+//                                  P^T (Z dP^T / (1 - p) - delta))
 //       dK  += dS^T Q_i           wgmma, dS^T from registers
 //       dS^T -> shared memory (both warpgroups' keys), then
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
@@ -19,7 +21,9 @@
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
 // Scores and probabilities never reach global memory.
 #include "common.cuh"
+#include "dropout.cuh"
 #include "mask.cuh"
+#include "scores.cuh"
 #include "warp_gemm.cuh"
 #include "sm90/tma.cuh"
 #include "sm90/wgmma.cuh"
@@ -74,7 +78,48 @@ CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {
   return tile + row * 128 + ((((col >> 3) ^ (row & 7)) << 4) | ((col & 7) << 1));
 }
 
-template <class Elem, int kHeadDim, bool kCausal>
+// P^T of a warp's 16 keys x 64 queries with the options (kOptions), one entry at a time:
+// the score transform (softcap, ALiBi; scores.cuh), exp2 against lse, the mask and
+// (kDropout, `dropout` on) the dropout of the entries whose `keep` bit is clear
+// (Dropout::keep_bits_transposed), which are negated: the backward's sign mark.
+// Gives P^T as dV's A fragments in `pf` (dropped entries 0) and leaves in `s` what dS^T
+// multiplies: P^T, times the softcap's 1 - tanh^2 (kept in float32, so no array of it
+// has to live beside the scores).
+// key0: the warp's first key; m0: the tile's first query; lse_row: lse * log2(e) of query m0.
+template <bool kIsBf16, bool kCausal, bool kDropout>
+CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4],
+                                               const ScoreMod<true>& scores,
+                                               const Mask<kCausal, true>& mask, bool masked,
+                                               bool dropout, u32 keep, const float* lse_row,
+                                               int key0, int m0, int lane) {
+  const bool softcap = scores.has_softcap(), transform = softcap || scores.has_alibi();
+  // with neither softcap nor ALiBi the raw products are scaled inside the exp2
+  const float units = transform ? scores.units() : scores.scale_log2;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = key0 + (lane >> 2) + 8 * h;
+      float p[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int query = j * 8 + (lane & 3) * 2 + e;  // within the tile
+        float x = s[j][2 * h + e], t = 0.f;
+        if (transform) x = scores.score(x, m0 + query, key, t);
+        p[e] = exp2_approx(fmaf(x, units, -__ldg(lse_row + query)));
+        // hidden entries are zeroed after the exp2 (not set to -inf before it)
+        if (masked && mask.hidden_at(m0 + query, key)) p[e] = 0.f;
+        s[j][2 * h + e] = softcap ? p[e] * fmaf(-t, t, 1.f) : p[e];
+        if (kDropout && dropout && !((keep >> (j * 4 + 2 * h + e)) & 1u)) {
+          s[j][2 * h + e] = -s[j][2 * h + e];
+          p[e] = 0.f;
+        }
+      }
+      pf[j >> 1][2 * (j & 1) + h] = pack2<kIsBf16>(p[0], p[1]);
+    }
+}
+
+template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
                           const __grid_constant__ TensorMap tm_k,
@@ -86,15 +131,21 @@ __global__ void __launch_bounds__(384, 1)
                           i64 dk_row_stride, i64 dv_batch_stride, i64 dv_head_stride,
                           i64 dv_row_stride, int seqlen_q, int seqlen_k, int seqlen_q_pad,
                           int num_heads_q, int head_dim, int heads_per_kv, float scale_log2,
-                          float scale) {
+                          float scale, int window_left, int window_right, float softcap_in,
+                          float softcap_out, const float* __restrict__ alibi_slopes,
+                          i64 alibi_batch_stride, u32 dropout_threshold, float dropout_scale,
+                          u64 dropout_seed, u32 dropout_bh0) {
+  static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = BwdTraits<Elem, kHeadDim>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
   const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
   const int n0 = n_block * T::kBlockN;
-  const Mask<kCausal> mask{seqlen_q, seqlen_k, 0, 0};
+  const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
+  // query tiles m_begin .. m_end - 1 of every query head of the group
   const int m_begin = mask.template m_block_min<T::kBlockM>(n0);
-  const int m_end = (seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int m_end = kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0)
+                             : (seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int steps = max(m_end - m_begin, 0) * heads_per_kv;
   const int warpgroup = threadIdx.x / 128;
 
@@ -156,6 +207,8 @@ __global__ void __launch_bounds__(384, 1)
 
     // S^T = K Q_i^T and dP^T = V dO_i^T (64 keys x 64 queries each)
     float s[8][4], dp[8][4];
+    const auto dropout = Dropout<kDropout>::make(
+        dropout_threshold, dropout_seed, dropout_bh0 + u32(batch) * num_heads_q + u32(head));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -173,25 +226,38 @@ __global__ void __launch_bounds__(384, 1)
                                smem_desc(sm.dout(st) + qcol, 16), kk > 0);
     }
     wgmma_commit();
+    u32 keep = 0u;  // kDropout: the keep mask, computed while S^T is on the tensor cores
+    if constexpr (kDropout) {
+      if (dropout.active()) {
+        keep = dropout.template keep_bits_transposed<1, 8>(n0 + wg * 64 + warp * 16, m0, lane);
+      }
+    }
     wgmma_wait<1>();
     fence_regs(s);
 
     // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
-    const bool masked = n0 + T::kBlockN > seqlen_k ||
-                        (kCausal && n0 + T::kBlockN - 1 > m0 + mask.offset());
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
-        const int key = key_row0 + (e >> 1) * 8;
-        float p = exp2_approx(fmaf(s[j][e], scale_log2, -__ldg(lse_log2 + stats + query)));
-        if (masked && (key >= seqlen_k || (kCausal && key > query + mask.offset()))) p = 0.f;
-        s[j][e] = p;
-      }
-    }
     u32 pf[4][4];  // P^T as A fragments (k = queries)
-    {
+    if constexpr (kOptions) {
+      const float slope = alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
+      const auto scores = ScoreMod<true>::make(scale_log2, softcap_in, softcap_out, slope,
+                                               mask.offset());
+      probabilities_with_options<T::kIsBf16, kCausal, kDropout>(
+          s, pf, scores, mask, mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n_block, m0),
+          dropout.active(), keep, lse_log2 + stats + m0, n0 + wg * 64 + warp * 16, m0, lane);
+    } else {
+      const bool masked = n0 + T::kBlockN > seqlen_k ||
+                          (kCausal && n0 + T::kBlockN - 1 > m0 + mask.offset());
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
+          const int key = key_row0 + (e >> 1) * 8;
+          float p = exp2_approx(fmaf(s[j][e], scale_log2, -__ldg(lse_log2 + stats + query)));
+          if (masked && (key >= seqlen_k || (kCausal && key > query + mask.offset()))) p = 0.f;
+          s[j][e] = p;
+        }
+      }
       u32 tmp[1][4][4];
       pack_frags<T::kPrec, 1, 64>(tmp, reinterpret_cast<const float(&)[1][8][4]>(s));
 #pragma unroll
@@ -211,13 +277,21 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_wait<1>();  // dP^T has landed
     fence_regs(dp);
 
-    // dS^T = P^T (dP^T - delta), in place of dP^T
+    // dS^T = P^T (dP^T - delta), in place of dP^T; with dropout, P^T < 0 marks a dropped
+    // entry, whose dP^T counts as 0, and kept ones take dP^T / (1 - p)
+    const bool dropped = kDropout && dropout_threshold != 0u;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
-        dp[j][e] = s[j][e] * (dp[j][e] - __ldg(delta + stats + query));
+        const float d = __ldg(delta + stats + query);
+        if (dropped) {
+          const float dpz = s[j][e] >= 0.f ? dp[j][e] * dropout_scale : 0.f;
+          dp[j][e] = fabsf(s[j][e]) * (dpz - d);
+        } else {
+          dp[j][e] = s[j][e] * (dp[j][e] - d);
+        }
       }
     u32 dsf[4][4];
     {
@@ -284,7 +358,8 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
   }
 
-  // ---- epilogue: dK * scale and dV, from registers ----
+  // ---- epilogue: dK * scale and dV, from registers (dropout: dV / (1 - p)) ----
+  const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int key = key_row0 + h * 8;
@@ -300,7 +375,7 @@ __global__ void __launch_bounds__(384, 1)
         *reinterpret_cast<u32*>(dk_row + col) =
             pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
         *reinterpret_cast<u32*>(dv_row + col) =
-            pack2<T::kIsBf16>(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
+            pack2<T::kIsBf16>(dv_acc[j][2 * h] * dv_scale, dv_acc[j][2 * h + 1] * dv_scale);
       }
     }
   }

@@ -8,13 +8,18 @@
 //   warpgroups 1..kConsumers (consumers): 64 query rows each; per key tile, from the
 //     last to the first:
 //       S = Q K_j^T         wgmma, both operands in shared memory        sm90/wgmma.cuh
-//       mask, online softmax: m_i, l_i, rescale of o_acc, P = exp2(...)  softmax.cuh
+//       kOptions: softcap, ALiBi                                          scores.cuh
+//       mask (ragged end, causal diagonal, window edges)                  mask.cuh
+//       online softmax: m_i, l_i, rescale of o_acc, P = exp2(...)         softmax.cuh
+//       kDropout: dropout of P, after the row sums                        dropout.cuh
 //       O += P V_j          wgmma, P from registers, V in shared memory
 //     then o_acc / l_i and lse are written from registers.
 // The score matrix never reaches global memory. The host encodes the tensor maps and
 // picks the template arguments (cuflash/_sm90.py).
 #include "common.cuh"
+#include "dropout.cuh"
 #include "mask.cuh"
+#include "scores.cuh"
 #include "softmax.cuh"
 #include "warp_gemm.cuh"
 #include "sm90/tma.cuh"
@@ -75,11 +80,15 @@ struct FwdSmem {
 
 // One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
 // of the key loop, named after the algorithm.
-template <class T, bool kCausal>
+template <class T, bool kCausal, bool kOptions, bool kDropout>
 struct FwdConsumer {
   FwdSmem<T> sm;
-  Mask<kCausal> mask;
+  Mask<kCausal, kOptions> mask;
+  ScoreMod<kOptions> scores;  // kOptions: softcap, ALiBi
+  Dropout<kDropout> dropout;
   float scale_log2;
+  // kOptions: what the softmax's scores are in, relative to log2 units (units()).
+  float units_;
   u32 q_rows;     // this warpgroup's 64 rows of the Q tile
   int m0, warp_row0, wg, lane;
 
@@ -126,22 +135,34 @@ struct FwdConsumer {
     if (lane == 0) mbar_arrive(empty_bar);
   }
 
-  // The scores of key tile n: mask, then the softmax's first half (alpha for o_acc).
+  // The scores of key tile n: score transform, mask, then the softmax's first half (alpha
+  // for o_acc), and dropout of P (after the row sums: l_i normalises over every key).
   CUFLASH_DEVICE void softmax_scores(float (&s)[1][T::kNTiles][4], int n, float (&alpha)[1][2]) {
+    if constexpr (kOptions) {
+      if (scores.has_softcap() || scores.has_alibi()) scores.apply(s, warp_row0, n * T::kBlockN, lane);
+    }
     if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
     }
-    softmax.template update_scores<true>(s, alpha, scale_log2);
+    softmax.template update_scores<true>(s, alpha, units());
+    if constexpr (kDropout) {
+      if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
+    }
   }
+
+  // The raw dot products (units scale * log2(e)) unless a softcap or ALiBi transforms
+  // them (ScoreMod::units).
+  CUFLASH_DEVICE float units() const { return kOptions ? units_ : scale_log2; }
 
   CUFLASH_DEVICE static void pack_p(u32 (&p)[1][T::kBlockN / 16][4],
                                     const float (&s)[1][T::kNTiles][4]) {
     pack_frags<T::kIsBf16 ? kPrecBF16 : kPrecF16, 1, T::kBlockN>(p, s);
   }
 
-  // Tiles n_block_max - 1 down to 0, one after the other: S, softmax, P V.
-  CUFLASH_DEVICE void run_sequential(int n_block_max) {
-    for (int it = 0; it < n_block_max; ++it) {
+  // Tiles n_block_max - 1 down to n_block_max - n_iters, one after the other: S, softmax,
+  // P V.
+  CUFLASH_DEVICE void run_sequential(int n_block_max, int n_iters) {
+    for (int it = 0; it < n_iters; ++it) {
       const int n = n_block_max - 1 - it, st = it % T::kStages;
       const u32 parity = (it / T::kStages) & 1;
       float s[1][T::kNTiles][4];
@@ -167,7 +188,7 @@ struct FwdConsumer {
 
   // kOverlap: S_{j+1} and P_j V_j are issued together; the softmax of S_{j+1} runs while
   // P_j V_j is still in flight, and o_acc is rescaled once it has landed.
-  CUFLASH_DEVICE void run_overlapped(int n_block_max) {
+  CUFLASH_DEVICE void run_overlapped(int n_block_max, int n_iters) {
     float s[1][T::kNTiles][4];
     u32 p[1][T::kBlockN / 16][4];
     float alpha[1][2];
@@ -180,7 +201,7 @@ struct FwdConsumer {
     release(sm.k_empty(0));
     softmax_scores(s, n_block_max - 1, alpha);  // (o_acc is 0: no rescale)
     pack_p(p, s);
-    for (int it = 1; it < n_block_max; ++it) {
+    for (int it = 1; it < n_iters; ++it) {
       const int n = n_block_max - 1 - it, st = it % T::kStages, prev = (it - 1) % T::kStages;
       const u32 parity = (it / T::kStages) & 1, prev_parity = ((it - 1) / T::kStages) & 1;
       mbar_wait(sm.k_full(st), parity);
@@ -200,8 +221,8 @@ struct FwdConsumer {
       softmax.rescale(o_acc, alpha);
       pack_p(p, s);
     }
-    const int last = (n_block_max - 1) % T::kStages;
-    mbar_wait(sm.v_full(last), ((n_block_max - 1) / T::kStages) & 1);
+    const int last = (n_iters - 1) % T::kStages;
+    mbar_wait(sm.v_full(last), ((n_iters - 1) / T::kStages) & 1);
     wait_turn();
     issue_pv(p, last);
     pass_turn();
@@ -211,8 +232,10 @@ struct FwdConsumer {
   }
 };
 
+// kOptions: window, softcap and ALiBi (run-time values; a window runs with kCausal off,
+// its right edge bounding the keys); kDropout (with kOptions): dropout of P.
 template <class Elem, int kHeadDim, int kBlockN, int kConsumers, int kStages, bool kOverlap,
-          bool kPingpong, bool kCausal>
+          bool kPingpong, bool kCausal, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
     flash_fwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
                           const __grid_constant__ TensorMap tm_k,
@@ -220,7 +243,12 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           float* __restrict__ lse, i64 o_batch_stride, i64 o_head_stride,
                           i64 o_row_stride, i64 lse_batch_stride, i64 lse_head_stride,
                           int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                          float scale_log2) {
+                          float scale_log2, int window_left, int window_right,
+                          float softcap_in, float softcap_out,
+                          const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
+                          u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
+                          u32 dropout_bh0) {
+  static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const FwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
@@ -230,8 +258,11 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int m0 = m_block * T::kBlockM;
-  const Mask<kCausal> mask{seqlen_q, seqlen_k, 0, 0};
+  const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
   const int n_block_max = mask.template n_block_max<kBlockN>(m0, T::kBlockM);
+  // key tiles n_block_max - 1 down to n_block_max - n_iters (a window's left edge)
+  const int n_iters =
+      kOptions ? max(n_block_max - mask.template n_block_min<kBlockN>(m0), 0) : n_block_max;
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -255,11 +286,11 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
       prefetch_tensor_map(tm_k);
       prefetch_tensor_map(tm_v);
       const int kv_head = head / heads_per_kv;
-      if (n_block_max > 0) {
+      if (n_iters > 0) {
         mbar_expect_tx(sm.q_full(), T::kQBytes);
         load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, m0, head, batch);
       }
-      for (int it = 0; it < n_block_max; ++it) {
+      for (int it = 0; it < n_iters; ++it) {
         const int n = n_block_max - 1 - it, st = it % kStages;
         const u32 parity = ((it / kStages) & 1) ^ 1;
         mbar_wait(sm.k_empty(st), parity);
@@ -278,10 +309,18 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   // ---- consumers: 64 query rows a warpgroup ----
   regs_alloc<T::kConsumerRegs>();
   const int tid = threadIdx.x - 128 * warpgroup;  // within the warpgroup
-  FwdConsumer<T, kCausal> c;
+  FwdConsumer<T, kCausal, kOptions, kDropout> c;
   c.sm = sm;
   c.mask = mask;
   c.scale_log2 = scale_log2;
+  if constexpr (kOptions) {
+    const float slope = alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
+    c.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
+                                        seqlen_k - seqlen_q);
+    c.units_ = c.scores.has_softcap() || c.scores.has_alibi() ? c.scores.units() : scale_log2;
+  }
+  c.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+                                      dropout_bh0 + u32(batch) * gridDim.y + head);
   c.wg = warpgroup - 1;
   c.lane = tid & 31;
   c.m0 = m0;
@@ -295,12 +334,12 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
 
   // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
   if (T::kPingpong && c.wg == 1) c.pass_turn();
-  if (n_block_max > 0) {
+  if (n_iters > 0) {
     mbar_wait(sm.q_full(), 0);
     if constexpr (kOverlap) {
-      c.run_overlapped(n_block_max);
+      c.run_overlapped(n_block_max, n_iters);
     } else {
-      c.run_sequential(n_block_max);
+      c.run_sequential(n_block_max, n_iters);
     }
   }
   if (T::kPingpong && c.wg == 0) c.wait_turn();
@@ -308,7 +347,8 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   // ---- epilogue: o_acc / l_i and lse, straight from registers ----
   const int lane = c.lane;
   float lse_rows[1][2];
-  c.softmax.finalize(c.o_acc, lse_rows, scale_log2);
+  c.softmax.finalize(c.o_acc, lse_rows, c.units(),
+                     kDropout && c.dropout.active() ? dropout_scale : 1.f);
   u16* o_tile = o + i64(batch) * o_batch_stride + i64(head) * o_head_stride;
   float* lse_tile = lse + i64(batch) * lse_batch_stride + i64(head) * lse_head_stride;
 #pragma unroll

@@ -110,8 +110,13 @@ template <class T, bool kCausal, bool kVec, bool kOptions, bool kDropout>
 struct BwdMainloop {
   static constexpr bool kAtomicDQ = T::kAtomicDQ;
   // float32 inputs: an accurate softcap tanh, and its derivative kept in float32
+  // (CUFLASH_WIDE_DTANH: the derivative in float32 for 16-bit inputs too; tools/diag_softcap.py)
   using Scores = ScoreMod<kOptions, T::kPrec == kPrecTF32>;
+#ifdef CUFLASH_WIDE_DTANH
+  using Dtanh = FloatPair<true>;
+#else
   using Dtanh = FloatPair<T::kPrec == kPrecTF32>;
+#endif
   // Query-side operands, as the kernel received them: offsets are computed where they are
   // used (from `batch` and the head), which leaves ptxas free to reload these from the
   // parameter space instead of holding derived pointers in registers all the loop long.

@@ -13,7 +13,7 @@ import pytest
 
 import cuflash
 from cuflash import _dropout
-from gpu_util import (GRADS, check_grads, kernel_path, max_err, random_array,
+from gpu_util import (GRADS, KERNEL_PATHS, check_grads, kernel_path, max_err, random_array,
                       random_qkv, reference, to_f32)
 from gpu_util import cp, poison_allocator  # noqa: F401
 from test_options_gpu import check_forward, ref_options
@@ -60,22 +60,24 @@ def test_keep_rate_is_one_minus_p(cp, p):
     assert np.abs(per_slot - (1 - p)).max() < 5 * sigma_slot + 2**-17
 
 
-def test_seed_gives_the_same_bits_and_another_seed_does_not(cp):
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_seed_gives_the_same_bits_and_another_seed_does_not(cp, path):
     rng = np.random.default_rng()
     q, k, v = random_qkv(cp, (2, 4, 300, 64), (2, 2, 400, 64), (2, 2, 400, 64), "bfloat16", rng)
     kw = {"dropout_p": 0.25, "seed": 42, "causal": True}
-    o1, lse1 = cuflash.attention(q, k, v, return_lse=True, **kw)
-    o2, lse2 = cuflash.attention(q, k, v, return_lse=True, **kw)
-    assert bool((o1.view(cp.uint16) == o2.view(cp.uint16)).all())
-    o3 = cuflash.attention(q, k, v, **{**kw, "seed": 43})
-    assert not bool((o1.view(cp.uint16) == o3.view(cp.uint16)).all())
-    with kernel_path(cp, "mma"):  # the kernel family of the dropout call (bit for bit)
+    with kernel_path(cp, path) as launched:  # one kernel family throughout (bit for bit)
+        o1, lse1 = cuflash.attention(q, k, v, return_lse=True, **kw)
+        o2, lse2 = cuflash.attention(q, k, v, return_lse=True, **kw)
+        assert bool((o1.view(cp.uint16) == o2.view(cp.uint16)).all())
+        o3 = cuflash.attention(q, k, v, **{**kw, "seed": 43})
+        assert not bool((o1.view(cp.uint16) == o3.view(cp.uint16)).all())
         o0, lse0 = cuflash.attention(q, k, v, causal=True, return_lse=True)
-    assert bool((lse0 == lse1).all()), "lse is that of P, before dropout"
-    dout = random_array(cp, o1.shape, "bfloat16", rng)
-    for det in (False, True):
-        g1 = cuflash.attention_backward(dout, q, k, v, o1, lse1, deterministic=det, **kw)
-        g2 = cuflash.attention_backward(dout, q, k, v, o1, lse1, deterministic=det, **kw)
+        assert bool((lse0 == lse1).all()), "lse is that of P, before dropout"
+        dout = random_array(cp, o1.shape, "bfloat16", rng)
+        grads = [cuflash.attention_backward(dout, q, k, v, o1, lse1, deterministic=det, **kw)
+                 for det in (False, False, True, True)]
+    assert bool(launched) == (path == "sm90")
+    for det, g1, g2 in ((False, *grads[:2]), (True, *grads[2:])):
         if det:
             for a, b in zip(g1, g2):
                 assert bool((a.view(cp.uint16) == b.view(cp.uint16)).all())

@@ -7,14 +7,15 @@ same-precision implementation (``gpu_util.scores`` rounds where it would), plus 
 Outputs and gradients are poisoned (NaN) before each call.
 """
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import (DTYPES, GRADS, check_grads, max_err, random_array, random_qkv,
-                      reference, to_f32, visible)
+from gpu_util import (DTYPES, GRADS, KERNEL_PATHS, check_grads, kernel_path, max_err,
+                      random_array, random_qkv, reference, to_f32, visible)
 from gpu_util import cp, poison_allocator  # noqa: F401
 
 pytestmark = pytest.mark.gpu
@@ -97,15 +98,25 @@ def check_forward(cp, q, k, v, name, causal, opts, out=None):
     return o, lse
 
 
-def check_case(cp, name, shape_q, shape_k, causal, opts, rng, **bwd_kwargs):
+def check_case(cp, name, shape_q, shape_k, causal, opts, rng, path=None, **bwd_kwargs):
+    """Forward and backward of one case; ``path``: run on that kernel family (gpu_util.
+    kernel_path) and, for "sm90", check that the Hopper kernels ran where they cover the
+    call (head dims of whole 16-byte rows; the backward up to d128, atomic dQ)."""
     q, k, v = random_qkv(cp, shape_q, shape_k, shape_k, name, rng)
     opts = make_options(cp, opts, shape_q)
-    o, lse = check_forward(cp, q, k, v, name, causal, opts)
-    dout = random_array(cp, o.shape, name, rng)
-    grads = cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal, **opts,
-                                       **bwd_kwargs)
+    family = kernel_path(cp, path) if path else contextlib.nullcontext([])
+    with family as launched:
+        o, lse = check_forward(cp, q, k, v, name, causal, opts)
+        dout = random_array(cp, o.shape, name, rng)
+        grads = cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal, **opts,
+                                           **bwd_kwargs)
     check_grads(cp, grads, q, k, v, dout, o, name, causal,
                 **ref_options(cp, opts, shape_q, shape_k[-2]))
+    if path == "sm90":
+        d, kinds = shape_q[-1], [kind for kind, _ in launched]
+        assert ("fwd" in kinds) == (d % 8 == 0), kinds
+        assert ("bwd" in kinds) == (d % 8 == 0 and d <= 128
+                                    and not bwd_kwargs.get("deterministic")), kinds
     return q, k, v, o, lse, dout, opts, grads
 
 
@@ -113,13 +124,15 @@ def check_case(cp, name, shape_q, shape_k, causal, opts, rng, **bwd_kwargs):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("option_set", OPTION_SETS)
 @pytest.mark.parametrize("name", DTYPES)
-def test_options_grid(cp, name, option_set, head_dim, seqlens):
-    """B=2, Hq=4, Hk=2 (GQA), forward and backward with each option set."""
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_options_grid(cp, path, name, option_set, head_dim, seqlens):
+    """B=2, Hq=4, Hk=2 (GQA), forward and backward with each option set, on both kernel
+    families."""
     causal, opts = OPTION_SETS[option_set]
     Lq, Lk = seqlens
     B = max(2, 32 // Lq)  # a 1-row case gets more rows, so that the max error is not a toss-up
     check_case(cp, name, (B, 4, Lq, head_dim), (B, 2, Lk, head_dim), causal, opts,
-               np.random.default_rng())
+               np.random.default_rng(), path=path)
 
 
 @pytest.mark.parametrize("seqlens", ((113, 203), (239, 1), (1023, 1024)),
@@ -134,20 +147,22 @@ def test_options_grid_deterministic(cp, name, option_set, head_dim, seqlens):
                np.random.default_rng(), deterministic=True)
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("window", [(0, 0), (0, -1), (-1, 5), (3000, 3000), (5, 5)])
-def test_window_edges(cp, window):
+def test_window_edges(cp, window, path):
     """Degenerate and oversized windows; Lq != Lk, so alignment matters."""
     check_case(cp, "bfloat16", (1, 2, 300, 64), (1, 2, 450, 64), False, {"window": window},
-               np.random.default_rng())
+               np.random.default_rng(), path=path)
     check_case(cp, "float16", (1, 2, 450, 96), (1, 2, 300, 96), False, {"window": window},
-               np.random.default_rng())
+               np.random.default_rng(), path=path)
 
 
-def test_window_rows_that_see_nothing(cp):
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_window_rows_that_see_nothing(cp, path):
     """Lq > Lk with window (0, 0): the first Lq - Lk rows see no key: out 0, lse -inf, dq 0."""
     q, k, v, o, lse, dout, opts, grads = check_case(
         cp, "float16", (1, 2, 400, 128), (1, 2, 130, 128), False, {"window": (0, 0)},
-        np.random.default_rng())
+        np.random.default_rng(), path=path)
     assert bool((to_f32(cp, grads[0])[:, :, :270] == 0).all())
 
 

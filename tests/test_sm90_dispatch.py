@@ -28,15 +28,16 @@ def fwd(q, k=None, v=None, out=None, **kw):
     k = k or FakeArray(q.shape, q.dtype)
     v = v or FakeArray(k.shape, q.dtype)
     out = out or FakeArray(q.shape, q.dtype)
-    args = dict(causal=False, scale=0.125, options_kernel=False, packed=None)
+    args = dict(causal=False, scale=0.125, options_kernel=False, dropout_kernel=False,
+                packed=None)
     args.update(kw)
     return _sm90.fwd_spec_for(q, k, v, out, **args)
 
 
 def bwd(q, k=None, **kw):
     k = k or FakeArray(q.shape, q.dtype)
-    args = dict(causal=True, scale=0.125, options_kernel=False, packed=None,
-                deterministic=False)
+    args = dict(causal=True, scale=0.125, options_kernel=False, dropout_kernel=False,
+                packed=None, deterministic=False)
     args.update(kw)
     x = FakeArray(q.shape, q.dtype)
     return _sm90.bwd_spec_for(q, k, FakeArray(k.shape, q.dtype), x, FakeArray(k.shape, q.dtype),
@@ -52,7 +53,17 @@ def test_plain_16bit_calls_take_the_hopper_kernels():
         assert spec is not None and spec.head_dim == 128 and spec.causal
 
 
-@pytest.mark.parametrize("why", ["float32", "options", "packed", "scale", "empty q", "empty k",
+@pytest.mark.parametrize("dropout", (False, True))
+def test_option_calls_take_the_hopper_kernels(dropout):
+    q = FakeArray((2, 4, 300, 64), "bfloat16")
+    for spec in (fwd(q, options_kernel=True, dropout_kernel=dropout),
+                 bwd(q, options_kernel=True, dropout_kernel=dropout)):
+        assert spec is not None and spec.options and spec.dropout == dropout
+        assert ("true, true>" if dropout else "true, false>") in spec.name_expression
+    assert not fwd(q).options and not bwd(q).dropout
+
+
+@pytest.mark.parametrize("why", ["float32", "packed", "scale", "empty q", "empty k",
                                  "head dim 36", "unaligned base", "odd row stride",
                                  "last dim strided", "dv != d"])
 def test_other_calls_fall_back(why):
@@ -61,8 +72,6 @@ def test_other_calls_fall_back(why):
     kw = {}
     if why == "float32":
         q = FakeArray((2, 4, 300, 64), "float32")
-    elif why == "options":
-        kw["options_kernel"] = True
     elif why == "packed":
         kw["packed"] = object()
     elif why == "scale":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: run it from the source tree, in one device call.
 #   bash tools/device_run.sh [tests] [sanitize] [racecheck] [compile-time] [bench] [tune]
-#                            [tune-bwd] [asv] [options-bench]
+#                            [tune-bwd] [asv] [options-bench] [diag]
 #   (default: all but the tile sweeps and asv)
 # PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py"),
 # BENCH_ARGS the benchmark (e.g. BENCH_ARGS="--direction bwd").
@@ -55,6 +55,10 @@ for s in $stages; do
       python3 tools/bench_options.py ${OPTIONS_BENCH_ARGS:-} --json "$OUT/options_bench.json" \
         > "$OUT/options_bench.txt" 2> "$OUT/options_bench_progress.txt"
       summary+=("options bench: rc=$?") ;;
+    diag)  # error spread of the options kernels, DIAG_ARGS e.g. "--variants --softcap"
+      PYTHONPATH=$PWD:$PWD/tests python3 tools/diag_options.py ${DIAG_ARGS:-} \
+        > "$OUT/diag_options.txt" 2>&1
+      summary+=("diag: rc=$?") ;;
     tune-bwd)
       python3 tools/tune_bwd.py ${TUNE_ARGS:-} > "$OUT/tune_bwd.txt" 2> "$OUT/tune_bwd_progress.txt"
       cat "$OUT/tune_bwd.txt" ;;
@@ -66,4 +70,5 @@ echo "================ summary ================"
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench.txt" ] && cat "$OUT/bench.txt"
 [ -f "$OUT/options_bench.txt" ] && cat "$OUT/options_bench.txt"
+[ -f "$OUT/diag_options.txt" ] && cat "$OUT/diag_options.txt"
 exit 0

@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from cuflash import _bench, _kernels, _sm90
+from cuflash import _bench, _dispatch, _kernels, _options, _sm90
 
 # (block_n, consumers, stages, overlap, pingpong)
 CANDIDATES = {
@@ -33,11 +33,14 @@ def impl_spec(spec):
         lse = cp.empty(q.shape[:-1], dtype=cp.float32)
         with _sm90.disabled():
             ref = _bench.impl_cuflash(q, k, v, causal)()
-        _sm90.forward(spec, q, k, v, out, lse, scale=scale)
+        plain = _dispatch._option_args(_options.NONE, scale, q.shape[2], k.shape[2], None,
+                                       q.shape[1], 0)
+        _sm90.forward(spec, q, k, v, out, lse, scale=scale, option_args=plain)
         d = float(cp.abs(_f32(cp, out) - _f32(cp, ref)).max())
         if not d < 0.05:
             raise RuntimeError(f"differs from the portable kernel by {d}")
-        return lambda: _sm90.forward(spec, q, k, v, out, lse, scale=scale)
+        return lambda: _sm90.forward(spec, q, k, v, out, lse, scale=scale,
+                                     option_args=plain)
     return make
 
 
