@@ -358,8 +358,9 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  *_i64(*dos[:3]), *_i64(*ls), np.int32(Lq), np.int32(stats_pad), np.int32(Dv),
                  cu_at[0]))
         if Lk and hopper is not None:
-            _sm90.backward_main(hopper, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
-                                seqlen_q_pad=stats_pad, scale=scale, option_args=option_args)
+            _hopper_backward(hopper, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
+                             stats_pad=stats_pad, scale=scale, options=options,
+                             option_args=option_args)
         elif Lk:
             accum = st(dq_accum) if dq_accum is not None else st(delta)  # unused if None
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
@@ -389,6 +390,33 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                 (st(dq_accum), at(dq), *_i64(*dqs[:3]), np.int32(Lq), np.int32(stats_pad),
                  np.int32(D), np.int32(accum_spec.head_dim),
                  *(np.int32(x) for x in accum_spec.dq_layout), np.float32(scale), cu_at[0]))
+
+
+def _hopper_backward(spec, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
+                     stats_pad: int, scale: float, options, option_args) -> None:
+    """The sm_90a main backward kernel; where it splits GQA groups over several blocks,
+    their float32 dK/dV partial sums are then converted by the dQ conversion kernel."""
+    cp = _cupy()
+    splits = _sm90.kv_splits(spec, q, k)
+    if splits == 1:
+        _sm90.backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
+                            seqlen_q_pad=stats_pad, scale=scale, option_args=option_args)
+        return
+    B, Hk, Lk = k.shape[:3]
+    rows = _sm90.dkv_accum_rows(spec, k)
+    dk_accum, dv_accum = (cp.zeros((B, Hk, rows, spec.head_dim), cp.float32) for _ in range(2))
+    _sm90.backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
+                        seqlen_q_pad=stats_pad, scale=scale, option_args=option_args,
+                        splits=splits, dk_accum=dk_accum, dv_accum=dv_accum)
+    threshold, dropout_scale, _ = options.dropout_args()
+    D = k.shape[3]
+    for accum, grad, factor in ((dk_accum, dk, scale),
+                                (dv_accum, dv, dropout_scale if threshold else 1.0)):
+        get_kernel(prep, prep.name_expressions[1])(
+            (-(-Lk * D // 256), Hk, B), (256, 1, 1),
+            (accum, grad, *_i64(*_elem_strides(grad)[:3]), np.int32(Lk), np.int32(rows),
+             np.int32(D), np.int32(spec.head_dim), *(np.int32(x) for x in spec.dq_layout),
+             np.float32(factor), _NULL))
 
 
 def dropout_mask(out, seqlen_q: int, seqlen_k: int, options, transposed: bool) -> None:

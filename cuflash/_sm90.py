@@ -129,21 +129,65 @@ def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_k
     return spec
 
 
+#: Blocks a backward launch should have before GQA groups are split over several (the
+#: kernel walks every query head of a group otherwise: few, long blocks balance badly).
+_BWD_MIN_BLOCKS_PER_SM = 8
+
+
+def kv_splits(spec, q, k) -> int:
+    """Blocks per (key tile, kv head) of the backward: the smallest divisor of the group
+    size that gives the launch ``_BWD_MIN_BLOCKS_PER_SM`` blocks per SM (1 without GQA)."""
+    B, Hq = q.shape[:2]
+    Hk, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hk
+    blocks = math.ceil(Lk / spec.block_n) * Hk * B
+    target = _BWD_MIN_BLOCKS_PER_SM * _sm_count()
+    for d in range(1, group + 1):
+        if group % d == 0 and (blocks * d >= target or d == group):
+            return d
+    return 1
+
+
+def dkv_accum_rows(spec, k) -> int:
+    """Rows per (batch, kv head) of the float32 dK/dV partial sums of a split launch."""
+    return math.ceil(k.shape[2] / spec.block_n) * spec.block_n
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _sm_count() -> int:
+    import cupy
+
+    return _sm_count_of(cupy.cuda.Device().id)
+
+
 def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
-                  seqlen_q_pad: int, scale: float, option_args: tuple) -> None:
+                  seqlen_q_pad: int, scale: float, option_args: tuple, splits: int = 1,
+                  dk_accum=None, dv_accum=None) -> None:
     """Launch the sm_90a backward kernel: dK and dV written, dQ added to ``dq_accum``
     (float32, zeroed, in ``spec.dq_layout`` fragment order); lse_log2 and delta from the
-    portable preprocess kernel; ``option_args`` as in :func:`forward`."""
+    portable preprocess kernel; ``option_args`` as in :func:`forward`. With ``splits`` > 1
+    (:func:`kv_splits`) dK and dV are instead added, unscaled, to ``dk_accum`` and
+    ``dv_accum`` (float32, zeroed, (B, Hk, dkv_accum_rows, head dim) in the same fragment
+    order), which the caller converts."""
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     fn = get_function(spec)
     dks, dvs = (tuple(s // 2 for s in x.strides) for x in (dk, dv))
+    null = np.uint64(0)
     args = (_encode(q, 64), _encode(k, spec.block_n), _encode(v, spec.block_n),
             _encode(dout, 64), lse_log2, delta, dq_accum, dk, dv,
-            *(np.int64(x) for x in (*dks[:3], *dvs[:3])), np.int32(Lq), np.int32(Lk),
+            *(np.int64(x) for x in (*dks[:3], *dvs[:3])),
+            null if dk_accum is None else dk_accum, null if dv_accum is None else dv_accum,
+            np.int32(splits), np.int32(Lq), np.int32(Lk),
             np.int32(seqlen_q_pad), np.int32(Hq), np.int32(D), np.int32(Hq // Hk),
             np.float32(scale * math.log2(math.e)), np.float32(scale), *option_args)
-    fn((math.ceil(Lk / spec.block_n), Hk, B), (spec.threads, 1, 1), args,
+    fn((math.ceil(Lk / spec.block_n), Hk * splits, B), (spec.threads, 1, 1), args,
        shared_mem=spec.smem_bytes)
 
 

@@ -121,28 +121,35 @@ struct Dropout {
 
   // apply_transposed in two halves, for kernels short of registers where the scores are
   // live: the keep mask as bits (bit (r kMTiles + m) 4 + e for entry [r][m][e], set =
-  // kept), computed before the scores arrive; then drop_transposed on the scores.
+  // kept), computed before the scores arrive, with half the generator calls (the lanes of
+  // a pair share theirs; all 32 lanes must call it); then drop_transposed on the scores.
   template <int kNRep, int kMTiles>
   CUFLASH_DEVICE u32 keep_bits_transposed(int key0, int query0, int lane) const {
     static_assert(kMTiles % 2 == 0 && kNRep * kMTiles * 4 <= 32, "one 32-bit mask");
-    const int g = lane >> 2, t = lane & 3;
+    const int g = lane >> 2, t = lane & 3, mine = g & 1;
     u32 bits = 0u;
 #pragma unroll
     for (int r = 0; r < kNRep; ++r)
 #pragma unroll
-      for (int mm = 0; mm < kMTiles / 2; ++mm)
+      for (int mm = 0; mm < kMTiles / 2; ++mm) {
+        // lanes g and g ^ 1 need the same two counters (queries 2t and 2t + 1): each
+        // generates one, and they swap the words
+        u32 w[4], other[4];
+        numbers(w, u32(key0 / 16 + r) * 4u + u32(g >> 1), u32(query0 + mm * 16 + 2 * t + mine));
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          u32 w[4];
-          numbers(w, u32(key0 / 16 + r) * 4u + u32(g >> 1), u32(query0 + mm * 16 + 2 * t + e));
+        for (int i = 0; i < 4; ++i) other[i] = __shfl_xor_sync(0xffffffffu, w[i], 4);
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
 #pragma unroll
           for (int half_tile = 0; half_tile < 2; ++half_tile)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
+              const int i = 2 * half_tile + h;
+              const u32 word = e == mine ? w[i] : other[i];
               const int bit = (r * kMTiles + 2 * mm + half_tile) * 4 + 2 * h + e;
-              if (keep(w[2 * half_tile + h], g & 1)) bits |= 1u << bit;
+              if (keep(word, g & 1)) bits |= 1u << bit;
             }
-        }
+      }
     return bits;
   }
   template <int kNRep, int kMTiles>

@@ -79,22 +79,21 @@ CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {
 }
 
 // P^T of a warp's 16 keys x 64 queries with the options (kOptions), one entry at a time:
-// the score transform (softcap, ALiBi; scores.cuh), exp2 against lse, the mask and
+// the score transform (kSoftcap, kAlibi; scores.cuh), exp2 against lse, the mask and
 // (kDropout, `dropout` on) the dropout of the entries whose `keep` bit is clear
 // (Dropout::keep_bits_transposed), which are negated: the backward's sign mark.
 // Gives P^T as dV's A fragments in `pf` (dropped entries 0) and leaves in `s` what dS^T
 // multiplies: P^T, times the softcap's 1 - tanh^2 (kept in float32, so no array of it
 // has to live beside the scores).
 // key0: the warp's first key; m0: the tile's first query; lse_row: lse * log2(e) of query m0.
-template <bool kIsBf16, bool kCausal, bool kDropout>
-CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4],
-                                               const ScoreMod<true>& scores,
-                                               const Mask<kCausal, true>& mask, bool masked,
-                                               bool dropout, u32 keep, const float* lse_row,
-                                               int key0, int m0, int lane) {
-  const bool softcap = scores.has_softcap(), transform = softcap || scores.has_alibi();
+template <bool kIsBf16, bool kCausal, bool kDropout, bool kSoftcap, bool kAlibi, bool kMasked>
+CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
+                                     const ScoreMod<true>& scores,
+                                     const Mask<kCausal, true>& mask, bool dropout,
+                                     u32 keep, const float* lse_row, int key0, int m0,
+                                     int lane) {
   // with neither softcap nor ALiBi the raw products are scaled inside the exp2
-  const float units = transform ? scores.units() : scores.scale_log2;
+  const float units = kSoftcap || kAlibi ? scores.units() : scores.scale_log2;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -105,11 +104,12 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
       for (int e = 0; e < 2; ++e) {
         const int query = j * 8 + (lane & 3) * 2 + e;  // within the tile
         float x = s[j][2 * h + e], t = 0.f;
-        if (transform) x = scores.score(x, m0 + query, key, t);
+        if (kSoftcap) x = t = tanh_softcap<false>(x * scores.softcap_in);
+        if (kAlibi) x = fmaf(scores.alibi, fabsf(float(m0 + query + scores.offset - key)), x);
         p[e] = exp2_approx(fmaf(x, units, -__ldg(lse_row + query)));
         // hidden entries are zeroed after the exp2 (not set to -inf before it)
-        if (masked && mask.hidden_at(m0 + query, key)) p[e] = 0.f;
-        s[j][2 * h + e] = softcap ? p[e] * fmaf(-t, t, 1.f) : p[e];
+        if (kMasked && mask.hidden_at(m0 + query, key)) p[e] = 0.f;
+        s[j][2 * h + e] = kSoftcap ? p[e] * fmaf(-t, t, 1.f) : p[e];
         if (kDropout && dropout && !((keep >> (j * 4 + 2 * h + e)) & 1u)) {
           s[j][2 * h + e] = -s[j][2 * h + e];
           p[e] = 0.f;
@@ -117,6 +117,37 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
       }
       pf[j >> 1][2 * (j & 1) + h] = pack2<kIsBf16>(p[0], p[1]);
     }
+}
+
+// probabilities_as with the run-time choices (transform, mask) taken once, outside its
+// loops.
+template <bool kIsBf16, bool kCausal, bool kDropout>
+CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4],
+                                               const ScoreMod<true>& scores,
+                                               const Mask<kCausal, true>& mask, bool masked,
+                                               bool dropout, u32 keep, const float* lse_row,
+                                               int key0, int m0, int lane) {
+  const auto run = [&](auto softcap, auto alibi) {
+    constexpr bool kSoftcap = decltype(softcap)::value, kAlibi = decltype(alibi)::value;
+    if (masked) {
+      probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, true>(
+          s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
+    } else {
+      probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, false>(
+          s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
+    }
+  };
+  if (scores.has_softcap()) {
+    if (scores.has_alibi()) {
+      run(BoolConst<true>{}, BoolConst<true>{});
+    } else {
+      run(BoolConst<true>{}, BoolConst<false>{});
+    }
+  } else if (scores.has_alibi()) {
+    run(BoolConst<false>{}, BoolConst<true>{});
+  } else {
+    run(BoolConst<false>{}, BoolConst<false>{});
+  }
 }
 
 template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
@@ -129,7 +160,9 @@ __global__ void __launch_bounds__(384, 1)
                           float* __restrict__ dq_accum, u16* __restrict__ dk,
                           u16* __restrict__ dv, i64 dk_batch_stride, i64 dk_head_stride,
                           i64 dk_row_stride, i64 dv_batch_stride, i64 dv_head_stride,
-                          i64 dv_row_stride, int seqlen_q, int seqlen_k, int seqlen_q_pad,
+                          i64 dv_row_stride, float* __restrict__ dk_accum,
+                          float* __restrict__ dv_accum, int kv_splits, int seqlen_q,
+                          int seqlen_k, int seqlen_q_pad,
                           int num_heads_q, int head_dim, int heads_per_kv, float scale_log2,
                           float scale, int window_left, int window_right, float softcap_in,
                           float softcap_out, const float* __restrict__ alibi_slopes,
@@ -139,14 +172,20 @@ __global__ void __launch_bounds__(384, 1)
   using T = BwdTraits<Elem, kHeadDim>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
-  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  // kv_splits > 1 (GQA with few blocks): the query heads of a group are split over
+  // kv_splits blocks, which add their dK and dV to dk_accum and dv_accum (float32, in the
+  // dQ buffer's fragment order, 64-key tiles) for a conversion pass to finish.
+  const int n_block = blockIdx.x, batch = blockIdx.z;
+  const int kv_head = blockIdx.y / kv_splits, split = blockIdx.y - kv_head * kv_splits;
+  const int heads = heads_per_kv / kv_splits;  // query heads of this block
+  const int head0 = kv_head * heads_per_kv + split * heads;
   const int n0 = n_block * T::kBlockN;
   const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
   // query tiles m_begin .. m_end - 1 of every query head of the group
   const int m_begin = mask.template m_block_min<T::kBlockM>(n0);
   const int m_end = kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0)
                              : (seqlen_q + T::kBlockM - 1) / T::kBlockM;
-  const int steps = max(m_end - m_begin, 0) * heads_per_kv;
+  const int steps = max(m_end - m_begin, 0) * heads;
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -171,7 +210,7 @@ __global__ void __launch_bounds__(384, 1)
       load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, n0, kv_head, batch);
       for (int it = 0; it < steps; ++it) {
         const int st = it % T::kStages;
-        const int head = kv_head * heads_per_kv + it / (m_end - m_begin);
+        const int head = head0 + it / (m_end - m_begin);
         const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
         mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
         mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes);
@@ -200,7 +239,7 @@ __global__ void __launch_bounds__(384, 1)
   if (steps > 0) mbar_wait(sm.kv_full(), 0);
   for (int it = 0; it < steps; ++it) {
     const int st = it % T::kStages;
-    const int head = kv_head * heads_per_kv + it / (m_end - m_begin);
+    const int head = head0 + it / (m_end - m_begin);
     const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
     const i64 stats = (i64(batch) * num_heads_q + head) * seqlen_q_pad;
     mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
@@ -359,6 +398,17 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   // ---- epilogue: dK * scale and dV, from registers (dropout: dV / (1 - p)) ----
+  if (kv_splits > 1) {  // partial sums; the conversion pass scales them
+    const i64 tile = ((i64(batch) * gridDim.y / kv_splits + kv_head) * (gridDim.x * 2) +
+                      n_block * 2 + wg) * 64 * kHeadDim;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const i64 frag = tile + (((warp + (j / 8) * 4) * 8 + j % 8) * 32 + lane) * 4;
+      red_add_f32x4(dk_accum + frag, dk_acc[j]);
+      red_add_f32x4(dv_accum + frag, dv_acc[j]);
+    }
+    return;
+  }
   const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

@@ -139,7 +139,7 @@ struct FwdConsumer {
   // for o_acc), and dropout of P (after the row sums: l_i normalises over every key).
   CUFLASH_DEVICE void softmax_scores(float (&s)[1][T::kNTiles][4], int n, float (&alpha)[1][2]) {
     if constexpr (kOptions) {
-      if (scores.has_softcap() || scores.has_alibi()) scores.apply(s, warp_row0, n * T::kBlockN, lane);
+      scores.apply_unswitched(s, warp_row0, n * T::kBlockN, lane);
     }
     if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
     const float slope = alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
     c.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
                                         seqlen_k - seqlen_q);
-    c.units_ = c.scores.has_softcap() || c.scores.has_alibi() ? c.scores.units() : scale_log2;
+    c.units_ = c.scores.units_or(scale_log2);
   }
   c.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
                                       dropout_bh0 + u32(batch) * gridDim.y + head);

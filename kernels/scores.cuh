@@ -119,6 +119,49 @@ struct ScoreMod {
         }
   }
 
+  // apply() with the run-time choice of transform taken once, outside the loops, so that
+  // each variant is straight-line code (the sm_90a kernels, whose softmax step runs beside
+  // asynchronous products, pay for every branch in it). Scores that neither a softcap nor
+  // ALiBi changes are left as they are: the caller scales them (units_or()).
+  template <int kMRep, int kNTiles>
+  CUFLASH_DEVICE void apply_unswitched(float (&s)[kMRep][kNTiles][4], int row0, int col0,
+                                       int lane) const {
+    if (has_softcap()) {
+      if (has_alibi()) {
+        apply_as<true, true>(s, row0, col0, lane);
+      } else {
+        apply_as<true, false>(s, row0, col0, lane);
+      }
+    } else if (has_alibi()) {
+      apply_as<false, true>(s, row0, col0, lane);
+    }
+  }
+  // The units of apply_unswitched's result, relative to log2 units; `raw_units` where it
+  // leaves the scores as they are.
+  CUFLASH_DEVICE float units_or(float raw_units) const {
+    return has_softcap() || has_alibi() ? units() : raw_units;
+  }
+
+  template <bool kSoftcap, bool kAlibi, int kMRep, int kNTiles>
+  CUFLASH_DEVICE void apply_as(float (&s)[kMRep][kNTiles][4], int row0, int col0,
+                               int lane) const {
+    const float dist0 = float(row0 + (lane >> 2) + offset - col0 - (lane & 3) * 2);
+#pragma unroll
+    for (int r = 0; r < kMRep; ++r)
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = kSoftcap ? tanh_softcap<kAccurateTanh>(s[r][n][e] * softcap_in)
+                             : s[r][n][e] * scale_log2;
+          if (kAlibi) {
+            const float dist = dist0 + float(r * 16 + (e >> 1) * 8 - n * 8 - (e & 1));
+            x = fmaf(alibi, fabsf(dist), x);
+          }
+          s[r][n][e] = x;
+        }
+  }
+
   // The same on transposed scores (rows are keys, columns are queries), as the backward
   // pass holds them; dtanh gets 1 - tanh^2 as pairs in the layout of pack_frags
   // (filled only with a softcap). Returns the units of the result, relative to log2

@@ -104,3 +104,16 @@ def test_backward_limits():
 def test_size_one_dims_ignore_their_strides():
     q = FakeArray((1, 1, 300, 64), strides=(7, 3, 128, 2))  # never-used odd strides
     assert fwd(q) is not None
+
+
+def test_backward_splits_gqa_groups_only_when_blocks_are_few(monkeypatch):
+    monkeypatch.setattr(_sm90, "_sm_count", lambda: 132)
+    spec = bwd(FakeArray((4, 16, 4096, 128)))
+    kv = lambda hk, L=4096, b=4: FakeArray((b, hk, L, 128))  # noqa: E731
+    q = FakeArray((4, 16, 4096, 128))
+    assert _sm90.kv_splits(spec, q, kv(16)) == 1          # MHA: 2048 blocks
+    assert _sm90.kv_splits(spec, q, kv(2)) == 8           # 8:1, 256 blocks: one head each
+    assert _sm90.kv_splits(spec, q, kv(4)) == 4           # 4:1, 512 blocks; 2 gives 1024
+    big = FakeArray((4, 16, 65536, 128))
+    assert _sm90.kv_splits(spec, big, kv(2, 65536)) == 1  # 4096 blocks already
+    assert _sm90.dkv_accum_rows(spec, kv(2, 300)) == 384
