@@ -121,32 +121,41 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
 
 // probabilities_as with the run-time choices (transform, mask) taken once, outside its
 // loops.
+template <bool kIsBf16, bool kCausal, bool kDropout, bool kSoftcap, bool kAlibi>
+CUFLASH_DEVICE void probabilities_masked_or_not(float (&s)[8][4], u32 (&pf)[4][4],
+                                                const ScoreMod<true>& scores,
+                                                const Mask<kCausal, true>& mask, bool masked,
+                                                bool dropout, u32 keep, const float* lse_row,
+                                                int key0, int m0, int lane) {
+  if (masked) {
+    probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, true>(
+        s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
+  } else {
+    probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, false>(
+        s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
+  }
+}
+
 template <bool kIsBf16, bool kCausal, bool kDropout>
 CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4],
                                                const ScoreMod<true>& scores,
                                                const Mask<kCausal, true>& mask, bool masked,
                                                bool dropout, u32 keep, const float* lse_row,
                                                int key0, int m0, int lane) {
-  const auto run = [&](auto softcap, auto alibi) {
-    constexpr bool kSoftcap = decltype(softcap)::value, kAlibi = decltype(alibi)::value;
-    if (masked) {
-      probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, true>(
-          s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
-    } else {
-      probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, false>(
-          s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
-    }
-  };
   if (scores.has_softcap()) {
     if (scores.has_alibi()) {
-      run(BoolConst<true>{}, BoolConst<true>{});
+      probabilities_masked_or_not<kIsBf16, kCausal, kDropout, true, true>(
+          s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
     } else {
-      run(BoolConst<true>{}, BoolConst<false>{});
+      probabilities_masked_or_not<kIsBf16, kCausal, kDropout, true, false>(
+          s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
     }
   } else if (scores.has_alibi()) {
-    run(BoolConst<false>{}, BoolConst<true>{});
+    probabilities_masked_or_not<kIsBf16, kCausal, kDropout, false, true>(
+        s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
   } else {
-    run(BoolConst<false>{}, BoolConst<false>{});
+    probabilities_masked_or_not<kIsBf16, kCausal, kDropout, false, false>(
+        s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
   }
 }
 

@@ -23,7 +23,8 @@ cat "$OUT/device.txt"
 for s in $stages; do
   case $s in
     tests)
-      python3 -m pytest -m gpu -q -rf -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 \
+      # (eval: PYTEST_ARGS may quote, e.g. -k "not mma")
+      eval "python3 -m pytest -m gpu -q -rf -p no:cacheprovider ${PYTEST_ARGS:-tests}" 2>&1 \
         | tee "$OUT/pytest.txt" | tail -n 25
       summary+=("tests: $(tail -n 1 "$OUT/pytest.txt")") ;;
     sanitize)
