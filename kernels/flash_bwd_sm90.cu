@@ -4,8 +4,8 @@
 // One thread block owns kBlockN = 128 keys of one (batch, kv head) and keeps K_j and V_j
 // in shared memory; dK_j and dV_j accumulate in registers while it walks the query tiles
 // (64 rows) of every query head of its group:
-//   warpgroup 0 (producer): one thread loads K_j, V_j once, then Q_i and dO_i into a ring
-//     of two stages (full/empty mbarriers)
+//   warpgroup 0 (producer): one thread loads K_j, V_j once, then Q_i and dO_i, with their
+//     rows' lse and delta, into a ring of two stages (full/empty mbarriers)
 //   warpgroups 1, 2 (consumers): 64 keys each; per query tile:
 //       S^T  = K Q_i^T            wgmma, both operands K-major in shared memory
 //       dP^T = V dO_i^T           wgmma
@@ -43,11 +43,12 @@ struct BwdTraits {
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;    // Q_i or dO_i
   static constexpr int kDSBytes = kBlockN * kBlockM * 2;    // dS^T, one buffer
+  static constexpr int kStatBytes = kBlockM * 4;            // lse_log2 or delta of Q_i's rows
   // dQ: each warpgroup computes 64 columns; at d64 warpgroup 0 alone
   static constexpr int kDQCols = 64;
   static constexpr int kDQGroups = kHeadDim / kDQCols;
   static constexpr int kSmemBytes =
-      1024 + 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDSBytes + 64;
+      1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "sm_90a backward: head dims 64 and 128");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
@@ -64,9 +65,12 @@ struct BwdSmem {
   CUFLASH_DEVICE u32 ds(int buf) const {
     return base + 2 * T::kKVBytes + 2 * T::kStages * T::kQBytes + buf * T::kDSBytes;
   }
-  CUFLASH_DEVICE u32 bar(int i) const {
-    return base + 2 * T::kKVBytes + 2 * T::kStages * T::kQBytes + 2 * T::kDSBytes + 8 * i;
+  CUFLASH_DEVICE u32 lse(int st) const {
+    return base + 2 * T::kKVBytes + 2 * T::kStages * T::kQBytes + 2 * T::kDSBytes +
+           st * T::kStatBytes;
   }
+  CUFLASH_DEVICE u32 delta(int st) const { return lse(T::kStages + st); }
+  CUFLASH_DEVICE u32 bar(int i) const { return lse(2 * T::kStages) + 8 * i; }
   CUFLASH_DEVICE u32 kv_full() const { return bar(0); }
   CUFLASH_DEVICE u32 qdo_full(int st) const { return bar(1 + 2 * st); }
   CUFLASH_DEVICE u32 qdo_empty(int st) const { return bar(2 + 2 * st); }
@@ -85,17 +89,19 @@ CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {
 // Gives P^T as dV's A fragments in `pf` (dropped entries 0) and leaves in `s` what dS^T
 // multiplies: P^T, times the softcap's 1 - tanh^2 (kept in float32, so no array of it
 // has to live beside the scores).
-// key0: the warp's first key; m0: the tile's first query; lse_row: lse * log2(e) of query m0.
-template <bool kIsBf16, bool kCausal, bool kDropout, bool kSoftcap, bool kAlibi, bool kMasked>
+// The plain kernels take it too (no transform, no dropout; `scores` unused).
+// key0: the warp's first key; m0: the tile's first query; lse_tile: the tile's lse * log2(e)
+// in shared memory; units: those of the raw products (scale * log2(e)) without a transform.
+template <bool kIsBf16, bool kDropout, bool kSoftcap, bool kAlibi, bool kMasked, class MaskT>
 CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
-                                     const ScoreMod<true>& scores,
-                                     const Mask<kCausal, true>& mask, bool dropout,
-                                     u32 keep, const float* lse_row, int key0, int m0,
-                                     int lane) {
-  // with neither softcap nor ALiBi the raw products are scaled inside the exp2
-  const float units = kSoftcap || kAlibi ? scores.units() : scores.scale_log2;
+                                     const ScoreMod<true>& scores, float raw_units,
+                                     const MaskT& mask, bool dropout, u32 keep, u32 lse_tile,
+                                     int key0, int m0, int lane) {
+  const float units = kSoftcap || kAlibi ? scores.units() : raw_units;
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < 8; ++j) {
+    float lse[2];
+    ld_shared_f2(lse[0], lse[1], lse_tile + (j * 8 + (lane & 3) * 2) * 4);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int key = key0 + (lane >> 2) + 8 * h;
@@ -104,9 +110,13 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
       for (int e = 0; e < 2; ++e) {
         const int query = j * 8 + (lane & 3) * 2 + e;  // within the tile
         float x = s[j][2 * h + e], t = 0.f;
-        if (kSoftcap) x = t = tanh_softcap<false>(x * scores.softcap_in);
+        if (kSoftcap) {
+          x = t = tanh_softcap<false>(x * scores.softcap_in);
+        } else if (kAlibi) {
+          x *= scores.scale_log2;
+        }
         if (kAlibi) x = fmaf(scores.alibi, fabsf(float(m0 + query + scores.offset - key)), x);
-        p[e] = exp2_approx(fmaf(x, units, -__ldg(lse_row + query)));
+        p[e] = exp2_approx(fmaf(x, units, -lse[e]));
         // hidden entries are zeroed after the exp2 (not set to -inf before it)
         if (kMasked && mask.hidden_at(m0 + query, key)) p[e] = 0.f;
         s[j][2 * h + e] = kSoftcap ? p[e] * fmaf(-t, t, 1.f) : p[e];
@@ -117,45 +127,43 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
       }
       pf[j >> 1][2 * (j & 1) + h] = pack2<kIsBf16>(p[0], p[1]);
     }
+  }
 }
 
 // probabilities_as with the run-time choices (transform, mask) taken once, outside its
 // loops.
-template <bool kIsBf16, bool kCausal, bool kDropout, bool kSoftcap, bool kAlibi>
+template <bool kIsBf16, bool kDropout, bool kSoftcap, bool kAlibi, class MaskT>
 CUFLASH_DEVICE void probabilities_masked_or_not(float (&s)[8][4], u32 (&pf)[4][4],
-                                                const ScoreMod<true>& scores,
-                                                const Mask<kCausal, true>& mask, bool masked,
-                                                bool dropout, u32 keep, const float* lse_row,
-                                                int key0, int m0, int lane) {
+                                                const ScoreMod<true>& scores, float raw_units,
+                                                const MaskT& mask, bool masked, bool dropout,
+                                                u32 keep, u32 lse_tile, int key0, int m0,
+                                                int lane) {
   if (masked) {
-    probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, true>(
-        s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
+    probabilities_as<kIsBf16, kDropout, kSoftcap, kAlibi, true>(
+        s, pf, scores, raw_units, mask, dropout, keep, lse_tile, key0, m0, lane);
   } else {
-    probabilities_as<kIsBf16, kCausal, kDropout, kSoftcap, kAlibi, false>(
-        s, pf, scores, mask, dropout, keep, lse_row, key0, m0, lane);
+    probabilities_as<kIsBf16, kDropout, kSoftcap, kAlibi, false>(
+        s, pf, scores, raw_units, mask, dropout, keep, lse_tile, key0, m0, lane);
   }
 }
 
-template <bool kIsBf16, bool kCausal, bool kDropout>
+template <bool kIsBf16, bool kDropout, class MaskT>
 CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4],
-                                               const ScoreMod<true>& scores,
-                                               const Mask<kCausal, true>& mask, bool masked,
-                                               bool dropout, u32 keep, const float* lse_row,
-                                               int key0, int m0, int lane) {
+                                               const ScoreMod<true>& scores, float raw_units,
+                                               const MaskT& mask, bool masked, bool dropout,
+                                               u32 keep, u32 lse_tile, int key0, int m0,
+                                               int lane) {
+  // (a softcap alone takes the softcap + ALiBi code with a zero slope: the same result,
+  // one multiply-add more an entry, and no spills, which its own variant had at d128)
   if (scores.has_softcap()) {
-    if (scores.has_alibi()) {
-      probabilities_masked_or_not<kIsBf16, kCausal, kDropout, true, true>(
-          s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
-    } else {
-      probabilities_masked_or_not<kIsBf16, kCausal, kDropout, true, false>(
-          s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
-    }
+    probabilities_masked_or_not<kIsBf16, kDropout, true, true>(
+        s, pf, scores, raw_units, mask, masked, dropout, keep, lse_tile, key0, m0, lane);
   } else if (scores.has_alibi()) {
-    probabilities_masked_or_not<kIsBf16, kCausal, kDropout, false, true>(
-        s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
+    probabilities_masked_or_not<kIsBf16, kDropout, false, true>(
+        s, pf, scores, raw_units, mask, masked, dropout, keep, lse_tile, key0, m0, lane);
   } else {
-    probabilities_masked_or_not<kIsBf16, kCausal, kDropout, false, false>(
-        s, pf, scores, mask, masked, dropout, keep, lse_row, key0, m0, lane);
+    probabilities_masked_or_not<kIsBf16, kDropout, false, false>(
+        s, pf, scores, raw_units, mask, masked, dropout, keep, lse_tile, key0, m0, lane);
   }
 }
 
@@ -222,8 +230,12 @@ __global__ void __launch_bounds__(384, 1)
         const int head = head0 + it / (m_end - m_begin);
         const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
         mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
-        mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes);
+        mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes + 2 * T::kStatBytes);
         load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, m0, head, batch);
+        // (the statistics have seqlen_q_pad rows a head: whole tiles, 16-byte aligned)
+        const i64 stats = (i64(batch) * num_heads_q + head) * seqlen_q_pad + m0;
+        bulk_load(sm.lse(st), lse_log2 + stats, T::kStatBytes, sm.qdo_full(st));
+        bulk_load(sm.delta(st), delta + stats, T::kStatBytes, sm.qdo_full(st));
         load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM, m0, head,
                                  batch);
       }
@@ -285,33 +297,21 @@ __global__ void __launch_bounds__(384, 1)
 
     // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
     u32 pf[4][4];  // P^T as A fragments (k = queries)
+    const int key0 = n0 + wg * 64 + warp * 16;  // this warp's first key
     if constexpr (kOptions) {
       const float slope = alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
       const auto scores = ScoreMod<true>::make(scale_log2, softcap_in, softcap_out, slope,
                                                mask.offset());
-      probabilities_with_options<T::kIsBf16, kCausal, kDropout>(
-          s, pf, scores, mask, mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n_block, m0),
-          dropout.active(), keep, lse_log2 + stats + m0, n0 + wg * 64 + warp * 16, m0, lane);
+      probabilities_with_options<T::kIsBf16, kDropout>(
+          s, pf, scores, scale_log2, mask,
+          mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n_block, m0), dropout.active(),
+          keep, sm.lse(st), key0, m0, lane);
     } else {
       const bool masked = n0 + T::kBlockN > seqlen_k ||
                           (kCausal && n0 + T::kBlockN - 1 > m0 + mask.offset());
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
-          const int key = key_row0 + (e >> 1) * 8;
-          float p = exp2_approx(fmaf(s[j][e], scale_log2, -__ldg(lse_log2 + stats + query)));
-          if (masked && (key >= seqlen_k || (kCausal && key > query + mask.offset()))) p = 0.f;
-          s[j][e] = p;
-        }
-      }
-      u32 tmp[1][4][4];
-      pack_frags<T::kPrec, 1, 64>(tmp, reinterpret_cast<const float(&)[1][8][4]>(s));
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) pf[kk][r] = tmp[0][kk][r];
+      probabilities_masked_or_not<T::kIsBf16, false, false, false>(
+          s, pf, ScoreMod<true>{}, scale_log2, mask, masked, false, 0u, sm.lse(st), key0, m0,
+          lane);
     }
     // dV += P^T dO_i (dO_i MN-major: its rows are the k dimension)
     wgmma_fence();
@@ -329,11 +329,12 @@ __global__ void __launch_bounds__(384, 1)
     // entry, whose dP^T counts as 0, and kept ones take dP^T / (1 - p)
     const bool dropped = kDropout && dropout_threshold != 0u;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 8; ++j) {
+      float delta_j[2];
+      ld_shared_f2(delta_j[0], delta_j[1], sm.delta(st) + (j * 8 + (lane & 3) * 2) * 4);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int query = m0 + j * 8 + (lane & 3) * 2 + (e & 1);
-        const float d = __ldg(delta + stats + query);
+        const float d = delta_j[e & 1];
         if (dropped) {
           const float dpz = s[j][e] >= 0.f ? dp[j][e] * dropout_scale : 0.f;
           dp[j][e] = fabsf(s[j][e]) * (dpz - d);
@@ -341,6 +342,7 @@ __global__ void __launch_bounds__(384, 1)
           dp[j][e] = s[j][e] * (dp[j][e] - d);
         }
       }
+    }
     u32 dsf[4][4];
     {
       u32 tmp[1][4][4];

@@ -121,30 +121,33 @@ struct ScoreMod {
 
   // apply() with the run-time choice of transform taken once, outside the loops, so that
   // each variant is straight-line code (the sm_90a kernels, whose softmax step runs beside
-  // asynchronous products, pay for every branch in it). Scores that neither a softcap nor
-  // ALiBi changes are left as they are: the caller scales them (units_or()).
+  // asynchronous products, pay for every branch in it). Without a softcap the scores stay
+  // in the raw products' units (scale * log2(e): the caller's exp2 scales them), ALiBi's
+  // bias divided by the scale; units_or() gives the result's units.
   template <int kMRep, int kNTiles>
   CUFLASH_DEVICE void apply_unswitched(float (&s)[kMRep][kNTiles][4], int row0, int col0,
                                        int lane) const {
     if (has_softcap()) {
       if (has_alibi()) {
-        apply_as<true, true>(s, row0, col0, lane);
+        apply_as<true, true>(s, row0, col0, lane, alibi);
       } else {
-        apply_as<true, false>(s, row0, col0, lane);
+        apply_as<true, false>(s, row0, col0, lane, 0.f);
       }
     } else if (has_alibi()) {
-      apply_as<false, true>(s, row0, col0, lane);
+      apply_as<false, true>(s, row0, col0, lane, alibi / scale_log2);
     }
   }
-  // The units of apply_unswitched's result, relative to log2 units; `raw_units` where it
-  // leaves the scores as they are.
+  // The units of apply_unswitched's result, relative to log2 units, given those of the raw
+  // products.
   CUFLASH_DEVICE float units_or(float raw_units) const {
-    return has_softcap() || has_alibi() ? units() : raw_units;
+    return has_softcap() ? units() : raw_units;
   }
 
+  // kSoftcap: c tanh(.) in units of c log2(e); else the raw products. kAlibi: plus
+  // `slope_units` |i + offset - j| (the bias in the result's units).
   template <bool kSoftcap, bool kAlibi, int kMRep, int kNTiles>
-  CUFLASH_DEVICE void apply_as(float (&s)[kMRep][kNTiles][4], int row0, int col0,
-                               int lane) const {
+  CUFLASH_DEVICE void apply_as(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane,
+                               float slope_units) const {
     const float dist0 = float(row0 + (lane >> 2) + offset - col0 - (lane & 3) * 2);
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
@@ -152,11 +155,10 @@ struct ScoreMod {
       for (int n = 0; n < kNTiles; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x = kSoftcap ? tanh_softcap<kAccurateTanh>(s[r][n][e] * softcap_in)
-                             : s[r][n][e] * scale_log2;
+          float x = kSoftcap ? tanh_softcap<kAccurateTanh>(s[r][n][e] * softcap_in) : s[r][n][e];
           if (kAlibi) {
             const float dist = dist0 + float(r * 16 + (e >> 1) * 8 - n * 8 - (e & 1));
-            x = fmaf(alibi, fabsf(dist), x);
+            x = fmaf(slope_units, fabsf(dist), x);
           }
           s[r][n][e] = x;
         }

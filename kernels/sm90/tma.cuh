@@ -69,6 +69,15 @@ CUFLASH_DEVICE void load_rows(u32 dst, const TensorMap& map, u32 bar, int rows, 
   }
 }
 
+// `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte aligned) from global
+// memory into `dst`, completing on `bar`.
+CUFLASH_DEVICE void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst), "l"(reinterpret_cast<u64>(src)), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
 CUFLASH_DEVICE void prefetch_tensor_map(const TensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(&map)) : "memory");
 }
