@@ -120,6 +120,13 @@ def check_case(cp, name, shape_q, shape_k, causal, opts, rng, path=None, **bwd_k
     return q, k, v, o, lse, dout, opts, grads
 
 
+def batch_for(Lq, Lk):
+    """Batch size of a grid case: one-row or one-key cases get more rows (with causal, a
+    single key is seen by a single query of each head), so that the max error is not a
+    toss-up: there dS is rounding noise around 0, in ours and in the plain reference."""
+    return max(2, 32 // min(Lq, Lk))
+
+
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("option_set", OPTION_SETS)
@@ -130,7 +137,7 @@ def test_options_grid(cp, path, name, option_set, head_dim, seqlens):
     families."""
     causal, opts = OPTION_SETS[option_set]
     Lq, Lk = seqlens
-    B = max(2, 32 // Lq)  # a 1-row case gets more rows, so that the max error is not a toss-up
+    B = batch_for(Lq, Lk)
     check_case(cp, name, (B, 4, Lq, head_dim), (B, 2, Lk, head_dim), causal, opts,
                np.random.default_rng(), path=path)
 
@@ -143,7 +150,8 @@ def test_options_grid(cp, path, name, option_set, head_dim, seqlens):
 def test_options_grid_deterministic(cp, name, option_set, head_dim, seqlens):
     causal, opts = OPTION_SETS[option_set]
     Lq, Lk = seqlens
-    check_case(cp, name, (1, 4, Lq, head_dim), (1, 2, Lk, head_dim), causal, opts,
+    B = batch_for(Lq, Lk) // 2
+    check_case(cp, name, (B, 4, Lq, head_dim), (B, 2, Lk, head_dim), causal, opts,
                np.random.default_rng(), deterministic=True)
 
 
