@@ -223,7 +223,8 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, spec=None,
                                     options_kernel=with_options, dropout_kernel=with_dropout,
                                     packed=packed)
         if hopper is not None:
-            _sm90.forward(hopper, q, k, v, out, lse, scale=scale, option_args=option_args)
+            _sm90.forward(hopper, q, k, v, out, lse, scale=scale, option_args=option_args,
+                          packed=packed)
             return
     if spec is None:
         vec = is_vec_aligned((q, k, v, out), D, Dv)
@@ -360,7 +361,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         if Lk and hopper is not None:
             _hopper_backward(hopper, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
                              stats_pad=stats_pad, scale=scale, options=options,
-                             option_args=option_args)
+                             option_args=option_args, packed=packed)
         elif Lk:
             accum = st(dq_accum) if dq_accum is not None else st(delta)  # unused if None
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
@@ -393,14 +394,15 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
 
 
 def _hopper_backward(spec, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
-                     stats_pad: int, scale: float, options, option_args) -> None:
+                     stats_pad: int, scale: float, options, option_args, packed) -> None:
     """The sm_90a main backward kernel; where it splits GQA groups over several blocks,
     their float32 dK/dV partial sums are then converted by the dQ conversion kernel."""
     cp = _cupy()
-    splits = _sm90.kv_splits(spec, q, k)
+    splits = _sm90.kv_splits(spec, q, k, packed)
     if splits == 1:
         _sm90.backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
-                            seqlen_q_pad=stats_pad, scale=scale, option_args=option_args)
+                            seqlen_q_pad=stats_pad, scale=scale, option_args=option_args,
+                            packed=packed)
         return
     B, Hk, Lk = k.shape[:3]
     rows = _sm90.dkv_accum_rows(spec, k)

@@ -73,10 +73,10 @@ def available(arch: int) -> bool:
 def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bool,
                  dropout_kernel: bool, packed) -> object:
     """The sm_90a forward spec for this call, or None where the portable kernel runs."""
-    if packed is not None or not scale > 0:
+    if not scale > 0:
         return None
     B, H, Lq, D = q.shape
-    if v.shape[3] != D or not _grid_ok(q, k):
+    if v.shape[3] != D or not _grid_ok(q, k, packed):
         return None
     spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal, options_kernel,
                                   dropout_kernel)
@@ -87,9 +87,12 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
     return spec
 
 
-def _grid_ok(q, k) -> bool:
-    """Non-empty sequences (a tensor map has no empty dims) and grid dims in range."""
+def _grid_ok(q, k, packed=None) -> bool:
+    """Non-empty arrays (a tensor map has no empty dims) and grid dims in range (packed:
+    one grid row per sequence)."""
     B, H, Lq, _ = q.shape
+    if packed is not None:
+        B = packed.batch
     return 0 < B <= _MAX_GRID_YZ and 0 < H <= _MAX_GRID_YZ and Lq > 0 and k.shape[2] > 0
 
 
@@ -117,10 +120,10 @@ def _pair_writable(*arrays) -> bool:
 def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_kernel: bool,
                  dropout_kernel: bool, packed, deterministic: bool) -> object:
     """The sm_90a backward spec for this call, or None where the portable kernels run."""
-    if packed is not None or deterministic or not scale > 0:
+    if deterministic or not scale > 0:
         return None
     B, H, Lq, D = q.shape
-    if v.shape[3] != D or not _grid_ok(q, k) or D % 8:
+    if v.shape[3] != D or not _grid_ok(q, k, packed) or D % 8:
         return None
     spec = _kernels.sm90_bwd_spec(np.dtype(q.dtype).name, D, causal, options_kernel,
                                   dropout_kernel)
@@ -134,9 +137,12 @@ def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_k
 _BWD_MIN_BLOCKS_PER_SM = 8
 
 
-def kv_splits(spec, q, k) -> int:
+def kv_splits(spec, q, k, packed=None) -> int:
     """Blocks per (key tile, kv head) of the backward: the smallest divisor of the group
-    size that gives the launch ``_BWD_MIN_BLOCKS_PER_SM`` blocks per SM (1 without GQA)."""
+    size that gives the launch ``_BWD_MIN_BLOCKS_PER_SM`` blocks per SM (1 without GQA,
+    and for packed sequences)."""
+    if packed is not None:
+        return 1
     B, Hq = q.shape[:2]
     Hk, Lk = k.shape[1], k.shape[2]
     group = Hq // Hk
@@ -168,15 +174,19 @@ def _sm_count() -> int:
 
 def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
                   seqlen_q_pad: int, scale: float, option_args: tuple, splits: int = 1,
-                  dk_accum=None, dv_accum=None) -> None:
+                  dk_accum=None, dv_accum=None, packed=None) -> None:
     """Launch the sm_90a backward kernel: dK and dV written, dQ added to ``dq_accum``
     (float32, zeroed, in ``spec.dq_layout`` fragment order); lse_log2 and delta from the
     portable preprocess kernel; ``option_args`` as in :func:`forward`. With ``splits`` > 1
     (:func:`kv_splits`) dK and dV are instead added, unscaled, to ``dk_accum`` and
     ``dv_accum`` (float32, zeroed, (B, Hk, dkv_accum_rows, head dim) in the same fragment
-    order), which the caller converts."""
+    order), which the caller converts. ``packed`` as in :func:`forward`."""
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
+    cu = (np.uint64(0), np.uint64(0))
+    if packed is not None:
+        B, Lq, Lk = packed.batch, packed.max_seqlen_q, packed.max_seqlen_k
+        cu = (packed.cu_seqlens_q, packed.cu_seqlens_k)
     fn = get_function(spec)
     dks, dvs = (tuple(s // 2 for s in x.strides) for x in (dk, dv))
     null = np.uint64(0)
@@ -186,7 +196,7 @@ def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
             null if dk_accum is None else dk_accum, null if dv_accum is None else dv_accum,
             np.int32(splits), np.int32(Lq), np.int32(Lk),
             np.int32(seqlen_q_pad), np.int32(Hq), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)), np.float32(scale), *option_args)
+            np.float32(scale * math.log2(math.e)), np.float32(scale), *option_args, *cu)
     fn((math.ceil(Lk / spec.block_n), Hk * splits, B), (spec.threads, 1, 1), args,
        shared_mem=spec.smem_bytes)
 
@@ -278,12 +288,18 @@ def _cached_cubin(spec) -> tuple[bytes, str]:
     return cubin, name
 
 
-def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple) -> None:
+def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple,
+            packed=None) -> None:
     """Launch the sm_90a forward kernel ``spec`` (from :func:`fwd_spec_for`) on
     (B, H, L, D) views (lse (B, H, Lq)); ``option_args``: the options' kernel arguments
-    (``_dispatch._option_args``), which a plain kernel ignores."""
+    (``_dispatch._option_args``), which a plain kernel ignores; ``packed``: packed
+    sequences (``_dispatch.Packed``; the views are then (1, H, total, D))."""
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
+    cu = (np.uint64(0), np.uint64(0))
+    if packed is not None:
+        B, Lq, Lk = packed.batch, packed.max_seqlen_q, packed.max_seqlen_k
+        cu = (packed.cu_seqlens_q, packed.cu_seqlens_k)
     t = spec.tile
     fn = get_function(spec)
     os_ = tuple(s // 2 for s in out.strides)
@@ -291,6 +307,6 @@ def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple) -> Non
     args = (_encode(q, t.block_m), _encode(k, t.block_n), _encode(v, t.block_n), out, lse,
             np.int64(os_[0]), np.int64(os_[1]), np.int64(os_[2]), np.int64(ls[0]),
             np.int64(ls[1]), np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)), *option_args)
+            np.float32(scale * math.log2(math.e)), *option_args, *cu)
     fn((math.ceil(Lq / t.block_m), Hq, B), (spec.threads, 1, 1), args,
        shared_mem=spec.smem_bytes)

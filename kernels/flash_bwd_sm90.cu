@@ -19,11 +19,14 @@
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
 //                                 columns of dQ, added to the float32 buffer by atomics
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
-// Scores and probabilities never reach global memory.
+// Scores and probabilities never reach global memory. Packed sequences as in
+// flash_fwd_sm90.cu: tiles past a sequence's end read the next one's rows, hidden by the
+// mask (queries: their lse is +inf, so P = 0).
 #include "common.cuh"
 #include "dropout.cuh"
 #include "mask.cuh"
 #include "scores.cuh"
+#include "seqlens.cuh"
 #include "warp_gemm.cuh"
 #include "sm90/tma.cuh"
 #include "sm90/wgmma.cuh"
@@ -167,6 +170,19 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
   }
 }
 
+// dP^T = V dO^T (64 keys x 64 queries), issued and committed, not awaited.
+template <class T>
+CUFLASH_DEVICE void issue_dp(float (&dp)[8][4], u32 v_rows, u32 dout_tile) {
+#pragma unroll
+  for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
+    const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
+    const u32 qcol = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
+    wgmma_ss<64, T::kIsBf16>(dp, smem_desc(v_rows + col, 16), smem_desc(dout_tile + qcol, 16),
+                             kk > 0);
+  }
+  wgmma_commit();
+}
+
 template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
@@ -184,9 +200,13 @@ __global__ void __launch_bounds__(384, 1)
                           float scale, int window_left, int window_right, float softcap_in,
                           float softcap_out, const float* __restrict__ alibi_slopes,
                           i64 alibi_batch_stride, u32 dropout_threshold, float dropout_scale,
-                          u64 dropout_seed, u32 dropout_bh0) {
+                          u64 dropout_seed, u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
+                          const int* __restrict__ cu_seqlens_k) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = BwdTraits<Elem, kHeadDim>;
+  // The options kernels at d128 have no registers for an in-flight dP^T beside the score
+  // transform: there dP^T = V dO^T is issued after P^T, together with dV's product.
+  constexpr bool kLateDP = kOptions && kHeadDim == 128;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
   // kv_splits > 1 (GQA with few blocks): the query heads of a group are split over
@@ -196,6 +216,13 @@ __global__ void __launch_bounds__(384, 1)
   const int kv_head = blockIdx.y / kv_splits, split = blockIdx.y - kv_head * kv_splits;
   const int heads = heads_per_kv / kv_splits;  // query heads of this block
   const int head0 = kv_head * heads_per_kv + split * heads;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k);
+  if (n_block * T::kBlockN >= seq.seqlen_k) return;  // packed: a shorter sequence
+  seqlen_q = seq.seqlen_q;
+  seqlen_k = seq.seqlen_k;
+  const int tm_batch = seq.packed ? 0 : batch;  // the tensor maps' batch coordinate
+  // row of this sequence's statistics, head 0 (seqlens.cuh)
+  const i64 stats0 = seq.stats_start(batch, num_heads_q, seqlen_q_pad);
   const int n0 = n_block * T::kBlockN;
   const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
   // query tiles m_begin .. m_end - 1 of every query head of the group
@@ -223,21 +250,24 @@ __global__ void __launch_bounds__(384, 1)
       prefetch_tensor_map(tm_q);
       prefetch_tensor_map(tm_do);
       mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
-      load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, n0, kv_head, batch);
-      load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, n0, kv_head, batch);
+      load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
+                               tm_batch);
+      load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
+                               tm_batch);
       for (int it = 0; it < steps; ++it) {
         const int st = it % T::kStages;
         const int head = head0 + it / (m_end - m_begin);
         const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
         mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
         mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes + 2 * T::kStatBytes);
-        load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, m0, head, batch);
+        load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
+                                 head, tm_batch);
         // (the statistics have seqlen_q_pad rows a head: whole tiles, 16-byte aligned)
-        const i64 stats = (i64(batch) * num_heads_q + head) * seqlen_q_pad + m0;
+        const i64 stats = stats0 + i64(head) * seqlen_q_pad + m0;
         bulk_load(sm.lse(st), lse_log2 + stats, T::kStatBytes, sm.qdo_full(st));
         bulk_load(sm.delta(st), delta + stats, T::kStatBytes, sm.qdo_full(st));
-        load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM, m0, head,
-                                 batch);
+        load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM,
+                                 seq.q_start + m0, head, tm_batch);
       }
     }
     return;
@@ -262,7 +292,7 @@ __global__ void __launch_bounds__(384, 1)
     const int st = it % T::kStages;
     const int head = head0 + it / (m_end - m_begin);
     const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
-    const i64 stats = (i64(batch) * num_heads_q + head) * seqlen_q_pad;
+    const i64 stats = stats0 + i64(head) * seqlen_q_pad;
     mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
 
     // S^T = K Q_i^T and dP^T = V dO_i^T (64 keys x 64 queries each)
@@ -278,21 +308,14 @@ __global__ void __launch_bounds__(384, 1)
                                kk > 0);
     }
     wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
-      const u32 qcol = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
-      wgmma_ss<64, T::kIsBf16>(dp, smem_desc(v_rows + col, 16),
-                               smem_desc(sm.dout(st) + qcol, 16), kk > 0);
-    }
-    wgmma_commit();
+    if constexpr (!kLateDP) issue_dp<T>(dp, v_rows, sm.dout(st));
     u32 keep = 0u;  // kDropout: the keep mask, computed while S^T is on the tensor cores
     if constexpr (kDropout) {
       if (dropout.active()) {
         keep = dropout.template keep_bits_transposed<1, 8>(n0 + wg * 64 + warp * 16, m0, lane);
       }
     }
-    wgmma_wait<1>();
+    wgmma_wait<kLateDP ? 0 : 1>();
     fence_regs(s);
 
     // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
@@ -315,6 +338,7 @@ __global__ void __launch_bounds__(384, 1)
     }
     // dV += P^T dO_i (dO_i MN-major: its rows are the k dimension)
     wgmma_fence();
+    if constexpr (kLateDP) issue_dp<T>(dp, v_rows, sm.dout(st));
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       wgmma_rs<kHeadDim, T::kIsBf16>(dv_acc, pf[kk],
@@ -425,10 +449,14 @@ __global__ void __launch_bounds__(384, 1)
   for (int h = 0; h < 2; ++h) {
     const int key = key_row0 + h * 8;
     if (key >= seqlen_k) continue;
-    u16* dk_row = dk + i64(batch) * dk_batch_stride + i64(kv_head) * dk_head_stride +
-                  i64(key) * dk_row_stride;
-    u16* dv_row = dv + i64(batch) * dv_batch_stride + i64(kv_head) * dv_head_stride +
-                  i64(key) * dv_row_stride;
+    // (the sequence's first key is read again here rather than held across the loop)
+    const SeqLens at = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0);
+    const i64 row = at.k_start + key;
+    const int b = at.packed ? 0 : batch;
+    u16* dk_row = dk + i64(b) * dk_batch_stride + i64(kv_head) * dk_head_stride +
+                  row * dk_row_stride;
+    u16* dv_row = dv + i64(b) * dv_batch_stride + i64(kv_head) * dv_head_stride +
+                  row * dv_row_stride;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
       const int col = j * 8 + (lane & 3) * 2;

@@ -16,10 +16,14 @@
 //     then o_acc / l_i and lse are written from registers.
 // The score matrix never reaches global memory. The host encodes the tensor maps and
 // picks the template arguments (cuflash/_sm90.py).
+// Packed sequences (cu_seqlens_q/k not null, seqlens.cuh): the tensor maps span the packed
+// rows, and a tile that runs past its sequence reads the next one's rows, which the mask
+// hides (weight exactly 0: they must be finite, as every row of a packed batch is).
 #include "common.cuh"
 #include "dropout.cuh"
 #include "mask.cuh"
 #include "scores.cuh"
+#include "seqlens.cuh"
 #include "softmax.cuh"
 #include "warp_gemm.cuh"
 #include "sm90/tma.cuh"
@@ -247,7 +251,8 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           float softcap_in, float softcap_out,
                           const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                           u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
-                          u32 dropout_bh0) {
+                          u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
+                          const int* __restrict__ cu_seqlens_k) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -258,6 +263,11 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int m0 = m_block * T::kBlockM;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k);
+  if (m0 >= seq.seqlen_q) return;  // packed: a shorter sequence than the grid's
+  seqlen_q = seq.seqlen_q;
+  seqlen_k = seq.seqlen_k;
+  const int tm_batch = seq.packed ? 0 : batch;  // the tensor maps' batch coordinate
   const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
   const int n_block_max = mask.template n_block_max<kBlockN>(m0, T::kBlockM);
   // key tiles n_block_max - 1 down to n_block_max - n_iters (a window's left edge)
@@ -288,19 +298,20 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
       const int kv_head = head / heads_per_kv;
       if (n_iters > 0) {
         mbar_expect_tx(sm.q_full(), T::kQBytes);
-        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, m0, head, batch);
+        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, seq.q_start + m0, head,
+                                 tm_batch);
       }
       for (int it = 0; it < n_iters; ++it) {
         const int n = n_block_max - 1 - it, st = it % kStages;
         const u32 parity = ((it / kStages) & 1) ^ 1;
         mbar_wait(sm.k_empty(st), parity);
         mbar_expect_tx(sm.k_full(st), T::kKVBytes);
-        load_rows<T::kColBlocks>(sm.k(st), tm_k, sm.k_full(st), kBlockN, n * kBlockN, kv_head,
-                                 batch);
+        load_rows<T::kColBlocks>(sm.k(st), tm_k, sm.k_full(st), kBlockN,
+                                 seq.k_start + n * kBlockN, kv_head, tm_batch);
         mbar_wait(sm.v_empty(st), parity);
         mbar_expect_tx(sm.v_full(st), T::kKVBytes);
-        load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN, n * kBlockN, kv_head,
-                                 batch);
+        load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN,
+                                 seq.k_start + n * kBlockN, kv_head, tm_batch);
       }
     }
     return;
@@ -349,8 +360,11 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   float lse_rows[1][2];
   c.softmax.finalize(c.o_acc, lse_rows, c.units(),
                      kDropout && c.dropout.active() ? dropout_scale : 1.f);
-  u16* o_tile = o + i64(batch) * o_batch_stride + i64(head) * o_head_stride;
-  float* lse_tile = lse + i64(batch) * lse_batch_stride + i64(head) * lse_head_stride;
+  // (the sequence's first row is read again here rather than held across the loop)
+  const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0).q_start;
+  u16* o_tile = o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
+                i64(row0) * o_row_stride;
+  float* lse_tile = lse + i64(tm_batch) * lse_batch_stride + i64(head) * lse_head_stride + row0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = c.warp_row0 + (lane >> 2) + 8 * h;

@@ -63,7 +63,17 @@ def test_option_calls_take_the_hopper_kernels(dropout):
     assert not fwd(q).options and not bwd(q).dropout
 
 
-@pytest.mark.parametrize("why", ["float32", "packed", "scale", "empty q", "empty k",
+def test_packed_calls_take_the_hopper_kernels():
+    q = FakeArray((1, 4, 3000, 64), "bfloat16")  # (1, H, total, D) views of packed rows
+    packed = type("Packed", (), {"batch": 7})()
+    assert fwd(q, packed=packed) is not None and bwd(q, packed=packed) is not None
+    packed.batch = 70000  # one grid row per sequence: past the grid's limit
+    assert fwd(q, packed=packed) is None and bwd(q, packed=packed) is None
+    spec = bwd(q)
+    assert _sm90.kv_splits(spec, q, FakeArray((1, 1, 3000, 64)), packed) == 1
+
+
+@pytest.mark.parametrize("why", ["float32", "scale", "empty q", "empty k",
                                  "head dim 36", "unaligned base", "odd row stride",
                                  "last dim strided", "dv != d"])
 def test_other_calls_fall_back(why):
@@ -72,8 +82,6 @@ def test_other_calls_fall_back(why):
     kw = {}
     if why == "float32":
         q = FakeArray((2, 4, 300, 64), "float32")
-    elif why == "packed":
-        kw["packed"] = object()
     elif why == "scale":
         kw["scale"] = -1.0
     elif why == "empty q":

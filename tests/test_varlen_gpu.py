@@ -1,12 +1,10 @@
 """GPU correctness of cuflash.attention_varlen and its backward (marked ``gpu``).
 
-Each packed sequence must give what cuflash.attention gives on that sequence alone: the
-same kernels visit the same tiles in the same order, so the forward output, lse, and the
-deterministic gradients are bit-identical. (Packed calls run the portable kernels, so the
-single-sequence calls here do too: on sm_90 a plain call would run the Hopper kernel,
-whose sums are ordered differently; tests/test_forward_gpu.py checks that one.) The
-default (atomic dQ) gradients are held to the tolerance rule against the float64
-reference, sequence by sequence. Outputs are poisoned (NaN) before each call.
+Each packed sequence must give what cuflash.attention gives on that sequence alone, on
+the same kernel family (portable or, on sm_90, Hopper): the same kernels visit the same
+tiles in the same order, so the forward output, lse, and the deterministic gradients are
+bit-identical. The default (atomic dQ) gradients are held to the tolerance rule against
+the float64 reference, sequence by sequence. Outputs are poisoned (NaN) before each call.
 """
 
 import math
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 import cuflash
-from gpu_util import (DTYPES, GRADS, check_grads, kernel_path, random_array,
+from gpu_util import (DTYPES, GRADS, KERNEL_PATHS, check_grads, kernel_path, random_array,
                       random_qkv, to_f32)
 from gpu_util import cp, poison_allocator  # noqa: F401
 
@@ -51,16 +49,20 @@ def bits(cp, x):
 @pytest.mark.parametrize("head_dim", (64, 128, 80))
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("name", DTYPES)
-def test_varlen_equals_each_sequence(cp, name, causal, head_dim, lengths, opt):
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_varlen_equals_each_sequence(cp, path, name, causal, head_dim, lengths, opt):
     rng = np.random.default_rng()
     lq, lk = LENGTHS[lengths]
     opts = OPTIONS[opt]
     q, k, v, cu_q, cu_k, hcu_q, hcu_k = packed(cp, name, lq, lk, 4, 2, head_dim, rng)
-    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
-                                        return_lse=True, **opts)
-    dout = random_array(cp, out.shape, name, rng)
-    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max(lq),
-                                              max(lk), causal=causal, **opts)
+    with kernel_path(cp, path) as launched:
+        out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk),
+                                            causal=causal, return_lse=True, **opts)
+        dout = random_array(cp, out.shape, name, rng)
+        grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max(lq),
+                                                  max(lk), causal=causal, **opts)
+    if path == "sm90":  # head dims 64, 80, 128: both Hopper kernels take packed calls
+        assert sorted({kind for kind, _ in launched}) == ["bwd", "fwd"]
     det = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max(lq),
                                             max(lk), causal=causal, deterministic=True, **opts)
     for x, label in ((out, "out"), (lse, "lse"), *zip(grads, GRADS), *zip(det, GRADS)):
@@ -68,7 +70,7 @@ def test_varlen_equals_each_sequence(cp, name, causal, head_dim, lengths, opt):
     for b in range(len(lq)):
         rq, rk = slice(int(hcu_q[b]), int(hcu_q[b + 1])), slice(int(hcu_k[b]), int(hcu_k[b + 1]))
         qs, ks, vs = seq_view(q, rq), seq_view(k, rk), seq_view(v, rk)
-        with kernel_path(cp, "mma"):
+        with kernel_path(cp, path):
             o1, l1 = cuflash.attention(qs, ks, vs, causal=causal, return_lse=True, **opts)
         assert bool((bits(cp, seq_view(out, rq)) == bits(cp, o1)).all()), f"out of sequence {b}"
         assert bool((bits(cp, lse[:, rq][None]) == bits(cp, l1)).all()), f"lse of sequence {b}"
