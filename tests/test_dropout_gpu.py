@@ -135,7 +135,10 @@ def test_dropout_varlen_equals_the_masked_reference(cp, deterministic):
         err, tol = max_err(cp, to_f32(cp, ob), ref_o), 2 * max_err(cp, pl_o, ref_o) + 1e-5
         assert err <= tol, (b, err, tol)
         gb = [g[r].swapaxes(0, 1)[None] for g, r in zip(grads, (rq, rk, rk))]
-        check_grads(cp, gb, qb, kb, vb, db, ob, "float16", True, **ropts)
+        # a one-key sequence has P = 1: its dS is rounding noise around an exact 0, in ours
+        # and in the plain reference alike, so only dv is held to the rule there
+        check_grads(cp, gb, qb, kb, vb, db, ob, "float16", True,
+                    ruled=GRADS if lk > 1 else ("dv",), **ropts)
 
 
 def test_dropout_grads_equal_between_atomic_and_deterministic(cp):

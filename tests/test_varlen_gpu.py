@@ -80,8 +80,11 @@ def test_varlen_equals_each_sequence(cp, path, name, causal, head_dim, lengths, 
             assert bool((bits(cp, seq_view(g, rows)) == bits(cp, g1)).all()), \
                 f"deterministic {label} of sequence {b}"
         if rq.stop > rq.start or rk.stop > rk.start:
+            # one key: P = 1 where it is seen, and dS is rounding noise around an exact 0, in
+            # ours and in the plain reference alike; only dv is held to the rule there
             check_grads(cp, [seq_view(g, rows) for g, rows in zip(grads, (rq, rk, rk))], qs, ks,
-                        vs, seq_view(dout, rq), o1, name, causal, **opts)
+                        vs, seq_view(dout, rq), o1, name, causal,
+                        ruled=GRADS if rk.stop - rk.start > 1 else ("dv",), **opts)
 
 
 def test_varlen_many_sequences_and_alibi(cp):
