@@ -5,7 +5,8 @@ float32 (tf32) and the dropout-mask kernels. On sm_90 devices the forward cases 
 both kernel families (the Hopper kernels, where they cover a call, and the portable ones).
 
     python3 tools/sanitize_cases.py [--small | --hopper]
-    (--small: a few cases, for racecheck; --hopper: two cases on the sm_90a kernels only)
+    (--small: a few cases, for racecheck; --hopper: the sm_90a kernels only: plain, GQA
+     split over blocks, the options, dropout, packed sequences)
 """
 
 import sys
@@ -31,7 +32,9 @@ cases = [((1, 2, 113, 64), (1, 2, 203, 64), True, {}), ((1, 1, 1, 40), (1, 1, 23
          ((1, 2, 77, 64), (1, 2, 99, 64), False, dict(options, dropout_p=0.1, seed=2)),
          ((1, 2, 700, 128), (1, 2, 900, 128), True, {}), ((1, 2, 333, 192), (1, 2, 555, 192), False, {})]
 if "--hopper" in sys.argv:
-    cases = [((1, 4, 300, 128), (1, 2, 500, 128), True, {}), ((2, 2, 130, 64), (2, 2, 77, 64), False, {})]
+    cases = [((1, 4, 300, 128), (1, 2, 500, 128), True, {}), ((2, 2, 130, 64), (2, 2, 77, 64), False, {}),
+             ((1, 4, 300, 128), (1, 2, 260, 128), False, dict(options, alibi_slopes=slopes)),
+             ((1, 2, 77, 64), (1, 2, 99, 64), True, dict(options, dropout_p=0.1, seed=2))]
 if "--small" in sys.argv:
     cases = [cases[0], cases[2], cases[4], cases[7], cases[10], cases[12]]
 HOPPER_ONLY = "--hopper" in sys.argv
@@ -47,13 +50,10 @@ for dtype in ("float16", "bfloat16") if HOPPER_ONLY else ("float16", "bfloat16",
         for deterministic in (False, True):
             cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
                                        deterministic=deterministic, **opts)
-if HOPPER_ONLY:
-    print("sanitizer cases done")
-    sys.exit(0)
 # packed sequences, with a 0- and a 1-row one
 lengths = [0, 1, 130, 77]
 cu = cp.asarray([0] + list(np.cumsum(lengths)), dtype=cp.int32)
-for dtype in ("float16", "bfloat16", "float32"):
+for dtype in ("float16", "bfloat16") if HOPPER_ONLY else ("float16", "bfloat16", "float32"):
     q = _bench.random_array((int(cu[-1]), 4, 64), dtype, rs)
     k = _bench.random_array((int(cu[-1]), 2, 64), dtype, rs)
     v = _bench.random_array((int(cu[-1]), 2, 64), dtype, rs)
@@ -63,6 +63,10 @@ for dtype in ("float16", "bfloat16", "float32"):
     for deterministic in (False, True):
         cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, 130, 130,
                                           causal=True, deterministic=deterministic, softcap=2.0)
+if HOPPER_ONLY:
+    cp.cuda.runtime.deviceSynchronize()
+    print("sanitizer cases done")
+    sys.exit(0)
 x = cp.empty((2, 3, 113, 8), cp.float16)
 for transposed in (False, True):
     cuflash.dropout_mask(x, x[:, :, :50], dropout_p=0.2, seed=1, transposed=transposed)
