@@ -7,6 +7,7 @@ test_backward_gpu.py): the adapters must give what ``cuflash.attention`` and
 """
 
 import math
+import gc
 import os
 import pathlib
 import sys
@@ -22,8 +23,19 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Tests of this module share the GPU with JAX: no 75% preallocation by XLA.
+# Tests of this module share the GPU with JAX: no 75% preallocation by XLA, and buffers
+# handed back when freed (the modules that run after this one need the memory).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_framework_memory():
+    """Give torch's cached blocks back after this module: CuPy tests that run later
+    allocate from the same device."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
