@@ -6,8 +6,8 @@ test_backward_gpu.py): the adapters must give what ``cuflash.attention`` and
 ``cuflash.attention_backward`` give on the same memory.
 """
 
-import math
 import gc
+import math
 import os
 import pathlib
 import sys
