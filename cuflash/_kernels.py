@@ -537,10 +537,6 @@ def _option_tag(options: bool, dropout: bool) -> str:
     return " +dropout" if dropout else (" +options" if options else "")
 
 
-#: The variants of each sm_90a kernel: (options, dropout).
-SM90_OPTION_KINDS = ((False, False), (True, False), (True, True))
-
-
 def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
                   dropout: bool = False) -> Sm90FwdSpec | None:
     """The sm_90a forward kernel for real head dim ``head_dim``, or None where there is none
@@ -610,10 +606,10 @@ def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False
 def shipped_sm90_specs() -> list:
     return ([Sm90FwdSpec(dtype, d, causal, tile, options, dropout)
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
-             for causal in (False, True) for options, dropout in SM90_OPTION_KINDS]
+             for causal in (False, True) for options, dropout in KERNEL_FAMILIES]
             + [Sm90BwdSpec(dtype, d, causal, options, dropout)
                for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
-               for causal in (False, True) for options, dropout in SM90_OPTION_KINDS])
+               for causal in (False, True) for options, dropout in KERNEL_FAMILIES])
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:
