@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: run it from the source tree, in one device call.
 #   bash tools/device_run.sh [tests] [sanitize] [racecheck] [compile-time] [bench] [tune]
-#                            [tune-bwd] [asv] [options-bench] [diag]
+#                            [tune-bwd] [asv] [options-bench] [diag] [matmul]
 #   (default: all but the tile sweeps and asv)
 # PYTEST_ARGS narrows the test stage (e.g. PYTEST_ARGS="-x tests/test_backward_gpu.py"),
 # BENCH_ARGS the benchmark (e.g. BENCH_ARGS="--direction bwd").
@@ -39,6 +39,9 @@ for s in $stages; do
         python3 tools/sanitize_cases.py --small > "$OUT/racecheck.txt" 2>&1
       rc=$?; tail -n 5 "$OUT/racecheck.txt"
       summary+=("racecheck: rc=$rc $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.txt" | tail -n 1)") ;;
+    matmul)  # the card's bf16 matmul rate, to read attention TFLOP/s against
+      python3 tools/matmul_peak.py 2>&1 | tee "$OUT/matmul.txt"
+      summary+=("$(head -n 1 "$OUT/matmul.txt")") ;;
     compile-time)
       python3 -m cuflash compile-time 2>&1 | tee "$OUT/compile_time.txt"
       summary+=("compile: $(tail -n 1 "$OUT/compile_time.txt")") ;;
