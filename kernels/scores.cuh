@@ -105,7 +105,13 @@ struct ScoreMod {
           float t;
           s[r][n][e] = capped(s[r][n][e], t);
         }
-    if (!has_alibi()) return;
+    if (has_alibi()) add_alibi(s, row0, col0, lane, alibi);
+  }
+
+  // s += slope_units |i + offset - j| on scores in mma C layout (as apply()).
+  template <int kMRep, int kNTiles>
+  CUFLASH_DEVICE void add_alibi(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane,
+                                float slope_units) const {
     // i + offset - j of each element: a per-thread float plus a compile-time step
     const float dist0 = float(row0 + (lane >> 2) + offset - col0 - (lane & 3) * 2);
 #pragma unroll
@@ -115,7 +121,7 @@ struct ScoreMod {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float dist = dist0 + float(r * 16 + (e >> 1) * 8 - n * 8 - (e & 1));
-          s[r][n][e] = fmaf(alibi, fabsf(dist), s[r][n][e]);
+          s[r][n][e] = fmaf(slope_units, fabsf(dist), s[r][n][e]);
         }
   }
 
@@ -148,20 +154,17 @@ struct ScoreMod {
   template <bool kSoftcap, bool kAlibi, int kMRep, int kNTiles>
   CUFLASH_DEVICE void apply_as(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane,
                                float slope_units) const {
-    const float dist0 = float(row0 + (lane >> 2) + offset - col0 - (lane & 3) * 2);
+    if (kSoftcap) {
 #pragma unroll
-    for (int r = 0; r < kMRep; ++r)
+      for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n)
+        for (int n = 0; n < kNTiles; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = kSoftcap ? tanh_softcap<kAccurateTanh>(s[r][n][e] * softcap_in) : s[r][n][e];
-          if (kAlibi) {
-            const float dist = dist0 + float(r * 16 + (e >> 1) * 8 - n * 8 - (e & 1));
-            x = fmaf(slope_units, fabsf(dist), x);
+          for (int e = 0; e < 4; ++e) {
+            s[r][n][e] = tanh_softcap<kAccurateTanh>(s[r][n][e] * softcap_in);
           }
-          s[r][n][e] = x;
-        }
+    }
+    if (kAlibi) add_alibi(s, row0, col0, lane, slope_units);
   }
 
   // The same on transposed scores (rows are keys, columns are queries), as the backward
