@@ -70,6 +70,7 @@ def clear_kernel_cache() -> None:
     """Forget the in-memory modules (CuPy's on-disk cache is kept) and spec choices."""
     _kernel_cache.clear()
     _spec_cache.clear()
+    _sm90._functions.clear()
 
 
 def _elem_strides(x) -> tuple[int, ...]:

@@ -266,8 +266,9 @@ def _cache_dir() -> Path:
 
 def _cached_cubin(spec) -> tuple[bytes, str]:
     """The cubin of ``spec`` and its kernel's lowered name, from the disk cache or compiled
-    (then cached). The key covers the spec, every kernel source and the NVRTC version."""
-    key = hashlib.sha256(f"{spec.name_expression}|{_kernels.source_hash()}|"
+    (then cached). The key covers the spec, the NVRTC options (every kernel source's hash and
+    any probe's extra options among them) and the NVRTC version."""
+    key = hashlib.sha256(f"{spec.name_expression}|{' '.join(_kernels.compile_options())}|"
                          f"{_nvrtc.version()}".encode()).hexdigest()[:32]
     path = _cache_dir() / f"cuflash_sm90_{key}.cubin"
     try:
