@@ -163,25 +163,6 @@ CUFLASH_DEVICE float exp2_approx(float x) {
   return y;
 }
 
-// 2^x on the FMA pipe, for kernels whose special-function unit is the bottleneck (the
-// softcap forward: tanh and exp2 an entry). x = j + f with j = round(x) and |f| <= 1/2:
-// 2^f from a degree-4 minimax polynomial (relative error 2.7e-6, below ex2.approx's
-// effect on a 16-bit P), 2^j as the exponent bits of a float. Below -127 (and -inf, a
-// masked score) the result is exactly 0, as ex2.approx.ftz gives.
-CUFLASH_DEVICE float exp2_fma(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound has round(x) in its low bits
-  x = fmaxf(x, -127.f);
-  const float shifted = __fadd_rn(x, kRound);
-  const float f = __fsub_rn(x, __fsub_rn(shifted, kRound));
-  float p = fmaf(f, 0.009570102f, 0.055917859f);
-  p = fmaf(p, f, 0.240247443f);
-  p = fmaf(p, f, 0.693121791f);
-  p = fmaf(p, f, 0.999999285f);
-  // (bits(shifted) << 23) is j << 23 (kRound's bits vanish); j = -127 gives the float 0.
-  const float pow2_j = __int_as_float((__float_as_int(shifted) << 23) + 0x3f800000);
-  return p * pow2_j;
-}
-
 CUFLASH_DEVICE float log2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -29,16 +29,7 @@
 #include "sm90/tma.cuh"
 #include "sm90/wgmma.cuh"
 
-// With a softcap the consumers issue two special-function instructions an entry (tanh,
-// exp2), as many cycles as the products take: this many of every 8 n8 tiles of scores
-// take their exp2 on the FMA pipe instead (exp2_fma). A macro for tuning probes.
-#ifndef CUFLASH_SOFTCAP_EXP2_FMA_PER8
-#define CUFLASH_SOFTCAP_EXP2_FMA_PER8 4
-#endif
-
 namespace cuflash {
-
-constexpr int kSoftcapExp2FmaPer8 = CUFLASH_SOFTCAP_EXP2_FMA_PER8;
 namespace sm90 {
 
 template <class Elem, int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_,
@@ -157,11 +148,7 @@ struct FwdConsumer {
     if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
     }
-    if (scores.has_softcap()) {  // (tanh and exp2: a share of the exp2s on the FMA pipe)
-      softmax.template update_scores<true, kSoftcapExp2FmaPer8>(s, alpha, units());
-    } else {
-      softmax.template update_scores<true>(s, alpha, units());
-    }
+    softmax.template update_scores<true>(s, alpha, units());
     if constexpr (kDropout) {
       if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
     }
