@@ -337,8 +337,14 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
     lse_log2 = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
     delta = cp.empty((nb_stats, Hq, stats_pad), dtype=cp.float32)
     accum_spec = main if hopper is None else hopper  # the kernel that fills dq_accum
-    dq_accum = None if deterministic else cp.zeros(
+    # (the deterministic mode's portable kernels write dQ in a pass of their own; the
+    # sm_90a kernel adds to dq_accum in a fixed order, taking turns by dq_sem)
+    dq_accum = None if deterministic and hopper is None else cp.zeros(
         (nb_stats, Hq, stats_pad, accum_spec.head_dim), cp.float32)
+    dq_sem = None
+    if deterministic and hopper is not None:
+        dq_sem = cp.zeros(_sm90.dq_sem_size(nb_stats * Hq * stats_pad), cp.int32)
+        dq_pass = None
     cu = (_NULL, _NULL) if packed is None else (packed.cu_seqlens_q, packed.cu_seqlens_k)
     qs, ks, vs, dos, os_, dqs, dks, dvs = (
         _elem_strides(x) for x in (q, k, v, dout, out, dq, dk, dv))
@@ -362,7 +368,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
         if Lk and hopper is not None:
             _hopper_backward(hopper, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
                              stats_pad=stats_pad, scale=scale, options=options,
-                             option_args=option_args, packed=packed)
+                             option_args=option_args, packed=packed, dq_sem=dq_sem)
         elif Lk:
             accum = st(dq_accum) if dq_accum is not None else st(delta)  # unused if None
             # causal: (heads, batch, key tiles), heaviest tiles first (kernels/flash_bwd.cu)
@@ -395,15 +401,17 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
 
 
 def _hopper_backward(spec, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
-                     stats_pad: int, scale: float, options, option_args, packed) -> None:
+                     stats_pad: int, scale: float, options, option_args, packed,
+                     dq_sem=None) -> None:
     """The sm_90a main backward kernel; where it splits GQA groups over several blocks,
-    their float32 dK/dV partial sums are then converted by the dQ conversion kernel."""
+    their float32 dK/dV partial sums are then converted by the dQ conversion kernel.
+    ``dq_sem``: the deterministic mode's turns (:func:`_sm90.backward_main`)."""
     cp = _cupy()
-    splits = _sm90.kv_splits(spec, q, k, packed)
+    splits = _sm90.kv_splits(spec, q, k, packed, deterministic=dq_sem is not None)
     if splits == 1:
         _sm90.backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
                             seqlen_q_pad=stats_pad, scale=scale, option_args=option_args,
-                            packed=packed)
+                            packed=packed, dq_sem=dq_sem)
         return
     B, Hk, Lk = k.shape[:3]
     rows = _sm90.dkv_accum_rows(spec, k)

@@ -10,7 +10,7 @@ The kernels take the score options (window, softcap, ALiBi) and dropout. Calls t
 they do not cover run the portable kernels: other devices, float32, packed sequences,
 head dims that are not a whole number of 16-byte rows, Dv != D, views whose strides or
 base addresses the copy engine cannot take (16-byte multiples), and in the backward pass
-head dims above 128 and the deterministic mode. ``CUFLASH_SM90=0`` turns this path off.
+head dims above 128. ``CUFLASH_SM90=0`` turns this path off.
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ def _pair_writable(*arrays) -> bool:
 
 def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_kernel: bool,
                  dropout_kernel: bool, packed, deterministic: bool) -> object:
-    """The sm_90a backward spec for this call, or None where the portable kernels run."""
-    if deterministic or not scale > 0:
+    """The sm_90a backward spec for this call, or None where the portable kernels run.
+    ``deterministic``: the kernel then adds to each dQ tile in a fixed order (dQ
+    semaphores, :func:`backward_main`), and GQA groups are not split (:func:`kv_splits`)."""
+    if not scale > 0:
         return None
     B, H, Lq, D = q.shape
     if v.shape[3] != D or not _grid_ok(q, k, packed) or D % 8:
@@ -137,11 +139,12 @@ def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_k
 _BWD_MIN_BLOCKS_PER_SM = 8
 
 
-def kv_splits(spec, q, k, packed=None) -> int:
+def kv_splits(spec, q, k, packed=None, deterministic: bool = False) -> int:
     """Blocks per (key tile, kv head) of the backward: the smallest divisor of the group
     size that gives the launch ``_BWD_MIN_BLOCKS_PER_SM`` blocks per SM (1 without GQA,
-    and for packed sequences)."""
-    if packed is not None:
+    for packed sequences, and in the deterministic mode, whose dK and dV must not be sums
+    of atomics)."""
+    if packed is not None or deterministic:
         return 1
     B, Hq = q.shape[:2]
     Hk, Lk = k.shape[1], k.shape[2]
@@ -152,6 +155,12 @@ def kv_splits(spec, q, k, packed=None) -> int:
         if group % d == 0 and (blocks * d >= target or d == group):
             return d
     return 1
+
+
+def dq_sem_size(stats_rows: int) -> int:
+    """int32 entries of the deterministic mode's dQ turns: one per 64-row tile of the
+    statistics (``stats_rows`` rows in all, a multiple of 64) and 64-column block of dQ."""
+    return stats_rows // 64 * 2
 
 
 def dkv_accum_rows(spec, k) -> int:
@@ -174,13 +183,15 @@ def _sm_count() -> int:
 
 def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
                   seqlen_q_pad: int, scale: float, option_args: tuple, splits: int = 1,
-                  dk_accum=None, dv_accum=None, packed=None) -> None:
+                  dk_accum=None, dv_accum=None, packed=None, dq_sem=None) -> None:
     """Launch the sm_90a backward kernel: dK and dV written, dQ added to ``dq_accum``
     (float32, zeroed, in ``spec.dq_layout`` fragment order); lse_log2 and delta from the
     portable preprocess kernel; ``option_args`` as in :func:`forward`. With ``splits`` > 1
     (:func:`kv_splits`) dK and dV are instead added, unscaled, to ``dk_accum`` and
     ``dv_accum`` (float32, zeroed, (B, Hk, dkv_accum_rows, head dim) in the same fragment
-    order), which the caller converts. ``packed`` as in :func:`forward`."""
+    order), which the caller converts. ``packed`` as in :func:`forward`. ``dq_sem``: the
+    deterministic mode's turns, int32 zeros, two per 64 rows of the statistics
+    (:func:`dq_sem_size`); the blocks then add to each dQ tile in key-tile order."""
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     cu = (np.uint64(0), np.uint64(0))
@@ -196,7 +207,8 @@ def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
             null if dk_accum is None else dk_accum, null if dv_accum is None else dv_accum,
             np.int32(splits), np.int32(Lq), np.int32(Lk),
             np.int32(seqlen_q_pad), np.int32(Hq), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)), np.float32(scale), *option_args, *cu)
+            np.float32(scale * math.log2(math.e)), np.float32(scale), *option_args, *cu,
+            null if dq_sem is None else dq_sem)
     fn((math.ceil(Lk / spec.block_n), Hk * splits, B), (spec.threads, 1, 1), args,
        shared_mem=spec.smem_bytes)
 

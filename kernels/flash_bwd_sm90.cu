@@ -19,6 +19,8 @@
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
 //                                 columns of dQ, added to the float32 buffer by atomics
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
+// Deterministic mode (dq_sem given): the blocks add to each dQ tile in the order of their
+// key tiles (DqTurn), so every run sums in the same order.
 // Scores and probabilities never reach global memory. Packed sequences as in
 // flash_fwd_sm90.cu: tiles past a sequence's end read the next one's rows, hidden by the
 // mask (queries: their lse is +inf, so P = 0).
@@ -170,6 +172,44 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
   }
 }
 
+// The deterministic mode's turns: the key tiles that reach a dQ tile are consecutive
+// (the mask's query-tile range grows with the key tile), and each adds its part after its
+// predecessor n_block - 1 has added its own. dq_sem holds, per dQ tile and warpgroup
+// column block, the number of the next key tile to add (0 at the start of the call);
+// blocks start in order of blockIdx.x, so a predecessor is running or done.
+struct DqTurn {
+  int* sem;          // nullptr: not deterministic (atomics in any order)
+  int n_block;       // this block's key tile
+  int pred_begin, pred_end;  // query tiles the predecessor reaches (empty if none)
+
+  CUFLASH_DEVICE bool on() const { return sem != nullptr; }
+  // (stats_row: the tile's first row in the statistics' layout, whose tiles of 64 rows
+  // are distinct across heads and sequences)
+  CUFLASH_DEVICE int* at(i64 stats_row, int wg) const { return sem + (stats_row >> 6) * 2 + wg; }
+
+  // Waits (one thread a warpgroup, then the warpgroup's named barrier) until the
+  // predecessor has added its part of the tile; m_block: the query tile.
+  CUFLASH_DEVICE void wait(i64 stats_row, int m_block, int wg, int tid) const {
+    if (tid == 0 && m_block >= pred_begin && m_block < pred_end) {
+      const int* flag = at(stats_row, wg);
+      int seen;
+      do {
+        asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen) : "l"(flag) : "memory");
+      } while (seen != n_block);
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  }
+  // After the warpgroup's atomics: every thread's adds are visible before the next turn.
+  CUFLASH_DEVICE void pass(i64 stats_row, int wg, int tid) const {
+    __threadfence();
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+    if (tid == 0) {
+      asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(at(stats_row, wg)),
+                   "r"(n_block + 1) : "memory");
+    }
+  }
+};
+
 // dP^T = V dO^T (64 keys x 64 queries), issued and committed, not awaited.
 template <class T>
 CUFLASH_DEVICE void issue_dp(float (&dp)[8][4], u32 v_rows, u32 dout_tile) {
@@ -201,7 +241,7 @@ __global__ void __launch_bounds__(384, 1)
                           float softcap_out, const float* __restrict__ alibi_slopes,
                           i64 alibi_batch_stride, u32 dropout_threshold, float dropout_scale,
                           u64 dropout_seed, u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
-                          const int* __restrict__ cu_seqlens_k) {
+                          const int* __restrict__ cu_seqlens_k, int* __restrict__ dq_sem) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = BwdTraits<Elem, kHeadDim>;
   // The options kernels at d128 have no registers for an in-flight dP^T beside the score
@@ -230,6 +270,12 @@ __global__ void __launch_bounds__(384, 1)
   const int m_end = kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0)
                              : (seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int steps = max(m_end - m_begin, 0) * heads;
+  // (the predecessor's range, as m_begin and m_end for n0 - kBlockN)
+  const DqTurn turn{dq_sem, n_block,
+                    n_block > 0 ? mask.template m_block_min<T::kBlockM>(n0 - T::kBlockN) : 0,
+                    n_block == 0 ? 0
+                    : kOptions   ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 - T::kBlockN)
+                                 : m_end};
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -419,10 +465,12 @@ __global__ void __launch_bounds__(384, 1)
       // fragment order of the portable kernel's dQ buffer (flash_bwd_prep.cu,
       // DqAccumLayout with block_m 64, mrep 1, cols 64, warps_m 4)
       float* tile = dq_accum + (stats + m0) * kHeadDim;
+      if (turn.on()) turn.wait(stats + m0, m0 / T::kBlockM, wg, tid);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
       }
+      if (turn.on()) turn.pass(stats + m0, wg, tid);
     } else {
       wgmma_wait<0>();
       fence_regs(dk_acc);

@@ -90,33 +90,43 @@ def check_grid_case(cp, name, causal, head_dim, seqlens, **kwargs):
 @pytest.mark.parametrize("head_dim", DET_HEAD_DIMS)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("name", DTYPES)
-def test_backward_grid_deterministic(cp, name, causal, head_dim, seqlens):
-    """deterministic=True meets the same tolerance."""
-    check_grid_case(cp, name, causal, head_dim, seqlens, deterministic=True)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_backward_grid_deterministic(cp, path, name, causal, head_dim, seqlens):
+    """deterministic=True meets the same tolerance, on both kernel families."""
+    with kernel_path(cp, path) as launched:
+        check_grid_case(cp, name, causal, head_dim, seqlens, deterministic=True)
+    if path == "sm90":
+        assert any(kind == "bwd" for kind, _ in launched) == (head_dim <= 128)
 
 
 @pytest.mark.parametrize("case", (
-    ("float16", True, (2, 4, 1000, 128), (2, 4, 1000, 128)),
-    ("bfloat16", False, (2, 8, 777, 64), (2, 2, 1001, 64)),
-), ids=("causal", "gqa"))
-def test_backward_deterministic_bitwise(cp, case):
-    """deterministic=True: dq, dk, dv bit-identical over 10 runs."""
-    name, causal, shape_q, shape_k = case
+    ("float16", True, (2, 4, 1000, 128), (2, 4, 1000, 128), {}),
+    ("bfloat16", False, (2, 8, 777, 64), (2, 2, 1001, 64), {}),
+    # many key tiles a dQ tile: atomics in any order would differ between runs
+    ("bfloat16", False, (1, 8, 4096, 128), (1, 8, 4096, 128), {}),
+    ("float16", True, (2, 8, 3000, 64), (2, 2, 3100, 64), {"window": (700, 0)}),
+), ids=("causal", "gqa", "long", "gqa-window"))
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_backward_deterministic_bitwise(cp, path, case):
+    """deterministic=True: dq, dk, dv bit-identical over 10 runs, on both kernel families."""
+    name, causal, shape_q, shape_k, opts = case
     rng = np.random.default_rng()
     q, k, v = random_qkv(cp, shape_q, shape_k, shape_k, name, rng)
-    o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
-    dout = random_array(cp, o.shape, name, rng)
+    with kernel_path(cp, path) as launched:
+        o, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True, **opts)
+        dout = random_array(cp, o.shape, name, rng)
 
-    def run():
-        return cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal,
-                                          deterministic=True)
+        def run():
+            return cuflash.attention_backward(dout, q, k, v, o, lse, causal=causal,
+                                              deterministic=True, **opts)
 
-    first = run()
-    check_grads(cp, first, q, k, v, dout, o, name, causal)
-    for _ in range(9):
-        again = run()
-        for label, a, b in zip(GRADS, again, first):
-            assert same_bits(cp, a, b), f"{label} differs between deterministic runs"
+        first = run()
+        check_grads(cp, first, q, k, v, dout, o, name, causal, **opts)
+        for _ in range(9):
+            again = run()
+            for label, a, b in zip(GRADS, again, first):
+                assert same_bits(cp, a, b), f"{label} differs between deterministic runs"
+    assert any(kind == "bwd" for kind, _ in launched) == (path == "sm90")
 
 
 @pytest.mark.parametrize("heads", ((4, 4), (4, 2)), ids=("mha", "gqa"))

@@ -106,7 +106,17 @@ def test_other_calls_fall_back(why):
 
 def test_backward_limits():
     assert bwd(FakeArray((2, 4, 300, 192))) is None  # d192/d256: portable backward
-    assert bwd(FakeArray((2, 4, 300, 64)), deterministic=True) is None
+
+def test_deterministic_backward_takes_the_hopper_kernel_unsplit(monkeypatch):
+    """The deterministic mode runs the sm_90a kernel (dQ tiles summed in key-tile order),
+    and never splits GQA groups: split blocks would sum dK and dV by atomics."""
+    monkeypatch.setattr(_sm90, "_sm_count", lambda: 132)
+    q, k = FakeArray((4, 16, 4096, 128)), FakeArray((4, 2, 4096, 128))
+    spec = bwd(q, k, deterministic=True)
+    assert spec is not None
+    assert _sm90.kv_splits(spec, q, k) == 8
+    assert _sm90.kv_splits(spec, q, k, deterministic=True) == 1
+    assert _sm90.dq_sem_size(4 * 16 * 4096) == 4 * 16 * 64 * 2  # two per 64-row tile
 
 
 def test_size_one_dims_ignore_their_strides():
