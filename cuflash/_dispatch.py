@@ -407,7 +407,7 @@ def _hopper_backward(spec, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, d
     their float32 dK/dV partial sums are then converted by the dQ conversion kernel.
     ``dq_sem``: the deterministic mode's turns (:func:`_sm90.backward_main`)."""
     cp = _cupy()
-    splits = _sm90.kv_splits(spec, q, k, packed, deterministic=dq_sem is not None)
+    splits = _sm90.kv_splits(spec, q, k, packed)
     if splits == 1:
         _sm90.backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv,
                             seqlen_q_pad=stats_pad, scale=scale, option_args=option_args,

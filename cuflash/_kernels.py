@@ -554,14 +554,15 @@ def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False
 class Sm90BwdSpec:
     """One sm_90a backward kernel (kernels/flash_bwd_sm90.cu): 128 keys a block in two
     consumer warpgroups, 64-query steps, dQ by atomics in the portable kernel's fragment
-    order; ``options`` and ``dropout`` as in :class:`Sm90FwdSpec`; no packed sequences or
-    deterministic mode yet."""
+    order; ``options`` and ``dropout`` as in :class:`Sm90FwdSpec`; ``deterministic``: the
+    blocks add to each dQ tile in a fixed order (their turns in an int32 buffer)."""
 
     dtype: str
     head_dim: int
     causal: bool
     options: bool = False
     dropout: bool = False
+    deterministic: bool = False
 
     source = "flash_bwd_sm90.cu"
     kind = "bwd90"
@@ -581,25 +582,27 @@ class Sm90BwdSpec:
     def name_expression(self) -> str:
         return (f"cuflash::sm90::flash_bwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, "
                 f"{self.head_dim}, {_cbool(self.causal)}, {_cbool(self.options)}, "
-                f"{_cbool(self.dropout)}>")
+                f"{_cbool(self.dropout)}, {_cbool(self.deterministic)}>")
 
     @property
     def label(self) -> str:
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
                 f"{'causal' if self.causal else 'full  '} sm_{self.arch} 64x128 wg2+1"
-                f"{_option_tag(self.options, self.dropout)}")
+                f"{_option_tag(self.options, self.dropout)}"
+                f"{' deterministic' if self.deterministic else ''}")
 
 
 SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
-                  dropout: bool = False) -> Sm90BwdSpec | None:
+                  dropout: bool = False, deterministic: bool = False) -> Sm90BwdSpec | None:
     if dtype not in ("float16", "bfloat16"):
         return None
     for d in SM90_BWD_HEAD_DIMS:
         if head_dim <= d:
-            return Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout))
+            return Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout),
+                               bool(deterministic))
     return None
 
 
@@ -607,9 +610,10 @@ def shipped_sm90_specs() -> list:
     return ([Sm90FwdSpec(dtype, d, causal, tile, options, dropout)
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
              for causal in (False, True) for options, dropout in KERNEL_FAMILIES]
-            + [Sm90BwdSpec(dtype, d, causal, options, dropout)
+            + [Sm90BwdSpec(dtype, d, causal, options, dropout, deterministic)
                for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
-               for causal in (False, True) for options, dropout in KERNEL_FAMILIES])
+               for causal in (False, True) for options, dropout in KERNEL_FAMILIES
+               for deterministic in (False, True)])
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:

@@ -128,7 +128,7 @@ def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_k
     if v.shape[3] != D or not _grid_ok(q, k, packed) or D % 8:
         return None
     spec = _kernels.sm90_bwd_spec(np.dtype(q.dtype).name, D, causal, options_kernel,
-                                  dropout_kernel)
+                                  dropout_kernel, deterministic)
     if spec is None or not _tma_ready(q, k, v, dout) or not _pair_writable(dk, dv):
         return None
     return spec
@@ -139,12 +139,12 @@ def bwd_spec_for(q, k, v, dout, dk, dv, *, causal: bool, scale: float, options_k
 _BWD_MIN_BLOCKS_PER_SM = 8
 
 
-def kv_splits(spec, q, k, packed=None, deterministic: bool = False) -> int:
+def kv_splits(spec, q, k, packed=None) -> int:
     """Blocks per (key tile, kv head) of the backward: the smallest divisor of the group
     size that gives the launch ``_BWD_MIN_BLOCKS_PER_SM`` blocks per SM (1 without GQA,
     for packed sequences, and in the deterministic mode, whose dK and dV must not be sums
     of atomics)."""
-    if packed is not None or deterministic:
+    if packed is not None or spec.deterministic:
         return 1
     B, Hq = q.shape[:2]
     Hk, Lk = k.shape[1], k.shape[2]
@@ -191,7 +191,10 @@ def backward_main(spec, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
     ``dv_accum`` (float32, zeroed, (B, Hk, dkv_accum_rows, head dim) in the same fragment
     order), which the caller converts. ``packed`` as in :func:`forward`. ``dq_sem``: the
     deterministic mode's turns, int32 zeros, two per 64 rows of the statistics
-    (:func:`dq_sem_size`); the blocks then add to each dQ tile in key-tile order."""
+    (:func:`dq_sem_size`), for a deterministic ``spec``: its blocks add to each dQ tile in
+    key-tile order."""
+    if spec.deterministic != (dq_sem is not None):
+        raise ValueError("a deterministic sm_90a backward takes dq_sem, the others do not")
     B, Hq, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     cu = (np.uint64(0), np.uint64(0))

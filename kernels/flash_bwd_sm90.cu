@@ -19,8 +19,8 @@
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
 //                                 columns of dQ, added to the float32 buffer by atomics
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
-// Deterministic mode (dq_sem given): the blocks add to each dQ tile in the order of their
-// key tiles (DqTurn), so every run sums in the same order.
+// Deterministic mode (kDeterministic, with dq_sem): the blocks add to each dQ tile in the order of their
+// key tiles (DqTurn, last first), so every run sums in the same order.
 // Scores and probabilities never reach global memory. Packed sequences as in
 // flash_fwd_sm90.cu: tiles past a sequence's end read the next one's rows, hidden by the
 // mask (queries: their lse is +inf, so P = 0).
@@ -173,40 +173,60 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
 }
 
 // The deterministic mode's turns: the key tiles that reach a dQ tile are consecutive
-// (the mask's query-tile range grows with the key tile), and each adds its part after its
-// predecessor n_block - 1 has added its own. dq_sem holds, per dQ tile and warpgroup
-// column block, the number of the next key tile to add (0 at the start of the call);
-// blocks start in order of blockIdx.x, so a predecessor is running or done.
+// (the mask's query-tile range grows with the key tile), and they add their parts from the
+// last down: n_block adds after its successor n_block + 1 has. dq_sem holds, per dQ tile
+// and warpgroup column block, the number of the key tile that added last (0 at the start
+// of the call). The deterministic grid is launched last key tile first, so a successor is
+// running or done; in a causal or windowed launch it reaches each shared query tile two
+// steps ahead of its predecessor, so nobody waits once the blocks run.
+// A turn is passed on one step late (at the next tile's atomics, or after the loop): by
+// then the adds have landed, and the fence that publishes them costs little.
 struct DqTurn {
-  int* sem;          // nullptr: not deterministic (atomics in any order)
-  int n_block;       // this block's key tile
-  int pred_begin, pred_end;  // query tiles the predecessor reaches (empty if none)
-
-  CUFLASH_DEVICE bool on() const { return sem != nullptr; }
+  int* sem;
+  int n_block;               // this block's key tile
+  int succ_begin, succ_end;  // query tiles the successor reaches (empty if none)
+  int* pending;              // the last tile's flag, not yet passed on
   // (stats_row: the tile's first row in the statistics' layout, whose tiles of 64 rows
   // are distinct across heads and sequences)
-  CUFLASH_DEVICE int* at(i64 stats_row, int wg) const { return sem + (stats_row >> 6) * 2 + wg; }
-
-  // Waits (one thread a warpgroup, then the warpgroup's named barrier) until the
-  // predecessor has added its part of the tile; m_block: the query tile.
-  CUFLASH_DEVICE void wait(i64 stats_row, int m_block, int wg, int tid) const {
-    if (tid == 0 && m_block >= pred_begin && m_block < pred_end) {
-      const int* flag = at(stats_row, wg);
-      int seen;
-      do {
-        asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen) : "l"(flag) : "memory");
-      } while (seen != n_block);
-    }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  CUFLASH_DEVICE int* flag(i64 stats_row, int wg) const {
+    return sem + (stats_row >> 6) * 2 + wg;
   }
-  // After the warpgroup's atomics: every thread's adds are visible before the next turn.
-  CUFLASH_DEVICE void pass(i64 stats_row, int wg, int tid) const {
-    __threadfence();
-    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  CUFLASH_DEVICE bool must_wait(int m_block) const {
+    return m_block >= succ_begin && m_block < succ_end;
+  }
+  static CUFLASH_DEVICE int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+  }
+  // Thread 0 of the warpgroup, early (while the dQ product runs): the flag's value.
+  CUFLASH_DEVICE int peek(const int* f, bool wait, int tid) const {
+    return tid == 0 && wait ? load_acquire(f) : n_block + 1;
+  }
+  // Before the warpgroup's atomics on the tile of flag f: the previous tile's turn passed
+  // on, then (thread 0, then the warpgroup's named barrier) until the successor's turn has
+  // passed; `seen`: peek's value.
+  CUFLASH_DEVICE void wait(int* f, int seen, int wg, int tid) {
+    pass_pending(wg, tid);
     if (tid == 0) {
-      asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(at(stats_row, wg)),
-                   "r"(n_block + 1) : "memory");
+      while (seen != n_block + 1) seen = load_acquire(f);
     }
+    named_sync(wg);
+    pending = f;
+  }
+  // Every thread's adds to the pending tile visible, then its flag set to this block.
+  CUFLASH_DEVICE void pass_pending(int wg, int tid) {
+    if (pending == nullptr) return;
+    __threadfence();
+    named_sync(wg);
+    if (tid == 0) {
+      asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(pending), "r"(n_block)
+                   : "memory");
+    }
+    pending = nullptr;
+  }
+  static CUFLASH_DEVICE void named_sync(int wg) {
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
   }
 };
 
@@ -223,7 +243,8 @@ CUFLASH_DEVICE void issue_dp(float (&dp)[8][4], u32 v_rows, u32 dout_tile) {
   wgmma_commit();
 }
 
-template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
+template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout,
+          bool kDeterministic>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
                           const __grid_constant__ TensorMap tm_k,
@@ -252,7 +273,9 @@ __global__ void __launch_bounds__(384, 1)
   // kv_splits > 1 (GQA with few blocks): the query heads of a group are split over
   // kv_splits blocks, which add their dK and dV to dk_accum and dv_accum (float32, in the
   // dQ buffer's fragment order, 64-key tiles) for a conversion pass to finish.
-  const int n_block = blockIdx.x, batch = blockIdx.z;
+  // (the deterministic mode launches the last key tile first: DqTurn)
+  const int n_block = kDeterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int batch = blockIdx.z;
   const int kv_head = blockIdx.y / kv_splits, split = blockIdx.y - kv_head * kv_splits;
   const int heads = heads_per_kv / kv_splits;  // query heads of this block
   const int head0 = kv_head * heads_per_kv + split * heads;
@@ -270,12 +293,14 @@ __global__ void __launch_bounds__(384, 1)
   const int m_end = kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0)
                              : (seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int steps = max(m_end - m_begin, 0) * heads;
-  // (the predecessor's range, as m_begin and m_end for n0 - kBlockN)
-  const DqTurn turn{dq_sem, n_block,
-                    n_block > 0 ? mask.template m_block_min<T::kBlockM>(n0 - T::kBlockN) : 0,
-                    n_block == 0 ? 0
-                    : kOptions   ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 - T::kBlockN)
-                                 : m_end};
+  // (the successor's range, as m_begin and m_end for n0 + kBlockN)
+  const bool has_succ = n0 + T::kBlockN < seqlen_k;
+  DqTurn turn{dq_sem, n_block,
+              has_succ ? mask.template m_block_min<T::kBlockM>(n0 + T::kBlockN) : 0,
+              !has_succ ? 0
+              : kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 + T::kBlockN)
+                         : m_end,
+              nullptr};
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -458,6 +483,12 @@ __global__ void __launch_bounds__(384, 1)
             kk > 0);
       }
       wgmma_commit();
+      int* flag = nullptr;
+      int seen = 0;
+      if constexpr (kDeterministic) {
+        flag = turn.flag(stats + m0, wg);
+        seen = turn.peek(flag, turn.must_wait(m0 / T::kBlockM), tid);
+      }
       wgmma_wait<0>();
       fence_regs(dq);
       fence_regs(dk_acc);
@@ -465,12 +496,11 @@ __global__ void __launch_bounds__(384, 1)
       // fragment order of the portable kernel's dQ buffer (flash_bwd_prep.cu,
       // DqAccumLayout with block_m 64, mrep 1, cols 64, warps_m 4)
       float* tile = dq_accum + (stats + m0) * kHeadDim;
-      if (turn.on()) turn.wait(stats + m0, m0 / T::kBlockM, wg, tid);
+      if constexpr (kDeterministic) turn.wait(flag, seen, wg, tid);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
       }
-      if (turn.on()) turn.pass(stats + m0, wg, tid);
     } else {
       wgmma_wait<0>();
       fence_regs(dk_acc);
@@ -479,6 +509,8 @@ __global__ void __launch_bounds__(384, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
   }
+
+  if (kDeterministic && wg < T::kDQGroups) turn.pass_pending(wg, tid);
 
   // ---- epilogue: dK * scale and dV, from registers (dropout: dV / (1 - p)) ----
   if (kv_splits > 1) {  // partial sums; the conversion pass scales them

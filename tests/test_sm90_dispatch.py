@@ -59,7 +59,8 @@ def test_option_calls_take_the_hopper_kernels(dropout):
     for spec in (fwd(q, options_kernel=True, dropout_kernel=dropout),
                  bwd(q, options_kernel=True, dropout_kernel=dropout)):
         assert spec is not None and spec.options and spec.dropout == dropout
-        assert ("true, true>" if dropout else "true, false>") in spec.name_expression
+        tag = "true, true" if dropout else "true, false"  # (options, dropout)
+        assert (f"{tag}>" if spec.kind == "fwd90" else f"{tag}, false>") in spec.name_expression
     assert not fwd(q).options and not bwd(q).dropout
 
 
@@ -113,9 +114,9 @@ def test_deterministic_backward_takes_the_hopper_kernel_unsplit(monkeypatch):
     monkeypatch.setattr(_sm90, "_sm_count", lambda: 132)
     q, k = FakeArray((4, 16, 4096, 128)), FakeArray((4, 2, 4096, 128))
     spec = bwd(q, k, deterministic=True)
-    assert spec is not None
-    assert _sm90.kv_splits(spec, q, k) == 8
-    assert _sm90.kv_splits(spec, q, k, deterministic=True) == 1
+    assert spec is not None and spec.deterministic
+    assert _sm90.kv_splits(bwd(q, k), q, k) == 8
+    assert _sm90.kv_splits(spec, q, k) == 1
     assert _sm90.dq_sem_size(4 * 16 * 4096) == 4 * 16 * 64 * 2  # two per 64-row tile
 
 
