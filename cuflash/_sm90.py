@@ -6,11 +6,12 @@ host encodes here with ``cuda.bindings`` and passes by value. Its module is comp
 ``sm_90a`` by :mod:`cuflash._nvrtc` (CuPy's own compile can only name plain ``sm_90``) and
 loaded from the cubin.
 
-The kernels take the score options (window, softcap, ALiBi) and dropout. Calls that
-they do not cover run the portable kernels: other devices, float32, packed sequences,
-head dims that are not a whole number of 16-byte rows, Dv != D, views whose strides or
-base addresses the copy engine cannot take (16-byte multiples), and in the backward pass
-head dims above 128. ``CUFLASH_SM90=0`` turns this path off.
+The kernels take the score options (window, softcap, ALiBi), dropout, GQA, packed
+sequences and, in the backward pass, the deterministic mode. Calls that they do not cover
+run the portable kernels: other devices, float32, head dims that are not a whole number
+of 16-byte rows, Dv != D, views whose strides or base addresses the copy engine cannot
+take (16-byte multiples), and in the backward pass head dims above 128.
+``CUFLASH_SM90=0`` turns this path off.
 """
 
 from __future__ import annotations
