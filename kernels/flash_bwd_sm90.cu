@@ -17,10 +17,8 @@
 //       dK  += dS^T Q_i           wgmma, dS^T from registers
 //       dS^T -> shared memory (both warpgroups' keys), then
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
-//                                 columns of dQ, staged in shared memory and added to the
-//                                 float32 buffer by the copy engine (a bulk reduce-add
-//                                 a warp), in the fragment order of the portable kernel,
-//                                 so the same conversion pass reads it.
+//                                 columns of dQ, added to the float32 buffer by atomics
+//   in the fragment order of the portable kernel, so the same conversion pass reads it.
 // Deterministic mode (kDeterministic, with dq_sem): the blocks add to each dQ tile in the order of their
 // key tiles (DqTurn, last first), so every run sums in the same order.
 // Scores and probabilities never reach global memory. Packed sequences as in
@@ -54,9 +52,8 @@ struct BwdTraits {
   // dQ: each warpgroup computes 64 columns; at d64 warpgroup 0 alone
   static constexpr int kDQCols = 64;
   static constexpr int kDQGroups = kHeadDim / kDQCols;
-  static constexpr int kDQBytes = kBlockM * kDQCols * 4;  // a warpgroup's float32 dQ tile
-  static constexpr int kSmemBytes = 1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) +
-                                    2 * kDSBytes + 128 + kDQGroups * kDQBytes;
+  static constexpr int kSmemBytes =
+      1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "sm_90a backward: head dims 64 and 128");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
@@ -82,9 +79,6 @@ struct BwdSmem {
   CUFLASH_DEVICE u32 kv_full() const { return bar(0); }
   CUFLASH_DEVICE u32 qdo_full(int st) const { return bar(1 + 2 * st); }
   CUFLASH_DEVICE u32 qdo_empty(int st) const { return bar(2 + 2 * st); }
-  // a warpgroup's dQ partial sums, in the dQ buffer's fragment order, for the copy
-  // engine's reduce-add (after the barriers, 128-byte aligned)
-  CUFLASH_DEVICE u32 dq(int wg) const { return lse(2 * T::kStages) + 128 + wg * T::kDQBytes; }
 };
 
 // 16-bit pair (col, col + 1) of row `row` into a 128-byte-swizzled tile of 64 columns:
@@ -355,6 +349,7 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = warpgroup - 1;
   const int tid = threadIdx.x - 128 * warpgroup;
   const int lane = tid & 31, warp = tid >> 5;
+  const int key_row0 = n0 + wg * 64 + warp * 16 + (lane >> 2);  // rows +0 and +8
   const u32 k_rows = sm.k() + wg * 64 * 128, v_rows = sm.v() + wg * 64 * 128;
 
   float dk_acc[kHeadDim / 8][4], dv_acc[kHeadDim / 8][4];
@@ -471,9 +466,6 @@ __global__ void __launch_bounds__(384, 1)
                                      smem_desc(sm.q(st) + kk * 16 * 128, T::kBlockM * 128), true);
     }
     wgmma_commit();
-    // (the last step's dQ reduce-add has read its staging, which may be rewritten after
-    // the barrier)
-    if (!kDeterministic && tid == 0) bulk_wait_read<0>();
     // both warpgroups' dS^T in place, visible to the tensor cores
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
@@ -504,28 +496,10 @@ __global__ void __launch_bounds__(384, 1)
       // fragment order of the portable kernel's dQ buffer (flash_bwd_prep.cu,
       // DqAccumLayout with block_m 64, mrep 1, cols 64, warps_m 4)
       float* tile = dq_accum + (stats + m0) * kHeadDim;
-      if constexpr (kDeterministic) {  // atomics, in turn
-        turn.wait(flag, seen, wg, tid);
+      if constexpr (kDeterministic) turn.wait(flag, seen, wg, tid);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
-        }
-      } else {
-        // Each warp's 8 x 128 floats are contiguous in that order: staged in shared
-        // memory, then one bulk reduce-add a warp (per-thread atomics held the registers
-        // of the next step's first instructions until the memory system had read them).
-        const u32 stage = sm.dq(wg);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          st_shared_v4(stage + ((warp * 8 + j) * 128 + lane * 4) * 4,
-                       reinterpret_cast<const u32(&)[4]>(dq[j]));
-        }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
-        if (tid == 0) {
-          bulk_reduce_add_f32(tile + wg * 4 * 8 * 128, stage, T::kDQBytes);
-          bulk_commit();
-        }
+      for (int j = 0; j < 8; ++j) {
+        red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
       }
     } else {
       wgmma_wait<0>();
@@ -537,8 +511,6 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   if (kDeterministic && wg < T::kDQGroups) turn.pass_pending(wg, tid);
-  // (the last reduce-add has read its staging before the block's shared memory goes)
-  if (!kDeterministic && tid == 0) bulk_wait<0>();
 
   // ---- epilogue: dK * scale and dV, from registers (dropout: dV / (1 - p)) ----
   if (kv_splits > 1) {  // partial sums; the conversion pass scales them
@@ -555,7 +527,7 @@ __global__ void __launch_bounds__(384, 1)
   const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int key = n0 + wg * 64 + warp * 16 + (lane >> 2) + h * 8;
+    const int key = key_row0 + h * 8;
     if (key >= seqlen_k) continue;
     // (the sequence's first key is read again here rather than held across the loop)
     const SeqLens at = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0);

@@ -78,25 +78,6 @@ CUFLASH_DEVICE void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
       : "memory");
 }
 
-// dst[i] += src[i] over `bytes` contiguous bytes of float32 (a multiple of 16, both
-// addresses 16-byte aligned): the copy engine reads shared memory and adds in L2. One
-// bulk group per commit; bulk_wait_read: until the engine has read the shared memory
-// of all but the newest N groups; bulk_wait: until those groups are complete.
-CUFLASH_DEVICE void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               ::"l"(reinterpret_cast<u64>(dst)), "r"(src), "r"(bytes)
-               : "memory");
-}
-CUFLASH_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-template <int N>
-CUFLASH_DEVICE void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-}
-template <int N>
-CUFLASH_DEVICE void bulk_wait() {
-  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 CUFLASH_DEVICE void prefetch_tensor_map(const TensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(&map)) : "memory");
 }
