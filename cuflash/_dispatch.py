@@ -317,7 +317,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                                     dropout=with_dropout)
     option_args = _option_args(options, scale, Lq, Lk, alibi_slopes, Hq, batch0)
     hopper = None
-    if main_spec is None and _sm90.available(device_arch()):
+    # (a sweep that names its own portable kernels, tools/tune_bwd.py, gets them)
+    if main_spec is None and dq_spec is None and _sm90.available(device_arch()):
         hopper = _sm90.bwd_spec_for(q, k, v, dout, dk, dv, causal=causal, scale=scale,
                                     options_kernel=with_options, dropout_kernel=with_dropout,
                                     packed=packed, deterministic=deterministic)

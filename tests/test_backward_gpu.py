@@ -105,7 +105,10 @@ def test_backward_grid_deterministic(cp, path, name, causal, head_dim, seqlens):
     # many key tiles a dQ tile: atomics in any order would differ between runs
     ("bfloat16", False, (1, 8, 4096, 128), (1, 8, 4096, 128), {}),
     ("float16", True, (2, 8, 3000, 64), (2, 2, 3100, 64), {"window": (700, 0)}),
-), ids=("causal", "gqa", "long", "gqa-window"))
+    # more queries than keys (the first 500 rows see none), and a window to the right only
+    ("bfloat16", True, (1, 4, 1500, 64), (1, 4, 1000, 64), {}),
+    ("float16", False, (1, 4, 1000, 128), (1, 4, 1500, 128), {"window": (0, 300)}),
+), ids=("causal", "gqa", "long", "gqa-window", "lq-gt-lk", "right-window"))
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_backward_deterministic_bitwise(cp, path, case):
     """deterministic=True: dq, dk, dv bit-identical over 10 runs, on both kernel families."""

@@ -108,6 +108,7 @@ def test_other_calls_fall_back(why):
 def test_backward_limits():
     assert bwd(FakeArray((2, 4, 300, 192))) is None  # d192/d256: portable backward
 
+
 def test_deterministic_backward_takes_the_hopper_kernel_unsplit(monkeypatch):
     """The deterministic mode runs the sm_90a kernel (dQ tiles summed in key-tile order),
     and never splits GQA groups: split blocks would sum dK and dV by atomics."""
