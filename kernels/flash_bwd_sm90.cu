@@ -19,8 +19,8 @@
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
 //                                 columns of dQ, added to the float32 buffer by atomics
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
-// Deterministic mode (kDeterministic, with dq_sem): the blocks add to each dQ tile in the order of their
-// key tiles (DqTurn, last first), so every run sums in the same order.
+// Deterministic mode (kDeterministic, with dq_sem): the blocks add to each dQ tile in the
+// order of their key tiles (DqTurn, last first), so every run sums in the same order.
 // Scores and probabilities never reach global memory. Packed sequences as in
 // flash_fwd_sm90.cu: tiles past a sequence's end read the next one's rows, hidden by the
 // mask (queries: their lse is +inf, so P = 0).
@@ -182,7 +182,7 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
 // A turn is passed on one step late (at the next tile's atomics, or after the loop): by
 // then the adds have landed, and the fence that publishes them costs little.
 struct DqTurn {
-  int* sem;
+  int* sem;                  // the flags (dq_sem)
   int n_block;               // this block's key tile
   int succ_begin, succ_end;  // query tiles the successor reaches (empty if none)
   int* pending;              // the last tile's flag, not yet passed on
@@ -290,16 +290,13 @@ __global__ void __launch_bounds__(384, 1)
   const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
   // query tiles m_begin .. m_end - 1 of every query head of the group
   const int m_begin = mask.template m_block_min<T::kBlockM>(n0);
-  const int m_end = kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0)
-                             : (seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int m_end = mask.template m_block_end<T::kBlockM, T::kBlockN>(n0);
   const int steps = max(m_end - m_begin, 0) * heads;
   // (the successor's range, as m_begin and m_end for n0 + kBlockN)
   const bool has_succ = n0 + T::kBlockN < seqlen_k;
   DqTurn turn{dq_sem, n_block,
               has_succ ? mask.template m_block_min<T::kBlockM>(n0 + T::kBlockN) : 0,
-              !has_succ ? 0
-              : kOptions ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 + T::kBlockN)
-                         : m_end,
+              has_succ ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 + T::kBlockN) : 0,
               nullptr};
   const int warpgroup = threadIdx.x / 128;
 
