@@ -1,6 +1,7 @@
 """Which instructions a compute-sanitizer racecheck report names, for the sm_90a kernels:
 reads the report, takes each kernel's cubin from the sm_90a disk cache (cuflash/_sm90.py;
-compiled if missing), and prints the SASS instruction at every reported offset, with its hazard count.
+compiled if missing), and prints the SASS instruction at every reported offset, with its
+hazard count.
 
     python3 tools/race_sites.py RACECHECK_LOG [--cuobjdump PATH]
 
@@ -13,9 +14,10 @@ import collections
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from cuflash import _sm90
+from cuflash import _kernels, _sm90
 
 SITE = re.compile(r"(Write|Read) access at (.+?)\+0x([0-9a-f]+)(?: \[(\d+) hazards\])?")
 
@@ -34,18 +36,17 @@ def normalized(name: str) -> str:
 def sass_by_kernel(names, cuobjdump: str) -> dict:
     """{normalized kernel name: {offset: instruction}} for the sm_90a kernels named
     (their cubins from the disk cache, or compiled)."""
-    from cuflash import _kernels
-
     out = {}
     for spec in _kernels.shipped_sm90_specs():
         key = normalized(spec.name_expression)
         if key not in names:
             continue
         cubin, _ = _sm90._cached_cubin(spec)
-        tmp = Path("/tmp/race_sites.cubin")
-        tmp.write_bytes(cubin)
-        sass = subprocess.run([cuobjdump, "-sass", str(tmp)], capture_output=True,
-                              text=True).stdout
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as tmp:
+            tmp.write(cubin)
+            tmp.flush()
+            sass = subprocess.run([cuobjdump, "-sass", tmp.name], capture_output=True,
+                                  text=True).stdout
         table = {}
         for line in sass.splitlines():
             m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
@@ -75,6 +76,7 @@ def main():
     print("sites by access and opcode:",
           ", ".join(f"{k} {op}: {n}" for (k, op), n in sorted(opcodes.items())))
     sys.exit(1 if any(op == "?" for _, op in opcodes) else 0)
+
 
 if __name__ == "__main__":
     main()
