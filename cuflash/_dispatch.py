@@ -394,11 +394,9 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, *, causal: bool, scale: float,
                  *_batch_slice(option_args, sl, Hq), *cu_at),
                 shared_mem=dq_pass.smem_bytes)
         else:
-            get_kernel(prep, prep.name_expressions[1])(
-                (-(-Lq * D // 256), Hq, nb), (256, 1, 1),
-                (st(dq_accum), at(dq), *_i64(*dqs[:3]), np.int32(Lq), np.int32(stats_pad),
-                 np.int32(D), np.int32(accum_spec.head_dim),
-                 *(np.int32(x) for x in accum_spec.dq_layout), np.float32(scale), cu_at[0]))
+            _convert_accum(prep, accum_spec, st(dq_accum), at(dq), dqs, rows=Lq,
+                           rows_pad=stats_pad, heads=Hq, batches=nb, factor=scale,
+                           cu_seqlens=cu_at[0])
 
 
 def _hopper_backward(spec, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, dv, *,
@@ -421,14 +419,24 @@ def _hopper_backward(spec, prep, q, k, v, dout, lse_log2, delta, dq_accum, dk, d
                         seqlen_q_pad=stats_pad, scale=scale, option_args=option_args,
                         splits=splits, dk_accum=dk_accum, dv_accum=dv_accum)
     threshold, dropout_scale, _ = options.dropout_args()
-    D = k.shape[3]
     for accum, grad, factor in ((dk_accum, dk, scale),
                                 (dv_accum, dv, dropout_scale if threshold else 1.0)):
-        get_kernel(prep, prep.name_expressions[1])(
-            (-(-Lk * D // 256), Hk, B), (256, 1, 1),
-            (accum, grad, *_i64(*_elem_strides(grad)[:3]), np.int32(Lk), np.int32(rows),
-             np.int32(D), np.int32(spec.head_dim), *(np.int32(x) for x in spec.dq_layout),
-             np.float32(factor), _NULL))
+        _convert_accum(prep, spec, accum, grad, _elem_strides(grad), rows=Lk, rows_pad=rows,
+                       heads=Hk, batches=B, factor=factor)
+
+
+def _convert_accum(prep, spec, accum, grad, grad_strides, *, rows: int, rows_pad: int,
+                   heads: int, batches: int, factor: float, cu_seqlens=_NULL) -> None:
+    """grad = factor * accum, in grad's dtype: ``accum`` holds float32 partial sums in the
+    fragment order ``spec.dq_layout`` of the kernel that filled it, ``rows_pad`` rows per
+    (batch, head), of which ``rows`` are real (the preprocess module's conversion kernel;
+    ``cu_seqlens``: packed sequences' query starts)."""
+    D = grad.shape[3]
+    get_kernel(prep, prep.name_expressions[1])(
+        (-(-rows * D // 256), heads, batches), (256, 1, 1),
+        (accum, grad, *_i64(*grad_strides[:3]), np.int32(rows), np.int32(rows_pad),
+         np.int32(D), np.int32(spec.head_dim), *(np.int32(x) for x in spec.dq_layout),
+         np.float32(factor), cu_seqlens))
 
 
 def dropout_mask(out, seqlen_q: int, seqlen_k: int, options, transposed: bool) -> None:
