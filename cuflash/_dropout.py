@@ -2,8 +2,9 @@
 the kernels follow (kernels/dropout.cuh), and :func:`dropout_mask`, which shows the mask of
 a call.
 
-The random bits come from Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy
-as 1, 2, 3", SC 2011), keyed by the 64-bit seed. One call gives 128 bits = eight 16-bit
+The random bits come from Philox4x32-7 (Salmon et al., "Parallel random numbers: as easy
+as 1, 2, 3", SC 2011: seven rounds is the fewest that pass BigCrush), keyed by the 64-bit
+seed. One call gives 128 bits = eight 16-bit
 numbers, which decide eight scores that a GPU thread holds together in the ``mma.sync``
 accumulator layout: rows ``i`` and ``i + 8``, columns ``j`` and ``j + 1`` in two 8-column
 halves of a 16-column group. Score ``(i, j)`` of ``(batch, head)`` uses
@@ -23,14 +24,15 @@ import numpy as np
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _MASK32 = np.uint64(0xFFFFFFFF)
+PHILOX_ROUNDS = 7  # the dropout mask's (kernels/dropout.cuh: kPhiloxRounds)
 
 
-def philox4x32_10(counter, key):
-    """Philox4x32-10 on arrays: ``counter`` is four uint32 arrays (broadcastable), ``key``
-    two; returns four uint32 arrays."""
+def philox4x32(counter, key, rounds=PHILOX_ROUNDS):
+    """Philox4x32 with ``rounds`` rounds on arrays: ``counter`` is four uint32 arrays
+    (broadcastable), ``key`` two; returns four uint32 arrays."""
     c = [np.asarray(x, dtype=np.uint64) & _MASK32 for x in counter]
     k0, k1 = (np.asarray(x, dtype=np.uint64) & _MASK32 for x in key)
-    for _ in range(10):
+    for _ in range(rounds):
         p0 = np.uint64(_M0) * c[0]  # exact: both factors < 2^32
         p1 = np.uint64(_M1) * c[2]
         hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
@@ -69,7 +71,7 @@ def keep_mask(seed: int, p: float, batch: int, heads: int, seqlen_q: int,
                i - (i & np.uint64(8)),
                b * np.uint64(heads) + h,
                np.zeros((), np.uint64))
-    words = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))
+    words = philox4x32(counter, (seed & 0xFFFFFFFF, seed >> 32))
     slot = (np.uint64(4) * ((i >> np.uint64(3)) & np.uint64(1))
             + np.uint64(2) * ((j >> np.uint64(3)) & np.uint64(1)) + (j & np.uint64(1)))
     word = np.choose((slot >> np.uint64(1)).astype(np.intp),

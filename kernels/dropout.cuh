@@ -3,7 +3,7 @@
 // storing it. cuflash/_dropout.py is the same definition in NumPy (and the tests compare
 // the two); docs/options.md gives the math.
 //
-// Philox4x32-10 (Salmon et al., SC 2011), keyed by the 64-bit seed, turns one counter into
+// Philox4x32-7 (Salmon et al., SC 2011), keyed by the 64-bit seed, turns one counter into
 // four 32-bit words = eight 16-bit numbers; score (i, j) is kept iff its number is at least
 // `threshold` = round(p * 65536). The eight numbers of one counter are the eight scores that
 // one lane holds in the mma accumulator layout of a 16 x 16 block (rows g, g + 8; columns
@@ -17,10 +17,14 @@
 
 namespace cuflash {
 
-// Philox4x32-10: ten rounds of two 32 x 32 -> 64-bit products and a key schedule.
-CUFLASH_DEVICE void philox4x32_10(u32 (&c)[4], u32 key0, u32 key1) {
+// Philox4x32-R: R rounds of two 32 x 32 -> 64-bit products and a key schedule. Dropout
+// takes R = 7, the fewest rounds that Salmon et al. found to pass BigCrush (FlashAttention-2
+// uses 7 as well); 10 adds a safety margin at 10/7 of the cost (docs/options.md).
+constexpr int kPhiloxRounds = 7;
+template <int kRounds>
+CUFLASH_DEVICE void philox4x32(u32 (&c)[4], u32 key0, u32 key1) {
 #pragma unroll
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kRounds; ++round) {
     const u64 p0 = u64(0xD2511F53u) * c[0];
     const u64 p1 = u64(0xCD9E8D57u) * c[2];
     const u32 c1 = c[1], c3 = c[3];
@@ -61,7 +65,7 @@ struct Dropout {
     w[1] = c1;
     w[2] = bh;
     w[3] = 0u;
-    philox4x32_10(w, seed_lo, seed_hi);
+    philox4x32<kPhiloxRounds>(w, seed_lo, seed_hi);
   }
   CUFLASH_DEVICE bool keep(u32 word, int half) const {
     return (half ? word >> 16 : word & 0xffffu) >= threshold;

@@ -10,15 +10,22 @@ import cuflash
 from cuflash import _dropout, _reference
 
 
-@pytest.mark.parametrize("counter, key, expect", [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+_PI_COUNTER, _PI_KEY = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)
+
+
+@pytest.mark.parametrize("rounds, counter, key, expect", [
+    (7, (0, 0, 0, 0), (0, 0), (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
+    (7, (0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662)),
+    (7, _PI_COUNTER, _PI_KEY, (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)),
+    (10, (0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (10, (0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (10, _PI_COUNTER, _PI_KEY, (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ])
-def test_philox_known_answers(counter, key, expect):
-    """Philox4x32-10's known-answer vectors (Random123)."""
-    assert tuple(int(x) for x in _dropout.philox4x32_10(counter, key)) == expect
+def test_philox_known_answers(rounds, counter, key, expect):
+    """Philox4x32-7 and -10's known-answer vectors (Random123); the mask uses 7 rounds."""
+    assert tuple(int(x) for x in _dropout.philox4x32(counter, key, rounds)) == expect
+    if rounds == _dropout.PHILOX_ROUNDS:
+        assert tuple(int(x) for x in _dropout.philox4x32(counter, key)) == expect
 
 
 def test_keep_rate_and_slots():
