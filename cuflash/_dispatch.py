@@ -432,8 +432,10 @@ def _convert_accum(prep, spec, accum, grad, grad_strides, *, rows: int, rows_pad
     (batch, head), of which ``rows`` are real (the preprocess module's conversion kernel;
     ``cu_seqlens``: packed sequences' query starts)."""
     D = grad.shape[3]
+    block_m = spec.dq_layout[0]
+    quads = -(-rows // block_m) * block_m * spec.head_dim // 4  # a thread per float4
     get_kernel(prep, prep.name_expressions[1])(
-        (-(-rows * D // 256), heads, batches), (256, 1, 1),
+        (-(-quads // 256), heads, batches), (256, 1, 1),
         (accum, grad, *_i64(*grad_strides[:3]), np.int32(rows), np.int32(rows_pad),
          np.int32(D), np.int32(spec.head_dim), *(np.int32(x) for x in spec.dq_layout),
          np.float32(factor), cu_seqlens))

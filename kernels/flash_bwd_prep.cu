@@ -9,8 +9,8 @@
 // packed sequences each is padded to a multiple of kStatsRowPad rows (seqlens.cuh).
 //
 // flash_bwd_convert_dq_kernel, after it: dQ = scale * dq_accum, rounded to fp16/bf16
-// (float32: kept);
-// dq_accum's tiles are in the main kernel's fragment order (DqAccumLayout).
+// (float32: kept); dq_accum's tiles are in the main kernel's fragment order
+// (DqAccumLayout), which the conversion reads in order, a float4 a thread.
 #include "common.cuh"
 #include "seqlens.cuh"
 
@@ -77,23 +77,49 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
   }
 }
 
-// Where element (row, col) of a kBlockM x head_dim_pad tile of dq_accum lives: the main
-// kernel's warps store their dQ fragments whole (mainloop_bwd.cuh, accumulate_dq). The
-// tile is split into warps_m x (head_dim_pad / cols) warp tiles of 16 * mrep rows and
-// `cols` columns; inside one, fragment (slab r, n8 tile n) is 32 lanes x 4 floats.
+// The order of dq_accum: the main kernel's warps store their dQ fragments whole
+// (mainloop_bwd.cuh, accumulate_dq; flash_bwd_sm90.cu). A block_m x head_dim_pad tile is
+// split into warps_m x (head_dim_pad / cols) warp tiles of 16 * mrep rows and `cols`
+// columns (warp wm + wn * warps_m); inside one, fragment (slab r, n8 tile n), number
+// r * (cols / 8) + n, is 32 lanes x 4 floats: lane 4 g + t holds rows g, g + 8 and
+// columns 2 t, 2 t + 1 of its 16 x 8 block, as the mma C fragment does.
 struct DqAccumLayout {
   int block_m, mrep, cols, warps_m, head_dim_pad;
 
-  CUFLASH_DEVICE i64 offset(int row, int col) const {
-    const int tile = row / block_m, rr = row - tile * block_m;
-    const int wm = rr / (16 * mrep), r = (rr >> 4) % mrep, h = (rr >> 3) & 1, g = rr & 7;
-    const int wn = col / cols, cc = col - wn * cols;
-    const int warp = wm + wn * warps_m, lane = g * 4 + ((cc & 7) >> 1);
-    const int frag = (warp * mrep + r) * (cols / 8) + (cc >> 3);
-    return i64(tile) * block_m * head_dim_pad + frag * 128 + lane * 4 + h * 2 + (cc & 1);
+  // Where float4 number `quad` of a (batch, head)'s buffer belongs: it holds (row, col),
+  // (row, col + 1), (row + 8, col) and (row + 8, col + 1).
+  CUFLASH_DEVICE void position(i64 quad, int& row, int& col) const {
+    const int per_tile = block_m * head_dim_pad / 4;
+    const int tile = int(quad / per_tile), q = int(quad - i64(tile) * per_tile);
+    const int frag = q >> 5, lane = q & 31;
+    const int n = frag % (cols / 8), wr = frag / (cols / 8);
+    const int r = wr % mrep, warp = wr / mrep;
+    const int wm = warp % warps_m, wn = warp / warps_m;
+    row = tile * block_m + wm * 16 * mrep + r * 16 + (lane >> 2);
+    col = wn * cols + n * 8 + (lane & 3) * 2;
   }
 };
 
+// dQ's elements two at a time: (col, col + 1) of a row, 4- or 8-byte aligned stores
+// where the address allows (a strided dQ may not), a single element at an odd last column.
+template <class Elem>
+CUFLASH_DEVICE void store_pair(u16* row, int col, int head_dim, float a, float b) {
+  u16* at = row + col * Elem::kWords;
+  if (col + 1 >= head_dim) {
+    store_float<Elem>(row, col, a);
+  } else if (Elem::kWords == 2 && (reinterpret_cast<size_t>(at) & 7u) == 0) {
+    *reinterpret_cast<float2*>(at) = make_float2(a, b);
+  } else if (Elem::kWords == 1 && (reinterpret_cast<size_t>(at) & 3u) == 0) {
+    *reinterpret_cast<u32*>(at) = pack2<Elem::kIsBf16>(a, b);
+  } else {
+    store_float<Elem>(row, col, a);
+    store_float<Elem>(row, col + 1, b);
+  }
+}
+
+// One thread per float4 of dq_accum, which is one lane's share of a 16 x 8 fragment
+// (DqAccumLayout::position): the reads are whole 512-byte lines a warp, in the buffer's
+// own order; each lane writes two pairs of adjacent columns.
 template <class Elem>
 __global__ void __launch_bounds__(256)
     flash_bwd_convert_dq_kernel(const float* __restrict__ dq_accum, u16* __restrict__ dq,
@@ -105,16 +131,21 @@ __global__ void __launch_bounds__(256)
   const DqAccumLayout layout{block_m, dq_mrep, dq_cols, dq_warps_m, head_dim_pad};
   const i64 batch = blockIdx.z;
   const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_q, int(batch), seqlen_q, 0);
-  const i64 idx = i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= i64(seq.seqlen_q) * head_dim) return;
-  const int row = int(idx / head_dim);
-  const int d = int(idx - i64(row) * head_dim);
+  const i64 quad = i64(blockIdx.x) * blockDim.x + threadIdx.x;
+  int row, col;
+  layout.position(quad, row, col);
+  if (row >= seq.seqlen_q || col >= head_dim) return;
   const int head = blockIdx.y;
   const i64 stats_row = seq.stats_start(int(batch), gridDim.y, seqlen_q_pad) +
                         i64(head) * seqlen_q_pad;
-  const float x = dq_accum[stats_row * layout.head_dim_pad + layout.offset(row, d)] * scale;
-  store_float<Elem>(dq + batch * dq_batch_stride + head * dq_head_stride +
-                        (seq.q_start + row) * dq_row_stride, d, x);
+  const float4 x =
+      __ldg(reinterpret_cast<const float4*>(dq_accum + stats_row * head_dim_pad) + quad);
+  u16* out = dq + batch * dq_batch_stride + head * dq_head_stride +
+             (seq.q_start + row) * dq_row_stride;
+  store_pair<Elem>(out, col, head_dim, x.x * scale, x.y * scale);
+  if (row + 8 < seq.seqlen_q) {
+    store_pair<Elem>(out + 8 * dq_row_stride, col, head_dim, x.z * scale, x.w * scale);
+  }
 }
 
 }  // namespace cuflash

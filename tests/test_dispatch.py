@@ -186,7 +186,8 @@ def _cpp_dq_layout(spec):
 
 
 def _dq_accum_offset(row, col, block_m, mrep, cols, warps_m, head_dim_pad):
-    """Mirror of DqAccumLayout::offset (kernels/flash_bwd_prep.cu); works on int arrays."""
+    """Where dQ element (row, col) sits in the float32 buffer (the order that
+    DqAccumLayout in kernels/flash_bwd_prep.cu describes); works on int arrays."""
     tile = row // block_m
     rr = row - tile * block_m
     wm = rr // (16 * mrep)
@@ -199,6 +200,19 @@ def _dq_accum_offset(row, col, block_m, mrep, cols, warps_m, head_dim_pad):
     lane = g * 4 + ((cc & 7) >> 1)
     frag = (warp * mrep + r) * (cols // 8) + (cc >> 3)
     return tile * block_m * head_dim_pad + frag * 128 + lane * 4 + h * 2 + (cc & 1)
+
+
+def _dq_accum_position(quad, block_m, mrep, cols, warps_m, head_dim_pad):
+    """Mirror of DqAccumLayout::position (kernels/flash_bwd_prep.cu): (row, col) of the
+    first element of float4 number ``quad``; works on int arrays."""
+    per_tile = block_m * head_dim_pad // 4
+    tile, q = quad // per_tile, quad % per_tile
+    frag, lane = q >> 5, q & 31
+    n, wr = frag % (cols // 8), frag // (cols // 8)
+    r, warp = wr % mrep, wr // mrep
+    wm, wn = warp % warps_m, warp // warps_m
+    return (tile * block_m + wm * 16 * mrep + r * 16 + (lane >> 2),
+            wn * cols + n * 8 + (lane & 3) * 2)
 
 
 def _atomic_bwd_layouts():
@@ -224,6 +238,29 @@ def test_dq_accum_layout_is_a_permutation(spec):
     assert off.dtype.kind == "i"
     np.testing.assert_array_equal(np.sort(off[:block_m].ravel()), np.arange(block_m * hd))
     np.testing.assert_array_equal(off[block_m:], off[:block_m] + block_m * hd)
+
+
+def _every_dq_layout():
+    """Every distinct dQ buffer order among the shipped backward kernels: the portable
+    atomic-dQ ones and the sm_90a ones (BwdSpec and Sm90BwdSpec share dq_layout)."""
+    seen = {}
+    for s in list(_kernels.shipped_bwd_specs()) + list(_kernels.shipped_sm90_specs()):
+        if isinstance(s, _kernels.Sm90BwdSpec) or getattr(s, "atomic_dq", False):
+            seen.setdefault((s.dq_layout, s.head_dim), s)
+    return [pytest.param(layout, hd, id=f"{layout}-d{hd}") for layout, hd in seen]
+
+
+@pytest.mark.parametrize("layout, hd", _every_dq_layout())
+def test_dq_conversion_reads_each_float4_where_the_writer_put_it(layout, hd):
+    """The conversion kernel's position() (a thread per float4) is the inverse of the
+    buffer order: the four floats of float4 q are elements (row, col), (row, col + 1),
+    (row + 8, col), (row + 8, col + 1), at offsets 4q .. 4q + 3."""
+    block_m = layout[0]
+    quads = np.arange(2 * block_m * hd // 4)  # two row tiles
+    row, col = _dq_accum_position(quads, *layout, hd)
+    for e, (dr, dc) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
+        np.testing.assert_array_equal(_dq_accum_offset(row + dr, col + dc, *layout, hd),
+                                      4 * quads + e)
 
 
 def _dq_writer(layout, head_dim):
