@@ -33,6 +33,37 @@ CUFLASH_DEVICE void store_float(u16* row, int d, float x) {
   }
 }
 
+// This lane's part of sum_d a_d b_d over a row of n elements: 8 bytes a load where both
+// rows are 8-byte aligned and whole (a warp then reads 256 bytes a row at once), else an
+// element at a time.
+template <class Elem>
+CUFLASH_DEVICE float row_dot(const u16* a, const u16* b, int n, int lane) {
+  const int words = n * Elem::kWords;  // 16-bit units
+  float dot = 0.f;
+  if (words % 4 == 0 && ((reinterpret_cast<size_t>(a) | reinterpret_cast<size_t>(b)) & 7u) == 0) {
+    for (int w = lane * 4; w < words; w += 32 * 4) {
+      const uint2 x = *reinterpret_cast<const uint2*>(a + w);
+      const uint2 y = *reinterpret_cast<const uint2*>(b + w);
+      if constexpr (Elem::kWords == 2) {
+        dot = fmaf(__uint_as_float(x.x), __uint_as_float(y.x), dot);
+        dot = fmaf(__uint_as_float(x.y), __uint_as_float(y.y), dot);
+      } else {
+        float x0, x1, x2, x3, y0, y1, y2, y3;
+        unpack2<Elem::kIsBf16>(x.x, x0, x1);
+        unpack2<Elem::kIsBf16>(x.y, x2, x3);
+        unpack2<Elem::kIsBf16>(y.x, y0, y1);
+        unpack2<Elem::kIsBf16>(y.y, y2, y3);
+        dot = fmaf(x0, y0, fmaf(x1, y1, fmaf(x2, y2, fmaf(x3, y3, dot))));
+      }
+    }
+  } else {
+    for (int d = lane; d < n; d += 32) {
+      dot = fmaf(load_float<Elem>(a, d), load_float<Elem>(b, d), dot);
+    }
+  }
+  return dot;
+}
+
 template <class Elem>
 __global__ void __launch_bounds__(kPrepWarps * 32)
     flash_bwd_preprocess_kernel(const u16* __restrict__ out, const u16* __restrict__ dout,
@@ -61,9 +92,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
     const u16* o_row = out + batch * o_batch_stride + head * o_head_stride + row * o_row_stride;
     const u16* do_row =
         dout + batch * do_batch_stride + head * do_head_stride + row * do_row_stride;
-    for (int d = lane; d < head_dim_v; d += 32) {
-      dot = fmaf(load_float<Elem>(o_row, d), load_float<Elem>(do_row, d), dot);
-    }
+    dot = row_dot<Elem>(o_row, do_row, head_dim_v, lane);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     const float l = lse[batch * lse_batch_stride + head * lse_head_stride + row * lse_row_stride];
