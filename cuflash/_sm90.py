@@ -305,9 +305,11 @@ def _cached_cubin(spec) -> tuple[bytes, str]:
     return cubin, name
 
 
-#: Whether the forward runs persistent blocks (one a multiprocessor, each walking tiles
-#: blockIdx.x, + gridDim.x, ...) rather than one block a tile; the kernel is the same.
-FWD_PERSISTENT = True
+#: How the forward's blocks take their query tiles (the kernel is the same for all three):
+#: "dynamic", persistent blocks (one a multiprocessor) that each take the next tile not
+#: yet taken from a counter; "static", persistent blocks that take every gridDim.x-th
+#: tile; "tile", one block a tile.
+FWD_SCHEDULE = "dynamic"
 
 
 def _fwd_tiles(q, packed, block_m: int) -> int:
@@ -341,5 +343,10 @@ def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple,
             np.float32(scale * math.log2(math.e)), *option_args, *cu,
             np.int32(math.ceil(Lq / t.block_m)), np.int32(Hq), np.int32(B))
     tiles = _fwd_tiles(q, packed, t.block_m)
-    grid = min(tiles, _sm_count()) if FWD_PERSISTENT else tiles
-    fn((grid, 1, 1), (spec.threads, 1, 1), args, shared_mem=spec.smem_bytes)
+    grid = tiles if FWD_SCHEDULE == "tile" else min(tiles, _sm_count())
+    counter = np.uint64(0)
+    if FWD_SCHEDULE == "dynamic" and grid < tiles:
+        import cupy
+
+        counter = cupy.zeros(1, np.int32)  # tiles taken after the first gridDim.x
+    fn((grid, 1, 1), (spec.threads, 1, 1), args + (counter,), shared_mem=spec.smem_bytes)

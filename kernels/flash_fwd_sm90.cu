@@ -52,17 +52,17 @@ struct FwdTraits {
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-  static constexpr int kBarrierBytes = 128;  // Q full, Q empty, four per stage (<= 3)
+  static constexpr int kBarrierBytes = 128;  // Q full, Q empty, four a stage; tiles
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
   // registers a thread: the producer warpgroup gives its registers to the consumers
-  static constexpr int kProducerRegs = 24;
+  static constexpr int kProducerRegs = 32;  // (2 x 240 or 3 x 160 + 32: all 64k)
   static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 
   static_assert(kHeadDim % 64 == 0, "head dims in whole 128-byte column blocks");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tiles of 16..256 keys");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
-  static_assert(8 * (2 + 4 * kStages) <= kBarrierBytes, "room for the barriers");
+  static_assert(8 * (2 + 4 * kStages) <= 112, "room for the barriers and the tile slots");
 };
 
 // Shared memory: [Q][K_0 .. K_{s-1}][V_0 .. V_{s-1}][barriers], 1024-byte aligned.
@@ -82,6 +82,8 @@ struct FwdSmem {
   CUFLASH_DEVICE u32 k_empty(int st) const { return bar(3 + 4 * st); }
   CUFLASH_DEVICE u32 v_full(int st) const { return bar(4 + 4 * st); }
   CUFLASH_DEVICE u32 v_empty(int st) const { return bar(5 + 4 * st); }
+  // the index of a block's c-th tile, in slot c % 2 (the persistent schedule)
+  CUFLASH_DEVICE u32 tile_slot(int c) const { return bar(14) + 4 * (c & 1); }
 };
 
 // One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
@@ -113,11 +115,15 @@ struct FwdConsumer {
   // S = Q K^T on stage st (issued, not awaited): kHeadDim / 16 products of k16, both
   // operands K-major.
   CUFLASH_DEVICE void issue_qk(float (&s)[1][T::kNTiles][4], int st) const {
+    // (Q's address through an opaque move: else the compiler hoists its descriptors out of
+    // the tile loops, and at d256 the persistent loop's state then spills them)
+    u32 q_base;
+    asm volatile("mov.b32 %0, %1;\n" : "=r"(q_base) : "r"(q_rows));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
       const u32 col = (kk % 4) * 32;  // bytes into the 128-byte column block
-      const u64 da = smem_desc(q_rows + (kk / 4) * T::kBlockM * 128 + col, 16);
+      const u64 da = smem_desc(q_base + (kk / 4) * T::kBlockM * 128 + col, 16);
       const u64 db = smem_desc(sm.k(st) + (kk / 4) * T::kBlockN * 128 + col, 16);
       wgmma_ss<T::kBlockN, T::kIsBf16>(s[0], da, db, kk > 0);
     }
@@ -316,7 +322,7 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
                           u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
                           const int* __restrict__ cu_seqlens_k, int m_blocks, int num_heads,
-                          int num_batches) {
+                          int num_batches, int* __restrict__ tile_counter) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -335,31 +341,43 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
     mbar_init_fence();
   }
   __syncthreads();
-  // Persistent blocks: tile blockIdx.x, then every gridDim.x-th (a grid of one block per
-  // tile runs each once). The producer and the consumers walk the same tiles (FwdTile);
-  // the K/V ring's stages and phases, and Q's phase, run on across them.
+  // Persistent blocks: tile blockIdx.x first, then (tile_counter null) every gridDim.x-th,
+  // or (tile_counter) the next one not yet taken, gridDim.x + atomicAdd(tile_counter, 1),
+  // so that blocks take the longest tiles first whatever their lengths; a grid of one
+  // block a tile runs each once. One consumer thread takes each next tile early in the
+  // current one (next_tile) and leaves its index in a tile slot, which the producer reads
+  // once Q empty has completed and the consumers once Q full has; an index past the last
+  // tile ends the block. The K/V ring's stages and phases, and Q's, run on across tiles.
   const int num_tiles = m_blocks * num_heads * num_batches;  // (the host keeps it in range)
   const int warpgroup = threadIdx.x / 128;
-  int ring0 = 0, q_loads = 0;
+  int ring0 = 0;
 
   if (warpgroup == 0) {
-    // ---- producer: tile loads, by one thread ----
+    // ---- producer: the tile loads, by one thread ----
     regs_dealloc<T::kProducerRegs>();
     if (threadIdx.x != 0) return;
     prefetch_tensor_map(tm_q);
     prefetch_tensor_map(tm_k);
     prefetch_tensor_map(tm_v);
-    for (int index = blockIdx.x; index < num_tiles; index += gridDim.x) {
+    for (int c = 0;; ++c) {
+      mbar_wait(sm.q_empty(), (c & 1) ^ 1);  // the last tile's S products are done
+      const int index = c == 0 ? int(blockIdx.x) : int(ld_shared_b32(sm.tile_slot(c)));
+      if (index >= num_tiles) {
+        mbar_arrive(sm.q_full());  // wakes the consumers to the end
+        return;
+      }
       const auto t = FwdTile<kCausal, kOptions, T::kBlockM, kBlockN>::at(
           index, m_blocks, num_heads, seqlen_q_max, seqlen_k_max, window_left, window_right,
           cu_seqlens_q, cu_seqlens_k);
-      if (t.n_iters <= 0) continue;
       const int kv_head = t.head / heads_per_kv;
       const int tm_batch = t.seq.packed ? 0 : t.batch;  // the tensor maps' batch coordinate
-      mbar_wait(sm.q_empty(), (q_loads & 1) ^ 1);  // the last tile's S products are done
-      mbar_expect_tx(sm.q_full(), T::kQBytes);
-      load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, t.seq.q_start + t.m0,
-                               t.head, tm_batch);
+      if (t.n_iters > 0) {
+        mbar_expect_tx(sm.q_full(), T::kQBytes);
+        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, t.seq.q_start + t.m0,
+                                 t.head, tm_batch);
+      } else {
+        mbar_arrive(sm.q_full());  // nothing to load: the tile only goes to the consumers
+      }
       for (int it = 0; it < t.n_iters; ++it) {
         const int n = t.n_block_max - 1 - it, st = (ring0 + it) % kStages;
         const u32 parity = (((ring0 + it) / kStages) & 1) ^ 1;
@@ -372,68 +390,77 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
         load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN,
                                  t.seq.k_start + n * kBlockN, kv_head, tm_batch);
       }
-      ring0 += t.n_iters;
-      ++q_loads;
+      ring0 += max(t.n_iters, 0);
     }
-    return;
   }
 
   // ---- consumers: 64 query rows a warpgroup ----
   regs_alloc<T::kConsumerRegs>();
   const int tid = threadIdx.x - 128 * warpgroup;  // within the warpgroup
-  for (int index = blockIdx.x; index < num_tiles; index += gridDim.x) {
+  for (int c = 0;; ++c) {
+    mbar_wait(sm.q_full(), c & 1);
+    const int index = c == 0 ? int(blockIdx.x) : int(ld_shared_b32(sm.tile_slot(c)));
+    if (index >= num_tiles) return;
+    if (threadIdx.x == 128) {  // the next tile, before this one releases Q empty
+      const int next = tile_counter ? int(gridDim.x) + atomicAdd(tile_counter, 1)
+                                    : index + int(gridDim.x);
+      st_shared_b32(sm.tile_slot(c + 1), u32(next));
+    }
     const auto t = FwdTile<kCausal, kOptions, T::kBlockM, kBlockN>::at(
         index, m_blocks, num_heads, seqlen_q_max, seqlen_k_max, window_left, window_right,
         cu_seqlens_q, cu_seqlens_k);
-    if (t.n_iters < 0) continue;  // past its sequence's end
-    FwdConsumer<T, kCausal, kOptions, kDropout> c;
-    c.sm = sm;
-    c.mask = t.mask;
-    c.scale_log2 = scale_log2;
+    FwdConsumer<T, kCausal, kOptions, kDropout> w;  // this warpgroup's work on the tile
+    w.sm = sm;
+    w.mask = t.mask;
+    w.scale_log2 = scale_log2;
+    w.wg = warpgroup - 1;
+    w.lane = tid & 31;
+    if (t.n_iters < 0) {  // past its sequence's end: no rows
+      w.release(sm.q_empty());
+      continue;
+    }
     if constexpr (kOptions) {
       const float slope =
           alibi_slopes ? alibi_slopes[t.batch * alibi_batch_stride + t.head] : 0.f;
-      c.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
+      w.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
                                           t.mask.offset());
-      c.units_ = c.scores.units_or(scale_log2);
+      w.units_ = w.scores.units_or(scale_log2);
     }
-    c.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+    w.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
                                         dropout_bh0 + u32(t.batch) * num_heads + t.head);
-    c.wg = warpgroup - 1;
-    c.lane = tid & 31;
-    c.m0 = t.m0;
-    c.warp_row0 = t.m0 + c.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
-    c.q_rows = sm.q() + c.wg * 64 * 128;
-    c.ring0 = ring0;
+    w.m0 = t.m0;
+    w.warp_row0 = t.m0 + w.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
+    w.q_rows = sm.q() + w.wg * 64 * 128;
+    w.ring0 = ring0;
 #pragma unroll
     for (int d = 0; d < T::kDTiles; ++d)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) c.o_acc[0][d][e] = 0.f;
-    c.softmax.init();
+      for (int e = 0; e < 4; ++e) w.o_acc[0][d][e] = 0.f;
+    w.softmax.init();
 
     // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
-    if (T::kPingpong && c.wg == 1) c.pass_turn();
+    if (T::kPingpong && w.wg == 1) w.pass_turn();
     if (t.n_iters > 0) {
-      mbar_wait(sm.q_full(), q_loads & 1);
       if constexpr (kOverlap) {
-        c.run_overlapped(t.n_block_max, t.n_iters);
+        w.run_overlapped(t.n_block_max, t.n_iters);  // (releases Q empty)
       } else {
-        c.run_sequential(t.n_block_max, t.n_iters);
+        w.run_sequential(t.n_block_max, t.n_iters);
       }
       ring0 += t.n_iters;
-      ++q_loads;
+    } else {
+      w.release(sm.q_empty());
     }
-    if (T::kPingpong && c.wg == 0) c.wait_turn();
+    if (T::kPingpong && w.wg == 0) w.wait_turn();
     // (the tile's head, batch and first row are found again here rather than held across
     // the loop)
     const int head = index / m_blocks % num_heads, batch = index / m_blocks / num_heads;
     const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0).q_start;
     const int tm_batch = cu_seqlens_q ? 0 : batch;
-    c.store_output(o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
+    w.store_output(o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
                        i64(row0) * o_row_stride,
                    lse + i64(tm_batch) * lse_batch_stride + i64(head) * lse_head_stride + row0,
-                   o_row_stride, c.mask.seqlen_q, head_dim,
-                   kDropout && c.dropout.active() ? dropout_scale : 1.f);
+                   o_row_stride, w.mask.seqlen_q, head_dim,
+                   kDropout && w.dropout.active() ? dropout_scale : 1.f);
   }
 }
 

@@ -1,11 +1,12 @@
-"""The sm_90a forward with persistent blocks (one a multiprocessor, each walking tiles)
-against one block a tile, the same kernel and the same inputs, side by side in one run:
+"""The sm_90a forward's three tile schedules (cuflash._sm90.FWD_SCHEDULE: one block a tile,
+persistent blocks taking every gridDim.x-th tile, persistent blocks taking the next free
+tile from a counter), the same kernel and inputs, side by side in one run:
 
     PYTHONPATH=. python3 tools/probe_persistent.py [--head-dims 64,128,256]
         [--seqlens 1024,4096,16384]
 
-Prints TFLOP/s for both launches and their ratio (bf16, the benchmark's cases:
-cuflash._bench.standard_cases).
+Prints TFLOP/s for each and the speed-ups over one block a tile (bf16, the benchmark's
+cases: cuflash._bench.standard_cases).
 """
 
 import argparse
@@ -23,19 +24,21 @@ def main():
     a = p.parse_args()
     dims = [int(x) for x in a.head_dims.split(",")]
     lens = [int(x) for x in a.seqlens.split(",")]
+    default = _sm90.FWD_SCHEDULE
     cases = _bench.standard_cases(seqlens=lens, head_dims=dims, dtypes=("bfloat16",))
-    print(f"{'case':44s} {'per-tile':>9s} {'persistent':>11s} {'ratio':>6s}")
+    modes = ("tile", "static", "dynamic")
+    print(f"{'case':44s} " + " ".join(f"{m:>8s}" for m in modes) + "  static/tile dynamic/tile")
     for case in cases:
         q, k, v = _bench.make_inputs(case)
         got = {}
-        for persistent in (False, True):
-            _sm90.FWD_PERSISTENT = persistent
-            ms = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=case.causal))
-            got[persistent] = ms
-        _sm90.FWD_PERSISTENT = True
-        tf = {k_: case.flops / ms / 1e9 for k_, ms in got.items()}
-        print(f"{case.label:44s} {tf[False]:9.1f} {tf[True]:11.1f} "
-              f"{got[False] / got[True]:6.3f}", flush=True)
+        for mode in modes:
+            _sm90.FWD_SCHEDULE = mode
+            got[mode] = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=case.causal))
+        _sm90.FWD_SCHEDULE = default
+        tf = {m: case.flops / ms / 1e9 for m, ms in got.items()}
+        print(f"{case.label:44s} " + " ".join(f"{tf[m]:8.1f}" for m in modes)
+              + f"  {got['tile'] / got['static']:11.3f} {got['tile'] / got['dynamic']:12.3f}",
+              flush=True)
         q = k = v = None
         cp.get_default_memory_pool().free_all_blocks()
 
