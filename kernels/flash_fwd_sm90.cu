@@ -115,10 +115,10 @@ struct FwdConsumer {
   // S = Q K^T on stage st (issued, not awaited): kHeadDim / 16 products of k16, both
   // operands K-major.
   CUFLASH_DEVICE void issue_qk(float (&s)[1][T::kNTiles][4], int st) const {
-    // (Q's address through an opaque move: else the compiler hoists its descriptors out of
-    // the tile loops, and at d256 the persistent loop's state then spills them)
-    u32 q_base;
-    asm volatile("mov.b32 %0, %1;\n" : "=r"(q_base) : "r"(q_rows));
+    // (d256: Q's address through an opaque move, else the compiler hoists its descriptors
+    // out of the tile loops, and the persistent loop's state then spills them)
+    u32 q_base = q_rows;
+    if constexpr (T::kHeadDim >= 256) asm volatile("mov.b32 %0, %0;\n" : "+r"(q_base));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {

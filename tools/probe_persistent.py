@@ -21,24 +21,37 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--head-dims", default="64,128,256")
     p.add_argument("--seqlens", default="1024,4096,16384")
+    p.add_argument("--cudnn", action="store_true", help="also time torch SDPA's cuDNN backend")
     a = p.parse_args()
     dims = [int(x) for x in a.head_dims.split(",")]
     lens = [int(x) for x in a.seqlens.split(",")]
-    default = _sm90.FWD_SCHEDULE
+    # (a tree from before the schedules: its one launch, for a baseline in the same run)
+    default = getattr(_sm90, "FWD_SCHEDULE", None)
     cases = _bench.standard_cases(seqlens=lens, head_dims=dims, dtypes=("bfloat16",))
-    modes = ("tile", "static", "dynamic")
-    print(f"{'case':44s} " + " ".join(f"{m:>8s}" for m in modes) + "  static/tile dynamic/tile")
+    modes = ("tile", "static", "dynamic") if default else ("before",)
+    print(f"{'case':44s} " + " ".join(f"{m:>8s}" for m in modes)
+          + ("  static/tile dynamic/tile" if default else "")
+          + ("    cudnn" if a.cudnn else ""))
     for case in cases:
         q, k, v = _bench.make_inputs(case)
         got = {}
         for mode in modes:
-            _sm90.FWD_SCHEDULE = mode
+            if default:
+                _sm90.FWD_SCHEDULE = mode
             got[mode] = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=case.causal))
-        _sm90.FWD_SCHEDULE = default
+        if default:
+            _sm90.FWD_SCHEDULE = default
+        if a.cudnn:
+            try:
+                got["cudnn"] = _bench.time_fn(
+                    _bench._torch_sdpa("CUDNN_ATTENTION")(q, k, v, case.causal))
+            except _bench.Skip:
+                got["cudnn"] = float("nan")
         tf = {m: case.flops / ms / 1e9 for m, ms in got.items()}
         print(f"{case.label:44s} " + " ".join(f"{tf[m]:8.1f}" for m in modes)
-              + f"  {got['tile'] / got['static']:11.3f} {got['tile'] / got['dynamic']:12.3f}",
-              flush=True)
+              + (f"  {got['tile'] / got['static']:11.3f} {got['tile'] / got['dynamic']:12.3f}"
+                 if default else "")
+              + (f" {tf['cudnn']:8.1f}" if a.cudnn else ""), flush=True)
         q = k = v = None
         cp.get_default_memory_pool().free_all_blocks()
 
