@@ -56,8 +56,15 @@ struct FwdTraits {
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
   // registers a thread: the producer warpgroup gives its registers to the consumers
-  static constexpr int kProducerRegs = 32;  // (2 x 240 or 3 x 160 + 32: all 64k)
-  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  // (d256: the producer's tile loop needs 32; its consumers fit in 232)
+  static constexpr int kProducerRegs = kConsumers == 2 && kHeadDim < 256 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? (kHeadDim < 256 ? 240 : 232) : 160;
+  // setmaxnreg moves registers within the block's launch allocation (64k / threads, in
+  // eights): what the consumers take, the producer must give, or their increase waits
+  // forever
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
+  static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kLaunchRegs - kProducerRegs,
+                "setmaxnreg: the consumers take more registers than the producer frees");
 
   static_assert(kHeadDim % 64 == 0, "head dims in whole 128-byte column blocks");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tiles of 16..256 keys");
