@@ -513,7 +513,7 @@ class Sm90FwdSpec:
     @property
     def smem_bytes(self) -> int:
         kv = self.tile.block_n * self.head_dim * 2
-        return 1024 + self.tile.block_m * self.head_dim * 2 + 2 * self.tile.stages * kv + 128
+        return 1024 + self.tile.block_m * self.head_dim * 2 + 2 * self.tile.stages * kv + 64
 
     @property
     def name_expression(self) -> str:

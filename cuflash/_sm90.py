@@ -77,7 +77,7 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
     if not scale > 0:
         return None
     B, H, Lq, D = q.shape
-    if v.shape[3] != D or not _grid_ok(q, k, packed) or _fwd_tiles(q, packed, 64) >= 2**31:
+    if v.shape[3] != D or not _grid_ok(q, k, packed):
         return None
     spec = _kernels.sm90_fwd_spec(np.dtype(q.dtype).name, D, causal, options_kernel,
                                   dropout_kernel)
@@ -305,22 +305,6 @@ def _cached_cubin(spec) -> tuple[bytes, str]:
     return cubin, name
 
 
-#: How the forward's blocks take their query tiles (the kernel is the same for all three):
-#: "dynamic", persistent blocks (one a multiprocessor) that each take the next tile not
-#: yet taken from a counter; "static", persistent blocks that take every gridDim.x-th
-#: tile; "tile", one block a tile.
-FWD_SCHEDULE = "dynamic"
-
-
-def _fwd_tiles(q, packed, block_m: int) -> int:
-    """Query tiles of a forward launch: (query tiles of the longest sequence) x heads x
-    sequences."""
-    B, H, Lq = q.shape[:3]
-    if packed is not None:
-        B, Lq = packed.batch, packed.max_seqlen_q
-    return math.ceil(Lq / block_m) * H * B
-
-
 def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple,
             packed=None) -> None:
     """Launch the sm_90a forward kernel ``spec`` (from :func:`fwd_spec_for`) on
@@ -340,13 +324,6 @@ def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple,
     args = (_encode(q, t.block_m), _encode(k, t.block_n), _encode(v, t.block_n), out, lse,
             np.int64(os_[0]), np.int64(os_[1]), np.int64(os_[2]), np.int64(ls[0]),
             np.int64(ls[1]), np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)), *option_args, *cu,
-            np.int32(math.ceil(Lq / t.block_m)), np.int32(Hq), np.int32(B))
-    tiles = _fwd_tiles(q, packed, t.block_m)
-    grid = tiles if FWD_SCHEDULE == "tile" else min(tiles, _sm_count())
-    counter = np.uint64(0)
-    if FWD_SCHEDULE == "dynamic" and grid < tiles:
-        import cupy
-
-        counter = cupy.zeros(1, np.int32)  # tiles taken after the first gridDim.x
-    fn((grid, 1, 1), (spec.threads, 1, 1), args + (counter,), shared_mem=spec.smem_bytes)
+            np.float32(scale * math.log2(math.e)), *option_args, *cu)
+    fn((math.ceil(Lq / t.block_m), Hq, B), (spec.threads, 1, 1), args,
+       shared_mem=spec.smem_bytes)

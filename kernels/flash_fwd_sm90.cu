@@ -52,24 +52,16 @@ struct FwdTraits {
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-  static constexpr int kBarrierBytes = 128;  // Q full, Q empty, four a stage; tiles
+  static constexpr int kBarrierBytes = 64;
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
   // registers a thread: the producer warpgroup gives its registers to the consumers
-  // (d256: the producer's tile loop needs 32; its consumers fit in 232)
-  static constexpr int kProducerRegs = kConsumers == 2 && kHeadDim < 256 ? 24 : 32;
-  static constexpr int kConsumerRegs = kConsumers == 2 ? (kHeadDim < 256 ? 240 : 232) : 160;
-  // setmaxnreg moves registers within the block's launch allocation (64k / threads, in
-  // eights): what the consumers take, the producer must give, or their increase waits
-  // forever
-  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
-  static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kLaunchRegs - kProducerRegs,
-                "setmaxnreg: the consumers take more registers than the producer frees");
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 
   static_assert(kHeadDim % 64 == 0, "head dims in whole 128-byte column blocks");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key tiles of 16..256 keys");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
-  static_assert(8 * (2 + 4 * kStages) <= 112, "room for the barriers and the tile slots");
 };
 
 // Shared memory: [Q][K_0 .. K_{s-1}][V_0 .. V_{s-1}][barriers], 1024-byte aligned.
@@ -82,15 +74,12 @@ struct FwdSmem {
   CUFLASH_DEVICE u32 bar(int i) const {
     return base + T::kQBytes + 2 * T::kStages * T::kKVBytes + 8 * i;
   }
-  // barriers: Q full, Q empty; then per stage K full, K empty, V full, V empty
+  // barriers: Q full; then per stage K full, K empty, V full, V empty
   CUFLASH_DEVICE u32 q_full() const { return bar(0); }
-  CUFLASH_DEVICE u32 q_empty() const { return bar(1); }
-  CUFLASH_DEVICE u32 k_full(int st) const { return bar(2 + 4 * st); }
-  CUFLASH_DEVICE u32 k_empty(int st) const { return bar(3 + 4 * st); }
-  CUFLASH_DEVICE u32 v_full(int st) const { return bar(4 + 4 * st); }
-  CUFLASH_DEVICE u32 v_empty(int st) const { return bar(5 + 4 * st); }
-  // the index of a block's c-th tile, in slot c % 2 (the persistent schedule)
-  CUFLASH_DEVICE u32 tile_slot(int c) const { return bar(14) + 4 * (c & 1); }
+  CUFLASH_DEVICE u32 k_full(int st) const { return bar(1 + 4 * st); }
+  CUFLASH_DEVICE u32 k_empty(int st) const { return bar(2 + 4 * st); }
+  CUFLASH_DEVICE u32 v_full(int st) const { return bar(3 + 4 * st); }
+  CUFLASH_DEVICE u32 v_empty(int st) const { return bar(4 + 4 * st); }
 };
 
 // One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
@@ -106,7 +95,6 @@ struct FwdConsumer {
   float units_;
   u32 q_rows;     // this warpgroup's 64 rows of the Q tile
   int m0, warp_row0, wg, lane;
-  int ring0;      // K/V loads before this tile's (the ring's stages and phases run on)
 
   float o_acc[1][T::kDTiles][4];
   OnlineSoftmax<1> softmax;
@@ -122,15 +110,11 @@ struct FwdConsumer {
   // S = Q K^T on stage st (issued, not awaited): kHeadDim / 16 products of k16, both
   // operands K-major.
   CUFLASH_DEVICE void issue_qk(float (&s)[1][T::kNTiles][4], int st) const {
-    // (d256: Q's address through an opaque move, else the compiler hoists its descriptors
-    // out of the tile loops, and the persistent loop's state then spills them)
-    u32 q_base = q_rows;
-    if constexpr (T::kHeadDim >= 256) asm volatile("mov.b32 %0, %0;\n" : "+r"(q_base));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
       const u32 col = (kk % 4) * 32;  // bytes into the 128-byte column block
-      const u64 da = smem_desc(q_base + (kk / 4) * T::kBlockM * 128 + col, 16);
+      const u64 da = smem_desc(q_rows + (kk / 4) * T::kBlockM * 128 + col, 16);
       const u64 db = smem_desc(sm.k(st) + (kk / 4) * T::kBlockN * 128 + col, 16);
       wgmma_ss<T::kBlockN, T::kIsBf16>(s[0], da, db, kk > 0);
     }
@@ -148,10 +132,6 @@ struct FwdConsumer {
     }
     wgmma_commit();
   }
-
-  // Stage and phase of the tile's it-th K/V load.
-  CUFLASH_DEVICE int stage(int it) const { return (ring0 + it) % T::kStages; }
-  CUFLASH_DEVICE u32 phase(int it) const { return ((ring0 + it) / T::kStages) & 1; }
 
   // One arrival per warp on a stage's empty barrier: the producer may refill it.
   CUFLASH_DEVICE void release(u32 empty_bar) const {
@@ -187,8 +167,8 @@ struct FwdConsumer {
   // P V.
   CUFLASH_DEVICE void run_sequential(int n_block_max, int n_iters) {
     for (int it = 0; it < n_iters; ++it) {
-      const int n = n_block_max - 1 - it, st = stage(it);
-      const u32 parity = phase(it);
+      const int n = n_block_max - 1 - it, st = it % T::kStages;
+      const u32 parity = (it / T::kStages) & 1;
       float s[1][T::kNTiles][4];
       u32 p[1][T::kBlockN / 16][4];
       float alpha[1][2];
@@ -208,30 +188,6 @@ struct FwdConsumer {
       fence_regs(o_acc[0]);
       release(sm.v_empty(st));
     }
-    release(sm.q_empty());
-  }
-
-  // The epilogue: o_acc / l_i and lse, straight from registers, into this (batch, head)'s
-  // rows (o_tile, lse_tile: its first row).
-  CUFLASH_DEVICE void store_output(u16* o_tile, float* lse_tile, i64 o_row_stride,
-                                   int seqlen_q, int head_dim, float dropout_scale) {
-    float lse_rows[1][2];
-    softmax.finalize(o_acc, lse_rows, units(), dropout_scale);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = warp_row0 + (lane >> 2) + 8 * h;
-      if (row >= seqlen_q) continue;
-      u16* o_row = o_tile + i64(row) * o_row_stride;
-#pragma unroll
-      for (int d = 0; d < T::kDTiles; ++d) {
-        const int col = d * 8 + (lane & 3) * 2;
-        if (col < head_dim) {  // head dims are even here (16-byte rows for the copy engine)
-          const u32 pair = pack2<T::kIsBf16>(o_acc[0][d][2 * h], o_acc[0][d][2 * h + 1]);
-          *reinterpret_cast<u32*>(o_row + col) = pair;
-        }
-      }
-      if ((lane & 3) == 0) lse_tile[row] = lse_rows[0][h];
-    }
   }
 
   // kOverlap: S_{j+1} and P_j V_j are issued together; the softmax of S_{j+1} runs while
@@ -240,18 +196,18 @@ struct FwdConsumer {
     float s[1][T::kNTiles][4];
     u32 p[1][T::kBlockN / 16][4];
     float alpha[1][2];
-    mbar_wait(sm.k_full(stage(0)), phase(0));
+    mbar_wait(sm.k_full(0), 0);
     wait_turn();
-    issue_qk(s, stage(0));
+    issue_qk(s, 0);
     pass_turn();
     wgmma_wait<0>();
     fence_regs(s[0]);
-    release(sm.k_empty(stage(0)));
+    release(sm.k_empty(0));
     softmax_scores(s, n_block_max - 1, alpha);  // (o_acc is 0: no rescale)
     pack_p(p, s);
     for (int it = 1; it < n_iters; ++it) {
-      const int n = n_block_max - 1 - it, st = stage(it), prev = stage(it - 1);
-      const u32 parity = phase(it), prev_parity = phase(it - 1);
+      const int n = n_block_max - 1 - it, st = it % T::kStages, prev = (it - 1) % T::kStages;
+      const u32 parity = (it / T::kStages) & 1, prev_parity = ((it - 1) / T::kStages) & 1;
       mbar_wait(sm.k_full(st), parity);
       mbar_wait(sm.v_full(prev), prev_parity);
       wait_turn();
@@ -269,46 +225,14 @@ struct FwdConsumer {
       softmax.rescale(o_acc, alpha);
       pack_p(p, s);
     }
-    release(sm.q_empty());  // the tile's last S has landed: the next tile's Q may load
-    const int last = stage(n_iters - 1);
-    mbar_wait(sm.v_full(last), phase(n_iters - 1));
+    const int last = (n_iters - 1) % T::kStages;
+    mbar_wait(sm.v_full(last), ((n_iters - 1) / T::kStages) & 1);
     wait_turn();
     issue_pv(p, last);
     pass_turn();
     wgmma_wait<0>();
     fence_regs(o_acc[0]);
     release(sm.v_empty(last));
-  }
-};
-
-// Tile `index` of a launch: query tile fastest, then head, then batch; causal launches
-// take each head's last query tile first, so the heaviest tiles start first. n_iters is
-// the number of key tiles to walk (n_block_max - 1 down), or -1 past a packed sequence's
-// end (no rows: nothing to load or write).
-template <bool kCausal, bool kOptions, int kBlockM, int kBlockN>
-struct FwdTile {
-  int m0, head, batch, n_block_max, n_iters;
-  SeqLens seq;
-  Mask<kCausal, kOptions> mask;
-
-  static CUFLASH_DEVICE FwdTile at(int index, int m_blocks, int num_heads, int seqlen_q,
-                                   int seqlen_k, int window_left, int window_right,
-                                   const int* cu_seqlens_q, const int* cu_seqlens_k) {
-    FwdTile t;
-    const int m_index = index % m_blocks, hb = index / m_blocks;
-    t.head = hb % num_heads;
-    t.batch = hb / num_heads;
-    t.m0 = (kCausal ? m_blocks - 1 - m_index : m_index) * kBlockM;
-    t.seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, t.batch, seqlen_q, seqlen_k);
-    t.mask = Mask<kCausal, kOptions>{t.seq.seqlen_q, t.seq.seqlen_k, window_left, window_right};
-    t.n_block_max = 0;
-    t.n_iters = -1;
-    if (t.m0 >= t.seq.seqlen_q) return t;
-    // key tiles n_block_max - 1 down to n_block_max - n_iters (a window's left edge)
-    t.n_block_max = t.mask.template n_block_max<kBlockN>(t.m0, kBlockM);
-    t.n_iters = kOptions ? max(t.n_block_max - t.mask.template n_block_min<kBlockN>(t.m0), 0)
-                         : t.n_block_max;
-    return t;
   }
 };
 
@@ -322,152 +246,139 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           const __grid_constant__ TensorMap tm_v, u16* __restrict__ o,
                           float* __restrict__ lse, i64 o_batch_stride, i64 o_head_stride,
                           i64 o_row_stride, i64 lse_batch_stride, i64 lse_head_stride,
-                          int seqlen_q_max, int seqlen_k_max, int head_dim, int heads_per_kv,
+                          int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
                           float scale_log2, int window_left, int window_right,
                           float softcap_in, float softcap_out,
                           const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                           u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
                           u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
-                          const int* __restrict__ cu_seqlens_k, int m_blocks, int num_heads,
-                          int num_batches, int* __restrict__ tile_counter) {
+                          const int* __restrict__ cu_seqlens_k) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const FwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
 
+  // Causal blocks are launched heaviest (last query rows) first.
+  const int m_block = kCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int m0 = m_block * T::kBlockM;
+  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k);
+  if (m0 >= seq.seqlen_q) return;  // packed: a shorter sequence than the grid's
+  seqlen_q = seq.seqlen_q;
+  seqlen_k = seq.seqlen_k;
+  const int tm_batch = seq.packed ? 0 : batch;  // the tensor maps' batch coordinate
+  const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
+  const int n_block_max = mask.template n_block_max<kBlockN>(m0, T::kBlockM);
+  // key tiles n_block_max - 1 down to n_block_max - n_iters (a window's left edge)
+  const int n_iters =
+      kOptions ? max(n_block_max - mask.template n_block_min<kBlockN>(m0), 0) : n_block_max;
+  const int warpgroup = threadIdx.x / 128;
+
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
-    mbar_init(sm.q_empty(), 4 * kConsumers);  // one arrival per consumer warp
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(sm.k_full(st), 1);
       mbar_init(sm.v_full(st), 1);
-      mbar_init(sm.k_empty(st), 4 * kConsumers);
+      mbar_init(sm.k_empty(st), 4 * kConsumers);  // one arrival per consumer warp
       mbar_init(sm.v_empty(st), 4 * kConsumers);
     }
     mbar_init_fence();
   }
   __syncthreads();
-  // Persistent blocks: tile blockIdx.x first, then (tile_counter null) every gridDim.x-th,
-  // or (tile_counter) the next one not yet taken, gridDim.x + atomicAdd(tile_counter, 1),
-  // so that blocks take the longest tiles first whatever their lengths; a grid of one
-  // block a tile runs each once. One consumer thread takes each next tile early in the
-  // current one (next_tile) and leaves its index in a tile slot, which the producer reads
-  // once Q empty has completed and the consumers once Q full has; an index past the last
-  // tile ends the block. The K/V ring's stages and phases, and Q's, run on across tiles.
-  const int num_tiles = m_blocks * num_heads * num_batches;  // (the host keeps it in range)
-  const int warpgroup = threadIdx.x / 128;
-  int ring0 = 0;
 
   if (warpgroup == 0) {
-    // ---- producer: the tile loads, by one thread ----
+    // ---- producer: tile loads ----
     regs_dealloc<T::kProducerRegs>();
-    if (threadIdx.x != 0) return;
-    prefetch_tensor_map(tm_q);
-    prefetch_tensor_map(tm_k);
-    prefetch_tensor_map(tm_v);
-    for (int c = 0;; ++c) {
-      mbar_wait(sm.q_empty(), (c & 1) ^ 1);  // the last tile's S products are done
-      const int index = c == 0 ? int(blockIdx.x) : int(ld_shared_b32(sm.tile_slot(c)));
-      if (index >= num_tiles) {
-        mbar_arrive(sm.q_full());  // wakes the consumers to the end
-        return;
-      }
-      const auto t = FwdTile<kCausal, kOptions, T::kBlockM, kBlockN>::at(
-          index, m_blocks, num_heads, seqlen_q_max, seqlen_k_max, window_left, window_right,
-          cu_seqlens_q, cu_seqlens_k);
-      const int kv_head = t.head / heads_per_kv;
-      const int tm_batch = t.seq.packed ? 0 : t.batch;  // the tensor maps' batch coordinate
-      if (t.n_iters > 0) {
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(tm_q);
+      prefetch_tensor_map(tm_k);
+      prefetch_tensor_map(tm_v);
+      const int kv_head = head / heads_per_kv;
+      if (n_iters > 0) {
         mbar_expect_tx(sm.q_full(), T::kQBytes);
-        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, t.seq.q_start + t.m0,
-                                 t.head, tm_batch);
-      } else {
-        mbar_arrive(sm.q_full());  // nothing to load: the tile only goes to the consumers
+        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, seq.q_start + m0, head,
+                                 tm_batch);
       }
-      for (int it = 0; it < t.n_iters; ++it) {
-        const int n = t.n_block_max - 1 - it, st = (ring0 + it) % kStages;
-        const u32 parity = (((ring0 + it) / kStages) & 1) ^ 1;
+      for (int it = 0; it < n_iters; ++it) {
+        const int n = n_block_max - 1 - it, st = it % kStages;
+        const u32 parity = ((it / kStages) & 1) ^ 1;
         mbar_wait(sm.k_empty(st), parity);
         mbar_expect_tx(sm.k_full(st), T::kKVBytes);
         load_rows<T::kColBlocks>(sm.k(st), tm_k, sm.k_full(st), kBlockN,
-                                 t.seq.k_start + n * kBlockN, kv_head, tm_batch);
+                                 seq.k_start + n * kBlockN, kv_head, tm_batch);
         mbar_wait(sm.v_empty(st), parity);
         mbar_expect_tx(sm.v_full(st), T::kKVBytes);
         load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN,
-                                 t.seq.k_start + n * kBlockN, kv_head, tm_batch);
+                                 seq.k_start + n * kBlockN, kv_head, tm_batch);
       }
-      ring0 += max(t.n_iters, 0);
     }
+    return;
   }
 
   // ---- consumers: 64 query rows a warpgroup ----
   regs_alloc<T::kConsumerRegs>();
   const int tid = threadIdx.x - 128 * warpgroup;  // within the warpgroup
-  for (int c = 0;; ++c) {
-    mbar_wait(sm.q_full(), c & 1);
-    const int index = c == 0 ? int(blockIdx.x) : int(ld_shared_b32(sm.tile_slot(c)));
-    if (index >= num_tiles) return;
-    if (threadIdx.x == 128) {  // the next tile, before this one releases Q empty
-      const int next = tile_counter ? int(gridDim.x) + atomicAdd(tile_counter, 1)
-                                    : index + int(gridDim.x);
-      st_shared_b32(sm.tile_slot(c + 1), u32(next));
-    }
-    const auto t = FwdTile<kCausal, kOptions, T::kBlockM, kBlockN>::at(
-        index, m_blocks, num_heads, seqlen_q_max, seqlen_k_max, window_left, window_right,
-        cu_seqlens_q, cu_seqlens_k);
-    FwdConsumer<T, kCausal, kOptions, kDropout> w;  // this warpgroup's work on the tile
-    w.sm = sm;
-    w.mask = t.mask;
-    w.scale_log2 = scale_log2;
-    w.wg = warpgroup - 1;
-    w.lane = tid & 31;
-    if (t.n_iters < 0) {  // past its sequence's end: no rows
-      w.release(sm.q_empty());
-      continue;
-    }
-    if constexpr (kOptions) {
-      const float slope =
-          alibi_slopes ? alibi_slopes[t.batch * alibi_batch_stride + t.head] : 0.f;
-      w.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
-                                          t.mask.offset());
-      w.units_ = w.scores.units_or(scale_log2);
-    }
-    w.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
-                                        dropout_bh0 + u32(t.batch) * num_heads + t.head);
-    w.m0 = t.m0;
-    w.warp_row0 = t.m0 + w.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
-    w.q_rows = sm.q() + w.wg * 64 * 128;
-    w.ring0 = ring0;
+  FwdConsumer<T, kCausal, kOptions, kDropout> c;
+  c.sm = sm;
+  c.mask = mask;
+  c.scale_log2 = scale_log2;
+  if constexpr (kOptions) {
+    const float slope = alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
+    c.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
+                                        seqlen_k - seqlen_q);
+    c.units_ = c.scores.units_or(scale_log2);
+  }
+  c.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+                                      dropout_bh0 + u32(batch) * gridDim.y + head);
+  c.wg = warpgroup - 1;
+  c.lane = tid & 31;
+  c.m0 = m0;
+  c.warp_row0 = m0 + c.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
+  c.q_rows = sm.q() + c.wg * 64 * 128;
 #pragma unroll
-    for (int d = 0; d < T::kDTiles; ++d)
+  for (int d = 0; d < T::kDTiles; ++d)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) w.o_acc[0][d][e] = 0.f;
-    w.softmax.init();
+    for (int e = 0; e < 4; ++e) c.o_acc[0][d][e] = 0.f;
+  c.softmax.init();
 
-    // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
-    if (T::kPingpong && w.wg == 1) w.pass_turn();
-    if (t.n_iters > 0) {
-      if constexpr (kOverlap) {
-        w.run_overlapped(t.n_block_max, t.n_iters);  // (releases Q empty)
-      } else {
-        w.run_sequential(t.n_block_max, t.n_iters);
-      }
-      ring0 += t.n_iters;
+  // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
+  if (T::kPingpong && c.wg == 1) c.pass_turn();
+  if (n_iters > 0) {
+    mbar_wait(sm.q_full(), 0);
+    if constexpr (kOverlap) {
+      c.run_overlapped(n_block_max, n_iters);
     } else {
-      w.release(sm.q_empty());
+      c.run_sequential(n_block_max, n_iters);
     }
-    if (T::kPingpong && w.wg == 0) w.wait_turn();
-    // (the tile's head, batch and first row are found again here rather than held across
-    // the loop)
-    const int head = index / m_blocks % num_heads, batch = index / m_blocks / num_heads;
-    const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0).q_start;
-    const int tm_batch = cu_seqlens_q ? 0 : batch;
-    w.store_output(o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
-                       i64(row0) * o_row_stride,
-                   lse + i64(tm_batch) * lse_batch_stride + i64(head) * lse_head_stride + row0,
-                   o_row_stride, w.mask.seqlen_q, head_dim,
-                   kDropout && w.dropout.active() ? dropout_scale : 1.f);
+  }
+  if (T::kPingpong && c.wg == 0) c.wait_turn();
+
+  // ---- epilogue: o_acc / l_i and lse, straight from registers ----
+  const int lane = c.lane;
+  float lse_rows[1][2];
+  c.softmax.finalize(c.o_acc, lse_rows, c.units(),
+                     kDropout && c.dropout.active() ? dropout_scale : 1.f);
+  // (the sequence's first row is read again here rather than held across the loop)
+  const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0).q_start;
+  u16* o_tile = o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
+                i64(row0) * o_row_stride;
+  float* lse_tile = lse + i64(tm_batch) * lse_batch_stride + i64(head) * lse_head_stride + row0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = c.warp_row0 + (lane >> 2) + 8 * h;
+    if (row >= seqlen_q) continue;
+    u16* o_row = o_tile + i64(row) * o_row_stride;
+#pragma unroll
+    for (int d = 0; d < T::kDTiles; ++d) {
+      const int col = d * 8 + (lane & 3) * 2;
+      if (col < head_dim) {  // head dims are even here (16-byte rows for the copy engine)
+        const u32 pair = pack2<T::kIsBf16>(c.o_acc[0][d][2 * h], c.o_acc[0][d][2 * h + 1]);
+        *reinterpret_cast<u32*>(o_row + col) = pair;
+      }
+    }
+    if ((lane & 3) == 0) lse_tile[row] = lse_rows[0][h];
   }
 }
 
