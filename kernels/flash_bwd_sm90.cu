@@ -268,6 +268,11 @@ __global__ void __launch_bounds__(384, 1)
   // The options kernels at d128 have no registers for an in-flight dP^T beside the score
   // transform: there dP^T = V dO^T is issued after P^T, together with dV's product.
   constexpr bool kLateDP = kOptions && kHeadDim == 128;
+  // setmaxnreg within the launch's 168 registers a thread (64k / 384): the producer gives
+  // 144, the two consumer warpgroups take 72 each
+  constexpr int kProducerRegs = 24, kConsumerRegs = 240, kLaunchRegs = 65536 / 384 / 8 * 8;
+  static_assert(2 * (kConsumerRegs - kLaunchRegs) <= kLaunchRegs - kProducerRegs,
+                "setmaxnreg: the consumers take more registers than the producer frees");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
   // kv_splits > 1 (GQA with few blocks): the query heads of a group are split over
@@ -313,7 +318,7 @@ __global__ void __launch_bounds__(384, 1)
 
   if (warpgroup == 0) {
     // ---- producer ----
-    regs_dealloc<24>();
+    regs_dealloc<kProducerRegs>();
     if (threadIdx.x == 0 && steps > 0) {
       prefetch_tensor_map(tm_q);
       prefetch_tensor_map(tm_do);
@@ -342,7 +347,7 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   // ---- consumers: 64 keys a warpgroup ----
-  regs_alloc<240>();
+  regs_alloc<kConsumerRegs>();
   const int wg = warpgroup - 1;
   const int tid = threadIdx.x - 128 * warpgroup;
   const int lane = tid & 31, warp = tid >> 5;
