@@ -268,10 +268,9 @@ __global__ void __launch_bounds__(384, 1)
   // The options kernels at d128 have no registers for an in-flight dP^T beside the score
   // transform: there dP^T = V dO^T is issued after P^T, together with dV's product.
   constexpr bool kLateDP = kOptions && kHeadDim == 128;
-  // setmaxnreg within the launch's 168 registers a thread (64k / 384): the producer gives
-  // 144, the two consumer warpgroups take 72 each
-  constexpr int kProducerRegs = 24, kConsumerRegs = 240, kLaunchRegs = 65536 / 384 / 8 * 8;
-  static_assert(2 * (kConsumerRegs - kLaunchRegs) <= kLaunchRegs - kProducerRegs,
+  // registers a thread: the producer warpgroup gives its registers to the two consumers
+  constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),
                 "setmaxnreg: the consumers take more registers than the producer frees");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};

@@ -58,11 +58,7 @@ struct FwdTraits {
   // registers a thread: the producer warpgroup gives its registers to the consumers
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
-  // setmaxnreg moves registers within the block's launch allocation (64k / threads, in
-  // eights): what the consumers take, the producer must give, or their increase waits
-  // forever
-  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
-  static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kLaunchRegs - kProducerRegs,
+  static_assert(regs_split_fits(kConsumers, kConsumerRegs, kProducerRegs),
                 "setmaxnreg: the consumers take more registers than the producer frees");
 
   static_assert(kHeadDim % 64 == 0, "head dims in whole 128-byte column blocks");

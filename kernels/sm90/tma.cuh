@@ -92,5 +92,13 @@ CUFLASH_DEVICE void regs_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
+// Whether one producer warpgroup at producer_regs a thread frees enough for `consumers`
+// warpgroups at consumer_regs: setmaxnreg only moves registers within the block's launch
+// allocation (64k / threads, in eights), and an increase that nobody frees waits forever.
+__device__ constexpr bool regs_split_fits(int consumers, int consumer_regs, int producer_regs) {
+  return consumers * (consumer_regs - 65536 / (128 * (consumers + 1)) / 8 * 8) <=
+         65536 / (128 * (consumers + 1)) / 8 * 8 - producer_regs;
+}
+
 }  // namespace sm90
 }  // namespace cuflash
