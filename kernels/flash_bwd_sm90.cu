@@ -103,6 +103,8 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
                                      const MaskT& mask, bool dropout, u32 keep, u32 lse_tile,
                                      int key0, int m0, int lane) {
   const float units = kSoftcap || kAlibi ? scores.units() : raw_units;
+  // ALiBi's i + offset - j: a per-thread float plus a compile-time step (exact below 2^24)
+  const float dist0 = float(m0 + scores.offset + (lane & 3) * 2 - key0 - (lane >> 2));
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     float lse[2];
@@ -120,7 +122,7 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
         } else if (kAlibi) {
           x *= scores.scale_log2;
         }
-        if (kAlibi) x = fmaf(scores.alibi, fabsf(float(m0 + query + scores.offset - key)), x);
+        if (kAlibi) x = fmaf(scores.alibi, fabsf(dist0 + float(j * 8 + e - 8 * h)), x);
         p[e] = exp2_approx(fmaf(x, units, -lse[e]));
         // hidden entries are zeroed after the exp2 (not set to -inf before it)
         if (kMasked && mask.hidden_at(m0 + query, key)) p[e] = 0.f;
@@ -158,10 +160,11 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
                                                const MaskT& mask, bool masked, bool dropout,
                                                u32 keep, u32 lse_tile, int key0, int m0,
                                                int lane) {
-  // (a softcap alone takes the softcap + ALiBi code with a zero slope: the same result,
-  // one multiply-add more an entry, and no spills, which its own variant had at d128)
-  if (scores.has_softcap()) {
+  if (scores.has_softcap() && scores.has_alibi()) {
     probabilities_masked_or_not<kIsBf16, kDropout, true, true>(
+        s, pf, scores, raw_units, mask, masked, dropout, keep, lse_tile, key0, m0, lane);
+  } else if (scores.has_softcap()) {
+    probabilities_masked_or_not<kIsBf16, kDropout, true, false>(
         s, pf, scores, raw_units, mask, masked, dropout, keep, lse_tile, key0, m0, lane);
   } else if (scores.has_alibi()) {
     probabilities_masked_or_not<kIsBf16, kDropout, false, true>(
