@@ -468,10 +468,6 @@ class Sm90FwdTile:
     stages: int
     overlap: bool = True   # S_{j+1} = QK^T during the softmax of tile j
     pingpong: bool = True  # consumer warpgroups take turns at the tensor cores
-    #: eighths of the exponentials computed on the FMA pipe (exp2_poly), without and with
-    #: a softcap (whose tanh shares the special-function unit with exp2)
-    poly_exp: int = 0
-    poly_exp_softcap: int = 0
 
     @property
     def block_m(self) -> int:
@@ -524,8 +520,7 @@ class Sm90FwdSpec:
         t = self.tile
         return (f"cuflash::sm90::flash_fwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, {self.head_dim}, "
                 f"{t.block_n}, {t.consumers}, {t.stages}, {_cbool(t.overlap)}, "
-                f"{_cbool(t.pingpong)}, {t.poly_exp}, {t.poly_exp_softcap}, "
-                f"{_cbool(self.causal)}, {_cbool(self.options)}, "
+                f"{_cbool(t.pingpong)}, {_cbool(self.causal)}, {_cbool(self.options)}, "
                 f"{_cbool(self.dropout)}>")
 
     @property
@@ -535,8 +530,6 @@ class Sm90FwdSpec:
                 f"{'causal' if self.causal else 'full  '} sm_{self.arch} "
                 f"{t.block_m}x{t.block_n} wg{t.consumers}+1 s{t.stages}"
                 f"{' overlap' if t.overlap else ''}{' pingpong' if t.pingpong else ''}"
-                f"{f' poly{t.poly_exp}' if t.poly_exp else ''}"
-                f"{f' polycap{t.poly_exp_softcap}' if t.poly_exp_softcap and self.options else ''}"
                 f"{_option_tag(self.options, self.dropout)}")
 
 

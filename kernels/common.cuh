@@ -163,34 +163,6 @@ CUFLASH_DEVICE float exp2_approx(float x) {
   return y;
 }
 
-// 2^x for x <= 0 on the FMA and integer pipes, without the special-function unit, which
-// the softmax (one ex2 a score) and a softcap (one tanh more) keep as busy as the tensor
-// cores: a kernel computes a share of its exponentials here to balance the pipes
-// (docs/algorithm.md, "Exponentials without the special-function unit"). x = j + f with
-// j = round(x) and |f| <= 1/2; 2^f is a polynomial with p(0) = 1 (relative error 1.0e-4 at
-// degree 3, 2.9e-6 at degree 4: below a bf16 or fp16 rounding of P), and 2^j is built in
-// the exponent bits. x is clamped to -127 (NaN kept), where 2^j is exactly 0: so
-// exp2(-inf) = 0, as on the special-function unit; above it, results below 2^-126 flush.
-template <int kDegree>
-CUFLASH_DEVICE float exp2_poly(float x) {
-  static_assert(kDegree == 3 || kDegree == 4, "degree 3 or 4");
-  float xc;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(xc) : "f"(x), "f"(-127.f));
-  // 1.5 * 2^23 + 127: the sum rounds x to an integer j, and its low mantissa bits hold
-  // j + 127, the biased exponent of 2^j (0 for j = -127: the float 0)
-  constexpr float kShift = 12583039.f;
-  const float shifted = xc + kShift;
-  const float f = xc - (shifted - kShift);
-  float p;
-  if constexpr (kDegree == 3) {
-    p = fmaf(fmaf(fmaf(0.05500904f, f, 0.24221097f), f, 0.69328290f), f, 1.f);
-  } else {
-    p = fmaf(fmaf(fmaf(fmaf(0.009582854f, f, 0.055906426f), f, 0.24024099f), f, 0.69312418f),
-             f, 1.f);
-  }
-  return p * __int_as_float(__float_as_int(shifted) << 23);
-}
-
 CUFLASH_DEVICE float log2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -33,7 +33,7 @@ namespace cuflash {
 namespace sm90 {
 
 template <class Elem, int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_,
-          bool kOverlap_, bool kPingpong_, int kPolyExp_, int kPolyExpSoftcap_>
+          bool kOverlap_, bool kPingpong_>
 struct FwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
   static constexpr int kHeadDim = kHeadDim_;
@@ -45,12 +45,6 @@ struct FwdTraits {
   // turns issuing their products, so one's softmax overlaps the other's products.
   static constexpr bool kOverlap = kOverlap_;
   static constexpr bool kPingpong = kPingpong_ && kConsumers_ == 2;
-  // kPolyExp: of every eight n8 column tiles of S, how many take their exponentials from
-  // the FMA pipe (exp2_poly) rather than the special-function unit; kPolyExpSoftcap: the
-  // same with a softcap, whose tanh also runs on that unit (options kernels).
-  static constexpr int kPolyExp = kPolyExp_;
-  static constexpr int kPolyExpSoftcap = kPolyExpSoftcap_;
-  static constexpr int kPolyDegree = kIsBf16 ? 3 : 4;  // below a rounding of P to Elem
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kNTiles = kBlockN / 8;    // n8 column tiles of S
@@ -156,12 +150,7 @@ struct FwdConsumer {
     if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
     }
-    if (kOptions && T::kPolyExpSoftcap != T::kPolyExp && scores.has_softcap()) {
-      softmax.template update_scores<true, T::kPolyExpSoftcap, T::kPolyDegree>(s, alpha,
-                                                                             units());
-    } else {
-      softmax.template update_scores<true, T::kPolyExp, T::kPolyDegree>(s, alpha, units());
-    }
+    softmax.template update_scores<true>(s, alpha, units());
     if constexpr (kDropout) {
       if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
     }
@@ -252,8 +241,7 @@ struct FwdConsumer {
 // kOptions: window, softcap and ALiBi (run-time values; a window runs with kCausal off,
 // its right edge bounding the keys); kDropout (with kOptions): dropout of P.
 template <class Elem, int kHeadDim, int kBlockN, int kConsumers, int kStages, bool kOverlap,
-          bool kPingpong, int kPolyExp, int kPolyExpSoftcap, bool kCausal, bool kOptions,
-          bool kDropout>
+          bool kPingpong, bool kCausal, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
     flash_fwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
                           const __grid_constant__ TensorMap tm_k,
@@ -268,8 +256,7 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
                           const int* __restrict__ cu_seqlens_k) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
-  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong,
-                      kPolyExp, kPolyExpSoftcap>;
+  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const FwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
 

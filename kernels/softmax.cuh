@@ -46,17 +46,13 @@ struct OnlineSoftmax {
   // update() in two halves, for kernels whose o_acc is still being written (by an
   // asynchronous product) while the next tile's scores are exponentiated: the scores and
   // m_i, l_i first, giving each row's alpha; then rescale(o_acc, alpha).
-  // kPolyEighths: that many of every eight n8 column tiles take their exp2 from
-  // exp2_poly<kPolyDegree> instead of the special-function unit.
-  template <bool kScaled = false, int kPolyEighths = 0, int kPolyDegree = 4, int kNTiles>
+  template <bool kScaled = false, int kNTiles>
   CUFLASH_DEVICE void update_scores(float (&s)[kMRep][kNTiles][4], float (&alpha)[kMRep][2],
                                     float units = 1.f) {
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        alpha[r][h] = update_row<kScaled, kPolyEighths, kPolyDegree>(s, r, h, units);
-      }
+      for (int h = 0; h < 2; ++h) alpha[r][h] = update_row<kScaled>(s, r, h, units);
   }
   template <int kDTiles>
   CUFLASH_DEVICE static void rescale(float (&o_acc)[kMRep][kDTiles][4],
@@ -68,7 +64,7 @@ struct OnlineSoftmax {
   }
 
   // Row half h of slab r: m_i, l_i and the scores; returns alpha.
-  template <bool kScaled, int kPolyEighths = 0, int kPolyDegree = 4, int kNTiles>
+  template <bool kScaled, int kNTiles>
   CUFLASH_DEVICE float update_row(float (&s)[kMRep][kNTiles][4], int r, int h, float units) {
     const float u = kScaled ? units : 1.f;
     float m_new = m_i[r][h];
@@ -88,9 +84,8 @@ struct OnlineSoftmax {
     for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float x = kScaled ? fmaf(s[r][n][2 * h + e], u, -m_scaled)
-                                : s[r][n][2 * h + e] - m_ref;
-        const float p = n % 8 < kPolyEighths ? exp2_poly<kPolyDegree>(x) : exp2_approx(x);
+        const float p = exp2_approx(kScaled ? fmaf(s[r][n][2 * h + e], u, -m_scaled)
+                                            : s[r][n][2 * h + e] - m_ref);
         s[r][n][2 * h + e] = p;
         row_sum += p;
       }
