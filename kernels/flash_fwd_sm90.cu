@@ -145,7 +145,7 @@ struct FwdConsumer {
   // for o_acc), and dropout of P (after the row sums: l_i normalises over every key).
   CUFLASH_DEVICE void softmax_scores(float (&s)[1][T::kNTiles][4], int n, float (&alpha)[1][2]) {
     if constexpr (kOptions) {
-      scores.template apply_unswitched<q_prescaled()>(s, warp_row0, n * T::kBlockN, lane);
+      scores.apply_unswitched(s, warp_row0, n * T::kBlockN, lane);
     }
     if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
@@ -155,34 +155,6 @@ struct FwdConsumer {
       if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
     }
   }
-
-  // kOptions with a softcap, bf16 inputs: this warpgroup's Q rows times scale / c, once,
-  // in shared memory, so that each score's tanh takes the product as it comes (a multiply
-  // a score fewer, softmax_scores). Rounded to bf16, whose exponent range is float32's;
-  // fp16 keeps the multiply, as scaled-down fp16 values would lose bits below 2^-14.
-  CUFLASH_DEVICE void prescale_q(float factor, int tid) const {
-    static_assert(T::kIsBf16, "bf16 only");
-#pragma unroll
-    for (int cb = 0; cb < T::kColBlocks; ++cb) {
-#pragma unroll
-      for (int i = 0; i < 64 * 128 / 16 / 128; ++i) {  // 16-byte chunks a thread
-        const u32 addr = q_rows + cb * T::kBlockM * 128 + (i * 128 + tid) * 16;
-        u32 w[4];
-        ld_shared_v4(w, addr);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float lo, hi;
-          unpack2<true>(w[e], lo, hi);
-          w[e] = pack2<true>(lo * factor, hi * factor);
-        }
-        st_shared_v4(addr, w);
-      }
-    }
-    fence_smem_for_async();
-    // the warpgroup's own barrier (1 and 2 are pingpong's turns)
-    asm volatile("bar.sync %0, 128;\n" ::"r"(3 + wg) : "memory");
-  }
-  CUFLASH_DEVICE static constexpr bool q_prescaled() { return kOptions && T::kIsBf16; }
 
   // The raw dot products (units scale * log2(e)) unless a softcap or ALiBi transforms
   // them (ScoreMod::units).
@@ -377,9 +349,6 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   if (T::kPingpong && c.wg == 1) c.pass_turn();
   if (n_iters > 0) {
     mbar_wait(sm.q_full(), 0);
-    if constexpr (c.q_prescaled()) {
-      if (c.scores.has_softcap()) c.prescale_q(c.scores.softcap_in, tid);
-    }
     if constexpr (kOverlap) {
       c.run_overlapped(n_block_max, n_iters);
     } else {

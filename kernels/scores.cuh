@@ -129,16 +129,15 @@ struct ScoreMod {
   // each variant is straight-line code (the sm_90a kernels, whose softmax step runs beside
   // asynchronous products, pay for every branch in it). Without a softcap the scores stay
   // in the raw products' units (scale * log2(e): the caller's exp2 scales them), ALiBi's
-  // bias divided by the scale; units_or() gives the result's units. kPrescaled: with a
-  // softcap, the products already carry the factor softcap_in (the kernel scaled Q).
-  template <bool kPrescaled = false, int kMRep, int kNTiles>
+  // bias divided by the scale; units_or() gives the result's units.
+  template <int kMRep, int kNTiles>
   CUFLASH_DEVICE void apply_unswitched(float (&s)[kMRep][kNTiles][4], int row0, int col0,
                                        int lane) const {
     if (has_softcap()) {
       if (has_alibi()) {
-        apply_as<true, true, kPrescaled>(s, row0, col0, lane, alibi);
+        apply_as<true, true>(s, row0, col0, lane, alibi);
       } else {
-        apply_as<true, false, kPrescaled>(s, row0, col0, lane, 0.f);
+        apply_as<true, false>(s, row0, col0, lane, 0.f);
       }
     } else if (has_alibi()) {
       apply_as<false, true>(s, row0, col0, lane, alibi / scale_log2);
@@ -152,7 +151,7 @@ struct ScoreMod {
 
   // kSoftcap: c tanh(.) in units of c log2(e); else the raw products. kAlibi: plus
   // `slope_units` |i + offset - j| (the bias in the result's units).
-  template <bool kSoftcap, bool kAlibi, bool kPrescaled = false, int kMRep, int kNTiles>
+  template <bool kSoftcap, bool kAlibi, int kMRep, int kNTiles>
   CUFLASH_DEVICE void apply_as(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane,
                                float slope_units) const {
     if (kSoftcap) {
@@ -162,8 +161,7 @@ struct ScoreMod {
         for (int n = 0; n < kNTiles; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[r][n][e] = tanh_softcap<kAccurateTanh>(kPrescaled ? s[r][n][e]
-                                                                : s[r][n][e] * softcap_in);
+            s[r][n][e] = tanh_softcap<kAccurateTanh>(s[r][n][e] * softcap_in);
           }
     }
     if (kAlibi) add_alibi(s, row0, col0, lane, slope_units);

@@ -26,12 +26,6 @@ CUFLASH_DEVICE void mbar_init_fence() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Makes this thread's ordinary stores to shared memory visible to the async proxy (the
-// copy engine and wgmma's shared-memory operands); a barrier among the readers follows.
-CUFLASH_DEVICE void fence_smem_for_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // One arrival that also announces `bytes` of copies to come.
 CUFLASH_DEVICE void mbar_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
