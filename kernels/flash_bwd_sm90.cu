@@ -234,17 +234,6 @@ struct DqTurn {
 };
 
 // dP^T = V dO^T (64 keys x 64 queries), issued and committed, not awaited.
-// dK += dS^T Q_i (issued, not committed): dS^T from registers, Q_i MN-major.
-template <class T>
-CUFLASH_DEVICE void issue_dk(float (&dk_acc)[T::kHeadDim / 8][4], const u32 (&dsf)[4][4],
-                             u32 q_tile) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    wgmma_rs<T::kHeadDim, T::kIsBf16>(dk_acc, dsf[kk],
-                                      smem_desc(q_tile + kk * 16 * 128, T::kBlockM * 128), true);
-  }
-}
-
 template <class T>
 CUFLASH_DEVICE void issue_dp(float (&dp)[8][4], u32 v_rows, u32 dout_tile) {
 #pragma unroll
@@ -473,20 +462,20 @@ __global__ void __launch_bounds__(384, 1)
         st_shared_b32(swizzled(ds_tile, row, col),
                       pack2<T::kIsBf16>(dp[j][2 * h], dp[j][2 * h + 1]));
       }
-    // dK += dS^T Q_i, and dQ_i (64 queries x 64 columns of this warpgroup) = dS K: A =
-    // dS^T (MN-major: queries contiguous), B = K (MN-major: columns contiguous), k = the
-    // block's 128 keys. dQ goes first: a shared-memory product issued while one with
-    // register operands is in flight makes ptxas wait for that one first, which would
-    // drain the tensor cores between dK and dQ. The deterministic kernels keep dK before
-    // the barrier (d128 causal spills otherwise).
-    if constexpr (kDeterministic) {
-      wgmma_fence();
-      issue_dk<T>(dk_acc, dsf, sm.q(st));
-      wgmma_commit();
+    // dK += dS^T Q_i
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_rs<kHeadDim, T::kIsBf16>(dk_acc, dsf[kk],
+                                     smem_desc(sm.q(st) + kk * 16 * 128, T::kBlockM * 128), true);
     }
+    wgmma_commit();
     // both warpgroups' dS^T in place, visible to the tensor cores
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
+
+    // dQ_i (64 queries x 64 columns of this warpgroup) = dS K: A = dS^T (MN-major: queries
+    // contiguous), B = K (MN-major: columns contiguous), k = the block's 128 keys
     if (wg < T::kDQGroups) {
       float dq[8][4];
       wgmma_fence();
@@ -497,7 +486,6 @@ __global__ void __launch_bounds__(384, 1)
             smem_desc(sm.k() + wg * T::kBlockN * 128 + kk * 16 * 128, T::kBlockN * 128),
             kk > 0);
       }
-      if constexpr (!kDeterministic) issue_dk<T>(dk_acc, dsf, sm.q(st));
       wgmma_commit();
       int* flag = nullptr;
       int seen = 0;
@@ -518,11 +506,6 @@ __global__ void __launch_bounds__(384, 1)
         red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
       }
     } else {
-      if constexpr (!kDeterministic) {
-        wgmma_fence();
-        issue_dk<T>(dk_acc, dsf, sm.q(st));
-        wgmma_commit();
-      }
       wgmma_wait<0>();
       fence_regs(dk_acc);
       fence_regs(dv_acc);
