@@ -215,12 +215,21 @@ def _dq_accum_position(quad, block_m, mrep, cols, warps_m, head_dim_pad):
             wn * cols + n * 8 + (lane & 3) * 2)
 
 
+def _dq_buffer_specs(sm90: bool = True):
+    """The shipped backward kernels that add into the float32 dQ buffer: the portable
+    atomic-dQ ones and (sm90) the sm_90a ones, which share its order (dq_layout)."""
+    specs = list(_kernels.shipped_bwd_specs())
+    if sm90:
+        specs += [s for s in _kernels.shipped_sm90_specs() if isinstance(s, _kernels.Sm90BwdSpec)]
+    return [s for s in specs if isinstance(s, _kernels.Sm90BwdSpec) or
+            getattr(s, "atomic_dq", False)]
+
+
 def _atomic_bwd_layouts():
-    """Every distinct (head_dim, tile) among the shipped atomic-dQ main kernels."""
+    """Every distinct (head_dim, tile) among the portable atomic-dQ main kernels."""
     seen = {}
-    for s in _kernels.shipped_bwd_specs():
-        if isinstance(s, _kernels.BwdSpec) and s.atomic_dq:
-            seen.setdefault((s.head_dim, s.tile), s)
+    for s in _dq_buffer_specs(sm90=False):
+        seen.setdefault((s.head_dim, s.tile), s)
     return [pytest.param(s, id=f"d{s.head_dim}-m{s.tile.block_m}-w{s.tile.num_warps}-"
                                f"s{s.tile.stages}") for s in seen.values()]
 
@@ -241,13 +250,9 @@ def test_dq_accum_layout_is_a_permutation(spec):
 
 
 def _every_dq_layout():
-    """Every distinct dQ buffer order among the shipped backward kernels: the portable
-    atomic-dQ ones and the sm_90a ones (BwdSpec and Sm90BwdSpec share dq_layout)."""
-    seen = {}
-    for s in list(_kernels.shipped_bwd_specs()) + list(_kernels.shipped_sm90_specs()):
-        if isinstance(s, _kernels.Sm90BwdSpec) or getattr(s, "atomic_dq", False):
-            seen.setdefault((s.dq_layout, s.head_dim), s)
-    return [pytest.param(layout, hd, id=f"{layout}-d{hd}") for layout, hd in seen]
+    """Every distinct dQ buffer order (layout, head dim) among the shipped kernels."""
+    seen = {(s.dq_layout, s.head_dim) for s in _dq_buffer_specs()}
+    return [pytest.param(layout, hd, id=f"{layout}-d{hd}") for layout, hd in sorted(seen)]
 
 
 @pytest.mark.parametrize("layout, hd", _every_dq_layout())
