@@ -222,19 +222,12 @@ struct FwdConsumer {
       wgmma_wait<1>();  // S_{j+1} has landed; P_j V_j may still run
       fence_regs(s[0]);
       release(sm.k_empty(st));
-      // The wait for P_j V_j sits in both arms of a branch on the softmax's own result
-      // (the warp's rescale vote): otherwise ptxas hoists it above the softmax, which then
-      // runs after the product instead of beside it (docs/perf-log.md, h15).
-      if (softmax_scores(s, n, alpha)) {
-        wgmma_wait<0>();
-        fence_regs(o_acc[0]);
-        softmax.rescale(o_acc, alpha);
-      } else {
-        wgmma_wait<0>();
-        fence_regs(o_acc[0]);
-      }
+      const bool rescale = softmax_scores(s, n, alpha);
+      wgmma_wait<0>();
+      fence_regs(o_acc[0]);
       fence_regs(p[0]);
       release(sm.v_empty(prev));
+      if (rescale) softmax.rescale(o_acc, alpha);
       pack_p(p, s);
     }
     const int last = (n_iters - 1) % T::kStages;
