@@ -143,21 +143,17 @@ struct FwdConsumer {
 
   // The scores of key tile n: score transform, mask, then the softmax's first half (alpha
   // for o_acc), and dropout of P (after the row sums: l_i normalises over every key).
-  // Returns whether o_acc needs the rescale (the lazy max of OnlineSoftmax::update_scores:
-  // rows keep their max while it grows by at most 2^8, and the multiply by alpha = 1 is
-  // skipped; the same answer for the whole warp).
-  CUFLASH_DEVICE bool softmax_scores(float (&s)[1][T::kNTiles][4], int n, float (&alpha)[1][2]) {
+  CUFLASH_DEVICE void softmax_scores(float (&s)[1][T::kNTiles][4], int n, float (&alpha)[1][2]) {
     if constexpr (kOptions) {
       scores.apply_unswitched(s, warp_row0, n * T::kBlockN, lane);
     }
     if (mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n, m0)) {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
     }
-    const bool rescale = softmax.template update_scores<true, true>(s, alpha, units());
+    softmax.template update_scores<true>(s, alpha, units());
     if constexpr (kDropout) {
       if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
     }
-    return rescale;
   }
 
   // The raw dot products (units scale * log2(e)) unless a softcap or ALiBi transforms
@@ -185,7 +181,8 @@ struct FwdConsumer {
       pass_turn();
       fence_regs(s[0]);
       release(sm.k_empty(st));
-      if (softmax_scores(s, n, alpha)) softmax.rescale(o_acc, alpha);
+      softmax_scores(s, n, alpha);
+      softmax.rescale(o_acc, alpha);
       pack_p(p, s);
       mbar_wait(sm.v_full(st), parity);
       issue_pv(p, st);
@@ -222,12 +219,12 @@ struct FwdConsumer {
       wgmma_wait<1>();  // S_{j+1} has landed; P_j V_j may still run
       fence_regs(s[0]);
       release(sm.k_empty(st));
-      const bool rescale = softmax_scores(s, n, alpha);
+      softmax_scores(s, n, alpha);
       wgmma_wait<0>();
       fence_regs(o_acc[0]);
       fence_regs(p[0]);
       release(sm.v_empty(prev));
-      if (rescale) softmax.rescale(o_acc, alpha);
+      softmax.rescale(o_acc, alpha);
       pack_p(p, s);
     }
     const int last = (n_iters - 1) % T::kStages;

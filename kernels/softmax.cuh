@@ -46,25 +46,14 @@ struct OnlineSoftmax {
   // update() in two halves, for kernels whose o_acc is still being written (by an
   // asynchronous product) while the next tile's scores are exponentiated: the scores and
   // m_i, l_i first, giving each row's alpha; then rescale(o_acc, alpha).
-  // kLazy: a row keeps its m_i while the tile raises its max by at most kLazyLog2 (log2
-  // units): its p are then at most 2^kLazyLog2 and its alpha is exactly 1, and the result
-  // says whether any row of the warp has an alpha != 1 (if none, the caller skips the
-  // rescale; the choice is the same for the whole warp). Exact: l_i and o_acc are kept
-  // relative to the same m_i, and finalize() divides one by the other.
-  template <bool kScaled = false, bool kLazy = false, int kNTiles>
-  CUFLASH_DEVICE bool update_scores(float (&s)[kMRep][kNTiles][4], float (&alpha)[kMRep][2],
+  template <bool kScaled = false, int kNTiles>
+  CUFLASH_DEVICE void update_scores(float (&s)[kMRep][kNTiles][4], float (&alpha)[kMRep][2],
                                     float units = 1.f) {
-    bool changed = false;
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        alpha[r][h] = update_row<kScaled, kLazy>(s, r, h, units);
-        changed |= alpha[r][h] != 1.f;
-      }
-    return kLazy ? __any_sync(0xffffffffu, changed) : true;
+      for (int h = 0; h < 2; ++h) alpha[r][h] = update_row<kScaled>(s, r, h, units);
   }
-  static constexpr float kLazyLog2 = 8.f;
   template <int kDTiles>
   CUFLASH_DEVICE static void rescale(float (&o_acc)[kMRep][kDTiles][4],
                                      const float (&alpha)[kMRep][2]) {
@@ -75,33 +64,22 @@ struct OnlineSoftmax {
   }
 
   // Row half h of slab r: m_i, l_i and the scores; returns alpha.
-  // The row max and sum are taken over kParts interleaved partial results, which shortens
-  // their dependency chains (the softmax phase of the sm_90a forward is latency-bound).
-  template <bool kScaled, bool kLazy = false, int kNTiles>
+  template <bool kScaled, int kNTiles>
   CUFLASH_DEVICE float update_row(float (&s)[kMRep][kNTiles][4], int r, int h, float units) {
     const float u = kScaled ? units : 1.f;
-    constexpr int kParts = kNTiles < 4 ? kNTiles : 4;
-    float part[kParts];
-#pragma unroll
-    for (int n = 0; n < kNTiles; ++n) {
-      const float pair = fmaxf(s[r][n][2 * h], s[r][n][2 * h + 1]);
-      part[n % kParts] = n < kParts ? pair : fmaxf(part[n % kParts], pair);
-    }
     float m_new = m_i[r][h];
 #pragma unroll
-    for (int c = 0; c < kParts; ++c) m_new = fmaxf(m_new, part[c]);
+    for (int n = 0; n < kNTiles; ++n) {
+      m_new = fmaxf(m_new, fmaxf(s[r][n][2 * h], s[r][n][2 * h + 1]));
+    }
     m_new = quad_max(m_new);
-    // (kLazy: false for m_i = -inf, and for m_new = m_i = -inf, whose difference is NaN)
-    const bool keep = kLazy && (m_new - m_i[r][h]) * u <= kLazyLog2;
-    if (keep) m_new = m_i[r][h];
     // A row that has seen only masked keys has m_new = -inf; measuring from 0 instead
     // keeps exp2(-inf - (-inf)) = NaN out: its p and alpha are then exactly 0.
     const float m_ref = m_new == neg_inf() ? 0.f : m_new;
-    const float alpha =
-        keep ? 1.f : exp2_approx(kScaled ? (m_i[r][h] - m_ref) * u : m_i[r][h] - m_ref);
+    const float alpha = exp2_approx(kScaled ? (m_i[r][h] - m_ref) * u : m_i[r][h] - m_ref);
     const float m_scaled = m_ref * u;
     m_i[r][h] = m_new;
-    float sum[kParts];
+    float row_sum = 0.f;
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
@@ -109,12 +87,9 @@ struct OnlineSoftmax {
         const float p = exp2_approx(kScaled ? fmaf(s[r][n][2 * h + e], u, -m_scaled)
                                             : s[r][n][2 * h + e] - m_ref);
         s[r][n][2 * h + e] = p;
-        sum[n % kParts] = n < kParts && e == 0 ? p : sum[n % kParts] + p;
+        row_sum += p;
       }
     }
-    float row_sum = sum[0];
-#pragma unroll
-    for (int c = 1; c < kParts; ++c) row_sum += sum[c];
     l_i[r][h] = l_i[r][h] * alpha + row_sum;
     return alpha;
   }
