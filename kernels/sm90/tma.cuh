@@ -96,8 +96,8 @@ CUFLASH_DEVICE void regs_alloc() {
 // warpgroups at consumer_regs: setmaxnreg only moves registers within the block's launch
 // allocation (64k / threads, in eights), and an increase that nobody frees waits forever.
 __device__ constexpr bool regs_split_fits(int consumers, int consumer_regs, int producer_regs) {
-  return consumers * (consumer_regs - 65536 / (128 * (consumers + 1)) / 8 * 8) <=
-         65536 / (128 * (consumers + 1)) / 8 * 8 - producer_regs;
+  const int launch_regs = 65536 / (128 * (consumers + 1)) / 8 * 8;  // a thread's, at launch
+  return consumers * (consumer_regs - launch_regs) <= launch_regs - producer_regs;
 }
 
 }  // namespace sm90
