@@ -82,6 +82,15 @@ CUFLASH_DEVICE void prefetch_tensor_map(const TensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(&map)) : "memory");
 }
 
+// Traps unless the launch gave at least `bytes` of dynamic shared memory: the kernel's
+// layout and the host's launch size (cuflash/_kernels.py) are written twice, and a
+// mismatch must fail loudly rather than overlap the last buffers.
+CUFLASH_DEVICE void check_dynamic_smem(u32 bytes) {
+  u32 dynamic_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dynamic_bytes));
+  if (dynamic_bytes < bytes) __trap();
+}
+
 // Register reallocation between warpgroups (the kernel needs a register cap at entry).
 template <int kRegs>
 CUFLASH_DEVICE void regs_dealloc() {
