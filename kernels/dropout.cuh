@@ -25,13 +25,15 @@ template <int kRounds>
 CUFLASH_DEVICE void philox4x32(u32 (&c)[4], u32 key0, u32 key1) {
 #pragma unroll
   for (int round = 0; round < kRounds; ++round) {
-    const u64 p0 = u64(0xD2511F53u) * c[0];
-    const u64 p1 = u64(0xCD9E8D57u) * c[2];
+    // (high and low halves apart: the 64-bit product made ptxas add a zero to each
+    // high half, one dependent instruction a product more)
+    const u32 hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
+    const u32 hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
     const u32 c1 = c[1], c3 = c[3];
-    c[0] = u32(p1 >> 32) ^ c1 ^ key0;
-    c[1] = u32(p1);
-    c[2] = u32(p0 >> 32) ^ c3 ^ key1;
-    c[3] = u32(p0);
+    c[0] = hi1 ^ c1 ^ key0;
+    c[1] = lo1;
+    c[2] = hi0 ^ c3 ^ key1;
+    c[3] = lo0;
     key0 += 0x9E3779B9u;
     key1 += 0xBB67AE85u;
   }
@@ -83,7 +85,7 @@ struct Dropout {
   // warp's first row) and col0 are multiples of 16.
   CUFLASH_DEVICE void keep_masks(u32 (&mask)[4], int row0, int col0, int lane) const {
     u32 w[4];
-    numbers(w, u32(col0 / 16) * 4u + u32(lane & 3), u32(row0 + (lane >> 2)));
+    numbers(w, (u32(col0) / 16u) * 4u + u32(lane & 3), u32(row0 + (lane >> 2)));
 #pragma unroll
     for (int j = 0; j < 4; ++j) mask[j] = keep_halves(w[2 * (j & 1) + (j >> 1)]);
   }

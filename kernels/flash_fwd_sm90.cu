@@ -119,11 +119,11 @@ CUFLASH_DEVICE void write_keep_masks(const FwdSmem<T>& sm, const Dropout<true>& 
     mbar_wait(sm.keep_empty(st), ((it / T::kKeepStages) & 1) ^ 1);
     for (int thread = writer; thread < kConsumerThreads; thread += T::kKeepWriters) {
       // consumer thread `thread`'s warp holds rows m0 + 16 (thread / 32) .. + 15
-      const int row0 = m0 + (thread / 32) * 16;
+      const int row0 = m0 + int(u32(thread) / 32u) * 16;
 #pragma unroll 4
       for (int block = 0; block < T::kBlockN / 16; ++block) {
         u32 mask[4];
-        dropout.keep_masks(mask, row0, n * T::kBlockN + block * 16, thread % 32);
+        dropout.keep_masks(mask, row0, n * T::kBlockN + block * 16, int(u32(thread) % 32u));
         st_shared_v4(sm.keep(st) + (block * kConsumerThreads + thread) * 16, mask);
       }
     }
