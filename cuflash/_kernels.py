@@ -522,7 +522,7 @@ class Sm90FwdSpec:
         keep-mask ring and the mbarriers (the kernel traps on a smaller launch)."""
         t = self.tile
         kv = t.block_n * self.head_dim * 2
-        keep = self.keep_stages * t.block_m * t.block_n * 2
+        keep = self.keep_stages * t.block_m * (t.block_n // 32) * 16 * 2  # first half
         barriers = 8 * (1 + 4 * t.stages + 2 * self.keep_stages)
         return 1024 + t.block_m * self.head_dim * 2 + 2 * t.stages * kv + keep + barriers
 

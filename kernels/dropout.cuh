@@ -99,13 +99,14 @@ struct Dropout {
 
   // Scores with queries as rows (mma C layout, kMRep slabs of 16 rows x kNTiles n8 tiles):
   // row0, the first query of slab 0, and col0, the first key, are multiples of 16.
-  template <bool kNegate, int kMRep, int kNTiles>
+  // kFirstBlock: 16-key blocks before it are left alone (another warp drops them).
+  template <bool kNegate, int kMRep, int kNTiles, int kFirstBlock = 0>
   CUFLASH_DEVICE void apply(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane) const {
     static_assert(kNTiles % 2 == 0, "whole 16-key blocks");
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int nn = 0; nn < kNTiles / 2; ++nn) {
+      for (int nn = kFirstBlock; nn < kNTiles / 2; ++nn) {
         u32 w[4];
         numbers(w, u32(col0 / 16 + nn) * 4u + u32(lane & 3), u32(row0 + r * 16 + (lane >> 2)));
 #pragma unroll

@@ -6,8 +6,9 @@
 //     into a ring of kStages buffers, each guarded by a full and an empty mbarrier;
 //     the warpgroup gives most of its registers to the consumers (setmaxnreg);
 //     kKeepStages (dropout, d <= 128): its warps 1..3 write the dropout keep masks of
-//     each key tile into a ring of their own, so that the generator runs beside the
-//     consumers' products instead of inside their softmax
+//     the first half of each key tile into a ring of their own, so that half of the
+//     generator's work runs beside the consumers' products instead of inside their
+//     softmax (three warps alone cannot keep up with the whole tile: perf-log d5)
 //   warpgroups 1..kConsumers (consumers): 64 query rows each; per key tile, from the
 //     last to the first:
 //       S = Q K_j^T         wgmma, both operands in shared memory        sm90/wgmma.cuh
@@ -15,7 +16,8 @@
 //       mask (ragged end, causal diagonal, window edges)                  mask.cuh
 //       online softmax: m_i, l_i, rescale of o_acc, P = exp2(...)         softmax.cuh
 //       kDropout: dropout of P, after the row sums                        dropout.cuh
-//         (kKeepStages: P packed for the product, AND the ring's keep masks)
+//         (kKeepStages: the tile's first half by P packed for the product AND the
+//         ring's keep masks)
 //       O += P V_j          wgmma, P from registers, V in shared memory
 //     then o_acc / l_i and lse are written from registers.
 // The score matrix never reaches global memory. The host encodes the tensor maps and
@@ -57,9 +59,11 @@ struct FwdTraits {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
   // Dropout's keep masks (d <= 128; above, the consumers generate them inline, since the
-  // ring would not fit): one 32-bit mask per packed pair of P, kKeepStages tiles deep.
+  // ring would not fit): one 32-bit mask per packed pair of P, for the first kKeepBlocks
+  // 16-key blocks of a tile, kKeepStages tiles deep.
   static constexpr int kKeepStages = kDropout_ && kHeadDim <= 128 ? 2 : 0;
-  static constexpr int kKeepBytes = kBlockM * kBlockN * 2;  // one tile's masks
+  static constexpr int kKeepBlocks = kKeepStages ? kBlockN / 32 : 0;
+  static constexpr int kKeepBytes = kBlockM * kKeepBlocks * 16 * 2;  // one tile's masks
   static constexpr int kKeepWriters = 96;                   // warps 1..3 of the producer
   // barriers: Q full, 4 a K/V stage, 2 a keep-mask stage
   static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages + 2 * kKeepStages);
@@ -107,7 +111,8 @@ struct FwdSmem {
   CUFLASH_DEVICE u32 keep_empty(int st) const { return bar(2 + 4 * T::kStages + 2 * st); }
 };
 
-// kKeepStages: the dropout keep masks of key tiles n_block_max - 1 down to
+// kKeepStages: the dropout keep masks of the first T::kKeepBlocks 16-key blocks of key
+// tiles n_block_max - 1 down to
 // n_block_max - n_iters, written by thread `writer` of T::kKeepWriters into the ring, in
 // the order in which the consumers read them (FwdConsumer::drop_p).
 template <class T>
@@ -121,7 +126,7 @@ CUFLASH_DEVICE void write_keep_masks(const FwdSmem<T>& sm, const Dropout<true>& 
       // consumer thread `thread`'s warp holds rows m0 + 16 (thread / 32) .. + 15
       const int row0 = m0 + int(u32(thread) / 32u) * 16;
 #pragma unroll 4
-      for (int block = 0; block < T::kBlockN / 16; ++block) {
+      for (int block = 0; block < T::kKeepBlocks; ++block) {
         u32 mask[4];
         dropout.keep_masks(mask, row0, n * T::kBlockN + block * 16, int(u32(thread) % 32u));
         st_shared_v4(sm.keep(st) + (block * kConsumerThreads + thread) * 16, mask);
@@ -200,20 +205,24 @@ struct FwdConsumer {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
     }
     softmax.template update_scores<true>(s, alpha, units());
-    if constexpr (kDropout && !kKeepRing) {
-      if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
+    if constexpr (kDropout) {  // (kKeepRing: the blocks that the ring does not hold)
+      if (dropout.active()) {
+        dropout.template apply<false, 1, T::kNTiles, T::kKeepBlocks>(s, warp_row0,
+                                                                     n * T::kBlockN, lane);
+      }
     }
   }
 
-  // kKeepRing: the dropout of packed P for the key loop's step `it`, by the keep masks
-  // that the producer's warps wrote for it (one AND a packed pair).
+  // kKeepRing: the dropout of packed P's first T::kKeepBlocks 16-key blocks for the key
+  // loop's step `it`, by the keep masks that the producer's warps wrote for it (one AND a
+  // packed pair).
   CUFLASH_DEVICE void drop_p(u32 (&p)[1][T::kBlockN / 16][4], int it) const {
     if constexpr (kKeepRing) {
       if (!dropout.active()) return;
       const int st = it % T::kKeepStages;
       mbar_wait(sm.keep_full(st), (it / T::kKeepStages) & 1);
 #pragma unroll
-      for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+      for (int kk = 0; kk < T::kKeepBlocks; ++kk) {
         u32 mask[4];
         ld_shared_v4(mask, sm.keep(st) + (kk * 128 * T::kConsumers + keep_thread) * 16);
 #pragma unroll
