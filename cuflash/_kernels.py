@@ -511,20 +511,13 @@ class Sm90FwdSpec:
         return self.tile.num_warps * 32
 
     @property
-    def keep_stages(self) -> int:
-        """Depth of the dropout keep-mask ring (FwdTraits::kKeepStages): at d <= 128 the
-        producer's spare warps write the masks; above, the ring would not fit."""
-        return 2 if self.dropout and self.head_dim <= 128 else 0
-
-    @property
     def smem_bytes(self) -> int:
-        """FwdTraits::kSmemBytes: 1024 bytes of alignment slack, Q, the K/V ring, the
-        keep-mask ring and the mbarriers (the kernel traps on a smaller launch)."""
+        """FwdTraits::kSmemBytes: 1024 bytes of alignment slack, Q, the K/V ring and its
+        mbarriers (the kernel traps on a smaller launch)."""
         t = self.tile
         kv = t.block_n * self.head_dim * 2
-        keep = self.keep_stages * t.block_m * (t.block_n // 32) * 16 * 2  # first half
-        barriers = 8 * (1 + 4 * t.stages + 2 * self.keep_stages)
-        return 1024 + t.block_m * self.head_dim * 2 + 2 * t.stages * kv + keep + barriers
+        barriers = 8 * (1 + 4 * t.stages)
+        return 1024 + t.block_m * self.head_dim * 2 + 2 * t.stages * kv + barriers
 
     @property
     def name_expression(self) -> str:

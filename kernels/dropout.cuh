@@ -72,24 +72,6 @@ struct Dropout {
   CUFLASH_DEVICE bool keep(u32 word, int half) const {
     return (half ? word >> 16 : word & 0xffffu) >= threshold;
   }
-  // Both 16-bit halves of a Philox word against the threshold: 0xffff in each half whose
-  // number keeps its score.
-  CUFLASH_DEVICE u32 keep_halves(u32 word) const {
-    return ((word & 0xffffu) >= threshold ? 0x0000ffffu : 0u) |
-           ((word >> 16) >= threshold ? 0xffff0000u : 0u);
-  }
-
-  // The keep masks of one 16 x 16 block as lane `lane` holds P packed for the product
-  // (pack_frags: register j holds row g + 8 (j & 1), columns 2t, 2t + 1 of n8 tile j >> 1,
-  // the lower column in the lower half): P & mask[j] drops what apply() drops. row0 (the
-  // warp's first row) and col0 are multiples of 16.
-  CUFLASH_DEVICE void keep_masks(u32 (&mask)[4], int row0, int col0, int lane) const {
-    u32 w[4];
-    numbers(w, (u32(col0) / 16u) * 4u + u32(lane & 3), u32(row0 + (lane >> 2)));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) mask[j] = keep_halves(w[2 * (j & 1) + (j >> 1)]);
-  }
-
   // A dropped score becomes 0, or with kNegate -x (the backward keeps P and marks the
   // drop by the sign: P >= 0).
   template <bool kNegate>
@@ -99,14 +81,13 @@ struct Dropout {
 
   // Scores with queries as rows (mma C layout, kMRep slabs of 16 rows x kNTiles n8 tiles):
   // row0, the first query of slab 0, and col0, the first key, are multiples of 16.
-  // kFirstBlock: 16-key blocks before it are left alone (another warp drops them).
-  template <bool kNegate, int kMRep, int kNTiles, int kFirstBlock = 0>
+  template <bool kNegate, int kMRep, int kNTiles>
   CUFLASH_DEVICE void apply(float (&s)[kMRep][kNTiles][4], int row0, int col0, int lane) const {
     static_assert(kNTiles % 2 == 0, "whole 16-key blocks");
 #pragma unroll
     for (int r = 0; r < kMRep; ++r)
 #pragma unroll
-      for (int nn = kFirstBlock; nn < kNTiles / 2; ++nn) {
+      for (int nn = 0; nn < kNTiles / 2; ++nn) {
         u32 w[4];
         numbers(w, u32(col0 / 16 + nn) * 4u + u32(lane & 3), u32(row0 + r * 16 + (lane >> 2)));
 #pragma unroll

@@ -4,11 +4,7 @@
 // One thread block owns kBlockM = 64 * kConsumers query rows of one (batch, head):
 //   warpgroup 0 (producer): one thread issues the TMA loads -- Q once, then K_j and V_j
 //     into a ring of kStages buffers, each guarded by a full and an empty mbarrier;
-//     the warpgroup gives most of its registers to the consumers (setmaxnreg);
-//     kKeepStages (dropout, d <= 128): its warps 1..3 write the dropout keep masks of
-//     the first half of each key tile into a ring of their own, so that half of the
-//     generator's work runs beside the consumers' products instead of inside their
-//     softmax (three warps alone cannot keep up with the whole tile: perf-log d5)
+//     the warpgroup gives most of its registers to the consumers (setmaxnreg)
 //   warpgroups 1..kConsumers (consumers): 64 query rows each; per key tile, from the
 //     last to the first:
 //       S = Q K_j^T         wgmma, both operands in shared memory        sm90/wgmma.cuh
@@ -16,8 +12,6 @@
 //       mask (ragged end, causal diagonal, window edges)                  mask.cuh
 //       online softmax: m_i, l_i, rescale of o_acc, P = exp2(...)         softmax.cuh
 //       kDropout: dropout of P, after the row sums                        dropout.cuh
-//         (kKeepStages: the tile's first half by P packed for the product AND the
-//         ring's keep masks)
 //       O += P V_j          wgmma, P from registers, V in shared memory
 //     then o_acc / l_i and lse are written from registers.
 // The score matrix never reaches global memory. The host encodes the tensor maps and
@@ -39,7 +33,7 @@ namespace cuflash {
 namespace sm90 {
 
 template <class Elem, int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_,
-          bool kOverlap_, bool kPingpong_, bool kDropout_>
+          bool kOverlap_, bool kPingpong_>
 struct FwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
   static constexpr int kHeadDim = kHeadDim_;
@@ -58,23 +52,12 @@ struct FwdTraits {
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-  // Dropout's keep masks (d <= 128; above, the consumers generate them inline, since the
-  // ring would not fit): one 32-bit mask per packed pair of P, for the first kKeepBlocks
-  // 16-key blocks of a tile, kKeepStages tiles deep.
-  static constexpr int kKeepStages = kDropout_ && kHeadDim <= 128 ? 2 : 0;
-  static constexpr int kKeepBlocks = kKeepStages ? kBlockN / 32 : 0;
-  static constexpr int kKeepBytes = kBlockM * kKeepBlocks * 16 * 2;  // one tile's masks
-  static constexpr int kKeepWriters = 96;                   // warps 1..3 of the producer
-  // barriers: Q full, 4 a K/V stage, 2 a keep-mask stage
-  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages + 2 * kKeepStages);
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);  // Q full, 4 a stage
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
-  static constexpr int kSmemBytes =
-      1024 + kQBytes + 2 * kStages * kKVBytes + kKeepStages * kKeepBytes + kBarrierBytes;
-  // registers a thread: the producer warpgroup gives its registers to the consumers (the
-  // keep-mask writers keep a few more)
-  static constexpr int kProducerRegs = kKeepStages ? 56 : 24;
-  static constexpr int kConsumerRegs =
-      kConsumers == 2 ? (kKeepStages ? 224 : 240) : (kKeepStages ? 152 : 160);
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  // registers a thread: the producer warpgroup gives its registers to the consumers
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(regs_split_fits(kConsumers, kConsumerRegs, kProducerRegs),
                 "setmaxnreg: the consumers take more registers than the producer frees");
 
@@ -83,64 +66,28 @@ struct FwdTraits {
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
 
-// Shared memory: [Q][K_0 .. K_{s-1}][V_0 .. V_{s-1}][keep masks_0 ..][barriers],
-// 1024-byte aligned.
+// Shared memory: [Q][K_0 .. K_{s-1}][V_0 .. V_{s-1}][barriers], 1024-byte aligned.
 template <class T>
 struct FwdSmem {
   u32 base;
   CUFLASH_DEVICE u32 q() const { return base; }
   CUFLASH_DEVICE u32 k(int st) const { return base + T::kQBytes + st * T::kKVBytes; }
   CUFLASH_DEVICE u32 v(int st) const { return base + T::kQBytes + (T::kStages + st) * T::kKVBytes; }
-  // keep masks of stage st: 16 bytes a consumer thread and 16-key block, at
-  // (block * consumer threads + thread) * 16
-  CUFLASH_DEVICE u32 keep(int st) const {
-    return base + T::kQBytes + 2 * T::kStages * T::kKVBytes + st * T::kKeepBytes;
-  }
   CUFLASH_DEVICE u32 bar(int i) const {
-    return base + T::kQBytes + 2 * T::kStages * T::kKVBytes + T::kKeepStages * T::kKeepBytes +
-           8 * i;
+    return base + T::kQBytes + 2 * T::kStages * T::kKVBytes + 8 * i;
   }
-  // barriers: Q full; then per stage K full, K empty, V full, V empty; then per keep-mask
-  // stage full, empty
+  // barriers: Q full; then per stage K full, K empty, V full, V empty
   CUFLASH_DEVICE u32 q_full() const { return bar(0); }
   CUFLASH_DEVICE u32 k_full(int st) const { return bar(1 + 4 * st); }
   CUFLASH_DEVICE u32 k_empty(int st) const { return bar(2 + 4 * st); }
   CUFLASH_DEVICE u32 v_full(int st) const { return bar(3 + 4 * st); }
   CUFLASH_DEVICE u32 v_empty(int st) const { return bar(4 + 4 * st); }
-  CUFLASH_DEVICE u32 keep_full(int st) const { return bar(1 + 4 * T::kStages + 2 * st); }
-  CUFLASH_DEVICE u32 keep_empty(int st) const { return bar(2 + 4 * T::kStages + 2 * st); }
 };
-
-// kKeepStages: the dropout keep masks of the first T::kKeepBlocks 16-key blocks of key
-// tiles n_block_max - 1 down to
-// n_block_max - n_iters, written by thread `writer` of T::kKeepWriters into the ring, in
-// the order in which the consumers read them (FwdConsumer::drop_p).
-template <class T>
-CUFLASH_DEVICE void write_keep_masks(const FwdSmem<T>& sm, const Dropout<true>& dropout, int m0,
-                                     int n_block_max, int n_iters, int writer) {
-  constexpr int kConsumerThreads = 128 * T::kConsumers;
-  for (int it = 0; it < n_iters; ++it) {
-    const int n = n_block_max - 1 - it, st = it % T::kKeepStages;
-    mbar_wait(sm.keep_empty(st), ((it / T::kKeepStages) & 1) ^ 1);
-    for (int thread = writer; thread < kConsumerThreads; thread += T::kKeepWriters) {
-      // consumer thread `thread`'s warp holds rows m0 + 16 (thread / 32) .. + 15
-      const int row0 = m0 + int(u32(thread) / 32u) * 16;
-#pragma unroll 4
-      for (int block = 0; block < T::kKeepBlocks; ++block) {
-        u32 mask[4];
-        dropout.keep_masks(mask, row0, n * T::kBlockN + block * 16, int(u32(thread) % 32u));
-        st_shared_v4(sm.keep(st) + (block * kConsumerThreads + thread) * 16, mask);
-      }
-    }
-    mbar_arrive(sm.keep_full(st));
-  }
-}
 
 // One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
 // of the key loop, named after the algorithm.
 template <class T, bool kCausal, bool kOptions, bool kDropout>
 struct FwdConsumer {
-  static constexpr bool kKeepRing = kDropout && T::kKeepStages > 0;
   FwdSmem<T> sm;
   Mask<kCausal, kOptions> mask;
   ScoreMod<kOptions> scores;  // kOptions: softcap, ALiBi
@@ -150,7 +97,6 @@ struct FwdConsumer {
   float units_;
   u32 q_rows;     // this warpgroup's 64 rows of the Q tile
   int m0, warp_row0, wg, lane;
-  int keep_thread;  // kKeepRing: this thread's index among the consumer threads
 
   float o_acc[1][T::kDTiles][4];
   OnlineSoftmax<1> softmax;
@@ -205,30 +151,8 @@ struct FwdConsumer {
       mask.apply(s, warp_row0, n * T::kBlockN, lane);
     }
     softmax.template update_scores<true>(s, alpha, units());
-    if constexpr (kDropout) {  // (kKeepRing: the blocks that the ring does not hold)
-      if (dropout.active()) {
-        dropout.template apply<false, 1, T::kNTiles, T::kKeepBlocks>(s, warp_row0,
-                                                                     n * T::kBlockN, lane);
-      }
-    }
-  }
-
-  // kKeepRing: the dropout of packed P's first T::kKeepBlocks 16-key blocks for the key
-  // loop's step `it`, by the keep masks that the producer's warps wrote for it (one AND a
-  // packed pair).
-  CUFLASH_DEVICE void drop_p(u32 (&p)[1][T::kBlockN / 16][4], int it) const {
-    if constexpr (kKeepRing) {
-      if (!dropout.active()) return;
-      const int st = it % T::kKeepStages;
-      mbar_wait(sm.keep_full(st), (it / T::kKeepStages) & 1);
-#pragma unroll
-      for (int kk = 0; kk < T::kKeepBlocks; ++kk) {
-        u32 mask[4];
-        ld_shared_v4(mask, sm.keep(st) + (kk * 128 * T::kConsumers + keep_thread) * 16);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) p[0][kk][j] &= mask[j];
-      }
-      release(sm.keep_empty(st));
+    if constexpr (kDropout) {
+      if (dropout.active()) dropout.template apply<false>(s, warp_row0, n * T::kBlockN, lane);
     }
   }
 
@@ -260,7 +184,6 @@ struct FwdConsumer {
       softmax_scores(s, n, alpha);
       softmax.rescale(o_acc, alpha);
       pack_p(p, s);
-      drop_p(p, it);
       mbar_wait(sm.v_full(st), parity);
       issue_pv(p, st);
       wgmma_wait<0>();
@@ -284,7 +207,6 @@ struct FwdConsumer {
     release(sm.k_empty(0));
     softmax_scores(s, n_block_max - 1, alpha);  // (o_acc is 0: no rescale)
     pack_p(p, s);
-    drop_p(p, 0);
     for (int it = 1; it < n_iters; ++it) {
       const int n = n_block_max - 1 - it, st = it % T::kStages, prev = (it - 1) % T::kStages;
       const u32 parity = (it / T::kStages) & 1, prev_parity = ((it - 1) / T::kStages) & 1;
@@ -304,7 +226,6 @@ struct FwdConsumer {
       release(sm.v_empty(prev));
       softmax.rescale(o_acc, alpha);
       pack_p(p, s);
-      drop_p(p, it);
     }
     const int last = (n_iters - 1) % T::kStages;
     mbar_wait(sm.v_full(last), ((n_iters - 1) / T::kStages) & 1);
@@ -335,7 +256,7 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
                           const int* __restrict__ cu_seqlens_k) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
-  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong, kDropout>;
+  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const FwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
   check_dynamic_smem(T::kSmemBytes);  // the host's launch (Sm90FwdSpec.smem_bytes) agrees
@@ -356,8 +277,6 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   const int n_iters =
       kOptions ? max(n_block_max - mask.template n_block_min<kBlockN>(m0), 0) : n_block_max;
   const int warpgroup = threadIdx.x / 128;
-  const auto dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
-                                               dropout_bh0 + u32(batch) * gridDim.y + head);
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
@@ -367,11 +286,6 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
       mbar_init(sm.v_full(st), 1);
       mbar_init(sm.k_empty(st), 4 * kConsumers);  // one arrival per consumer warp
       mbar_init(sm.v_empty(st), 4 * kConsumers);
-    }
-#pragma unroll
-    for (int st = 0; st < T::kKeepStages; ++st) {
-      mbar_init(sm.keep_full(st), T::kKeepWriters);
-      mbar_init(sm.keep_empty(st), 4 * kConsumers);
     }
     mbar_init_fence();
   }
@@ -402,10 +316,6 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
         load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN,
                                  seq.k_start + n * kBlockN, kv_head, tm_batch);
       }
-    } else if constexpr (T::kKeepStages > 0) {
-      if (threadIdx.x >= 32 && dropout.active()) {
-        write_keep_masks(sm, dropout, m0, n_block_max, n_iters, int(threadIdx.x) - 32);
-      }
     }
     return;
   }
@@ -423,8 +333,8 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                                         seqlen_k - seqlen_q);
     c.units_ = c.scores.units_or(scale_log2);
   }
-  c.dropout = dropout;
-  c.keep_thread = tid + 128 * (warpgroup - 1);
+  c.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+                                      dropout_bh0 + u32(batch) * gridDim.y + head);
   c.wg = warpgroup - 1;
   c.lane = tid & 31;
   c.m0 = m0;
