@@ -45,15 +45,17 @@ CUFLASH_DEVICE void philox4x32(u32 (&c)[4], u32 key0, u32 key1) {
 // kernel 5% more instructions). Threshold 0 (p = 0) is off.
 template <bool kEnabled>
 struct Dropout {
-  u32 threshold;  // keep iff the 16-bit number >= threshold
+  // keep iff the 16-bit number >= threshold (<= 65535): held as threshold << 16, so that a
+  // word's high half compares whole and its low half after one shift
+  u32 threshold_hi;
   u32 seed_lo, seed_hi;
   u32 bh;         // batch * heads + head (the counter's third word)
 
   static CUFLASH_DEVICE Dropout make(u32 threshold, u64 seed, u32 bh) {
-    return Dropout{threshold, u32(seed), u32(seed >> 32), bh};
+    return Dropout{threshold << 16, u32(seed), u32(seed >> 32), bh};
   }
 
-  CUFLASH_DEVICE bool active() const { return threshold != 0u; }
+  CUFLASH_DEVICE bool active() const { return threshold_hi != 0u; }
 
   // The same dropout for query head `head` of this batch element (this one: head 0).
   CUFLASH_DEVICE Dropout for_head(int head) const {
@@ -69,8 +71,9 @@ struct Dropout {
     w[3] = 0u;
     philox4x32<kPhiloxRounds>(w, seed_lo, seed_hi);
   }
+  // (w >> 16 >= t iff w >= t << 16; the low half likewise, shifted up first)
   CUFLASH_DEVICE bool keep(u32 word, int half) const {
-    return (half ? word >> 16 : word & 0xffffu) >= threshold;
+    return (half ? word : word << 16) >= threshold_hi;
   }
   // A dropped score becomes 0, or with kNegate -x (the backward keeps P and marks the
   // drop by the sign: P >= 0).
