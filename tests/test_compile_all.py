@@ -76,3 +76,43 @@ def test_wgmma_wrappers_are_generated_from_the_script():
     if not script.is_file():
         pytest.skip("tools/ is not installed with the package")
     assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
+
+
+def _smem_layout_asserts(specs) -> list[str]:
+    """One static_assert a specialisation: the kernel's own shared-memory layout
+    (kSmemBytes of its traits) equals the size the host launches it with."""
+    asserts = []
+    for s in specs:
+        tag = _kernels._ELEM_TAG[s.dtype]
+        if s.kind == "fwd90":
+            t = s.tile
+            traits = (f"cuflash::sm90::FwdTraits<{tag}, {s.head_dim}, {t.block_n}, "
+                      f"{t.consumers}, {t.stages}, {str(t.overlap).lower()}, "
+                      f"{str(t.pingpong).lower()}>")
+        else:
+            traits = f"cuflash::sm90::BwdTraits<{tag}, {s.head_dim}>"
+        asserts.append(f'static_assert({traits}::kSmemBytes == {s.smem_bytes}, '
+                       f'"{s.label.strip()}: host and kernel disagree on shared memory");')
+    return sorted(set(asserts))
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC (pip install 'cuflash[test]') not found")
+@pytest.mark.parametrize("kind", ["fwd90", "bwd90"])
+def test_sm90_launch_shared_memory_is_the_kernel_layout(kind):
+    """The sm_90a kernels lay out their shared memory in C++ (kSmemBytes) and the host
+    launches them with ``spec.smem_bytes``: two copies of one sum, which NVRTC compares
+    for every shipped specialisation (the forward also traps on a short launch)."""
+    specs = [s for s in _kernels.shipped_sm90_specs() if s.kind == kind]
+    source = _kernels.source_text(specs[0].source) + "\n" + "\n".join(
+        _smem_layout_asserts(specs)) + "\n"
+    _nvrtc.compile_spec(specs[0], source=source)  # a failed static_assert fails it
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC (pip install 'cuflash[test]') not found")
+def test_sm90_shared_memory_check_fails_on_a_mismatch():
+    spec = next(s for s in _kernels.shipped_sm90_specs() if s.kind == "fwd90")
+    wrong = _smem_layout_asserts([spec])[0].replace(f"== {spec.smem_bytes}",
+                                                    f"== {spec.smem_bytes - 8}")
+    source = _kernels.source_text(spec.source) + "\n" + wrong + "\n"
+    with pytest.raises(_nvrtc.NvrtcError, match="host and kernel disagree"):
+        _nvrtc.compile_spec(spec, source=source)
