@@ -87,8 +87,8 @@ def _smem_layout_asserts(specs) -> list[str]:
         if s.kind == "fwd90":
             t = s.tile
             traits = (f"cuflash::sm90::FwdTraits<{tag}, {s.head_dim}, {t.block_n}, "
-                      f"{t.consumers}, {t.stages}, {str(t.overlap).lower()}, "
-                      f"{str(t.pingpong).lower()}>")
+                      f"{t.consumers}, {t.stages}, {_kernels._cbool(t.overlap)}, "
+                      f"{_kernels._cbool(t.pingpong)}>")
         else:
             traits = f"cuflash::sm90::BwdTraits<{tag}, {s.head_dim}>"
         asserts.append(f'static_assert({traits}::kSmemBytes == {s.smem_bytes}, '

@@ -5,14 +5,16 @@
 One line a case: the plain call, the dropout call and their ratio (same-call A/B runs of two
 trees: docs/perf-log.md d5)."""
 import sys
+
 import cuflash
 from cuflash import _bench
-cp = _bench._cupy()
+
 tag = sys.argv[1]
 for d in (64, 128):
     for causal in (False, True):
-        rs = cp.random.RandomState(0)
-        q, k, v = (_bench.random_array((4, 16, 4096, d), "bfloat16", rs) for _ in range(3))
+        q, k, v = _bench.make_inputs(_bench.Case("bfloat16", d, causal, 4096, 4, 16))
         t0 = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=causal))
-        t1 = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=causal, dropout_p=0.1, seed=7))
-        print(f"{tag:6s} d{d} {'causal' if causal else 'full  '} plain {t0:.3f} ms dropout {t1:.3f} ms  x{t1/t0:.3f}", flush=True)
+        t1 = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=causal, dropout_p=0.1,
+                                                      seed=7))
+        print(f"{tag:6s} d{d} {'causal' if causal else 'full  '} plain {t0:.3f} ms "
+              f"dropout {t1:.3f} ms  x{t1 / t0:.3f}", flush=True)
