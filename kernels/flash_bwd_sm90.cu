@@ -17,7 +17,8 @@
 //       dK  += dS^T Q_i           wgmma, dS^T from registers
 //       dS^T -> shared memory (both warpgroups' keys), then
 //       dQ_i += dS K              wgmma, both operands MN-major; each warpgroup its 64
-//                                 columns of dQ, added to the float32 buffer by atomics
+//                                 columns (d64: the two take turns), added to the float32
+//                                 buffer by atomics
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
 // Deterministic mode (kDeterministic, with dq_sem): the blocks add to each dQ tile in the
 // order of their key tiles (DqTurn, last first), so every run sums in the same order.
@@ -49,9 +50,6 @@ struct BwdTraits {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;    // Q_i or dO_i
   static constexpr int kDSBytes = kBlockN * kBlockM * 2;    // dS^T, one buffer
   static constexpr int kStatBytes = kBlockM * 4;            // lse_log2 or delta of Q_i's rows
-  // dQ: each warpgroup computes 64 columns; at d64 warpgroup 0 alone
-  static constexpr int kDQCols = 64;
-  static constexpr int kDQGroups = kHeadDim / kDQCols;
   static constexpr int kSmemBytes =
       1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "sm_90a backward: head dims 64 and 128");
@@ -178,12 +176,12 @@ CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4]
 // The deterministic mode's turns: the key tiles that reach a dQ tile are consecutive
 // (the mask's query-tile range grows with the key tile), and they add their parts from the
 // last down: n_block adds after its successor n_block + 1 has. dq_sem holds, per dQ tile
-// and warpgroup column block, the number of the key tile that added last (0 at the start
-// of the call). The deterministic grid is launched last key tile first, so a successor is
+// and 64-column block, the number of the key tile that added last (0 at the start of the
+// call). The deterministic grid is launched last key tile first, so a successor is
 // running or done; in a causal or windowed launch it reaches each shared query tile two
 // steps ahead of its predecessor, so nobody waits once the blocks run.
-// A turn is passed on one step late (at the next tile's atomics, or after the loop): by
-// then the adds have landed, and the fence that publishes them costs little.
+// A turn is passed on late (at the warpgroup's next dQ tile, or after the loop): by then
+// the adds have landed, and the fence that publishes them costs little.
 struct DqTurn {
   int* sem;                  // the flags (dq_sem)
   int n_block;               // this block's key tile
@@ -191,8 +189,8 @@ struct DqTurn {
   int* pending;              // the last tile's flag, not yet passed on
   // (stats_row: the tile's first row in the statistics' layout, whose tiles of 64 rows
   // are distinct across heads and sequences)
-  CUFLASH_DEVICE int* flag(i64 stats_row, int wg) const {
-    return sem + (stats_row >> 6) * 2 + wg;
+  CUFLASH_DEVICE int* flag(i64 stats_row, int col_block) const {
+    return sem + (stats_row >> 6) * 2 + col_block;
   }
   CUFLASH_DEVICE bool must_wait(int m_block) const {
     return m_block >= succ_begin && m_block < succ_end;
@@ -271,6 +269,8 @@ __global__ void __launch_bounds__(384, 1)
   // The options kernels at d128 have no registers for an in-flight dP^T beside the score
   // transform: there dP^T = V dO^T is issued after P^T, together with dV's product.
   constexpr bool kLateDP = kOptions && kHeadDim == 128;
+  // d64: the consumer warpgroups take turns at dQ (below)
+  constexpr bool kDqTurns = kHeadDim == 64;
   // registers a thread: the producer warpgroup gives its registers to the two consumers
   constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),
@@ -470,27 +470,40 @@ __global__ void __launch_bounds__(384, 1)
                                      smem_desc(sm.q(st) + kk * 16 * 128, T::kBlockM * 128), true);
     }
     wgmma_commit();
-    // both warpgroups' dS^T in place, visible to the tensor cores
+    // dQ_i = dS K (64 queries x 64 columns; k = the block's 128 keys, both warpgroups'
+    // dS^T). d128: each warpgroup computes its 64 columns, once both halves of dS^T are in
+    // place. d64 (kDqTurns): the warpgroups take turns at the 64 columns; the step's owner
+    // waits for the other's half of dS^T, the other only signals it and runs on into its
+    // next step. (The owner releases the stage after its dQ product, so the other cannot
+    // overwrite this dS^T buffer, two steps on, before it has been read.) Barrier ids: 1
+    // for both warpgroups, or for turns 1 (warpgroup 0 waits) and 4 (warpgroup 1 waits).
+    // (Turns at d128, the owner computing all 128 columns, were 10% slower: perf-log b7.)
+    const bool dq_here = kDqTurns ? (it & 1) == wg : true;
+    const int dq_cb = kDqTurns ? 0 : wg;  // dQ's 64-column block computed here
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-
-    // dQ_i (64 queries x 64 columns of this warpgroup) = dS K: A = dS^T (MN-major: queries
-    // contiguous), B = K (MN-major: columns contiguous), k = the block's 128 keys
-    if (wg < T::kDQGroups) {
+    if (!kDqTurns) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    } else if (dq_here) {
+      asm volatile("bar.sync %0, 256;\n" ::"r"(1 + 3 * wg) : "memory");
+    } else {
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - 3 * wg) : "memory");
+    }
+    if (dq_here) {
+      // A = dS^T (MN-major: queries contiguous), B = K (MN-major: columns contiguous)
       float dq[8][4];
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
         wgmma_ss_tt<64, T::kIsBf16>(
             dq, smem_desc(ds_tile + kk * 16 * 128, T::kBlockN * 128),
-            smem_desc(sm.k() + wg * T::kBlockN * 128 + kk * 16 * 128, T::kBlockN * 128),
+            smem_desc(sm.k() + dq_cb * T::kBlockN * 128 + kk * 16 * 128, T::kBlockN * 128),
             kk > 0);
       }
       wgmma_commit();
       int* flag = nullptr;
       int seen = 0;
       if constexpr (kDeterministic) {
-        flag = turn.flag(stats + m0, wg);
+        flag = turn.flag(stats + m0, dq_cb);
         seen = turn.peek(flag, turn.must_wait(m0 / T::kBlockM), tid);
       }
       wgmma_wait<0>();
@@ -503,7 +516,7 @@ __global__ void __launch_bounds__(384, 1)
       if constexpr (kDeterministic) turn.wait(flag, seen, wg, tid);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        red_add_f32x4(tile + ((warp + wg * 4) * 8 + j) * 128 + lane * 4, dq[j]);
+        red_add_f32x4(tile + ((warp + dq_cb * 4) * 8 + j) * 128 + lane * 4, dq[j]);
       }
     } else {
       wgmma_wait<0>();
@@ -514,7 +527,7 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
   }
 
-  if (kDeterministic && wg < T::kDQGroups) turn.pass_pending(wg, tid);
+  if constexpr (kDeterministic) turn.pass_pending(wg, tid);
 
   // ---- epilogue: dK * scale and dV, from registers (dropout: dV / (1 - p)) ----
   if (kv_splits > 1) {  // partial sums; the conversion pass scales them
