@@ -501,6 +501,7 @@ class Sm90FwdSpec:
     tile: Sm90FwdTile
     options: bool = False
     dropout: bool = False
+    persistent: bool = False  # blocks that walk tiles from a counter (short sequences)
 
     source = "flash_fwd_sm90.cu"
     kind = "fwd90"
@@ -512,11 +513,12 @@ class Sm90FwdSpec:
 
     @property
     def smem_bytes(self) -> int:
-        """FwdTraits::kSmemBytes: 1024 bytes of alignment slack, Q, the K/V ring and its
-        mbarriers (the kernel traps on a smaller launch)."""
+        """FwdTraits::kSmemBytes: 1024 bytes of alignment slack, Q, the K/V ring, its
+        mbarriers and (persistent) Q empty's and two tile slots (the kernel traps on a
+        smaller launch)."""
         t = self.tile
         kv = t.block_n * self.head_dim * 2
-        barriers = 8 * (1 + 4 * t.stages)
+        barriers = 8 * (1 + 4 * t.stages) + (16 if self.persistent else 0)
         return 1024 + t.block_m * self.head_dim * 2 + 2 * t.stages * kv + barriers
 
     @property
@@ -525,7 +527,7 @@ class Sm90FwdSpec:
         return (f"cuflash::sm90::flash_fwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, {self.head_dim}, "
                 f"{t.block_n}, {t.consumers}, {t.stages}, {_cbool(t.overlap)}, "
                 f"{_cbool(t.pingpong)}, {_cbool(self.causal)}, {_cbool(self.options)}, "
-                f"{_cbool(self.dropout)}>")
+                f"{_cbool(self.dropout)}, {_cbool(self.persistent)}>")
 
     @property
     def label(self) -> str:
@@ -534,7 +536,8 @@ class Sm90FwdSpec:
                 f"{'causal' if self.causal else 'full  '} sm_{self.arch} "
                 f"{t.block_m}x{t.block_n} wg{t.consumers}+1 s{t.stages}"
                 f"{' overlap' if t.overlap else ''}{' pingpong' if t.pingpong else ''}"
-                f"{_option_tag(self.options, self.dropout)}")
+                f"{_option_tag(self.options, self.dropout)}"
+                f"{' persistent' if self.persistent else ''}")
 
 
 def _option_tag(options: bool, dropout: bool) -> str:
@@ -542,7 +545,7 @@ def _option_tag(options: bool, dropout: bool) -> str:
 
 
 def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
-                  dropout: bool = False) -> Sm90FwdSpec | None:
+                  dropout: bool = False, persistent: bool = False) -> Sm90FwdSpec | None:
     """The sm_90a forward kernel for real head dim ``head_dim``, or None where there is none
     (float32, head dims above the largest bucket)."""
     if dtype not in ("float16", "bfloat16"):
@@ -550,7 +553,7 @@ def sm90_fwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False
     for d in sorted(SM90_FWD_TILES):
         if head_dim <= d:
             return Sm90FwdSpec(dtype, d, bool(causal), SM90_FWD_TILES[d], bool(options),
-                               bool(dropout))
+                               bool(dropout), bool(persistent))
     return None
 
 
@@ -611,9 +614,10 @@ def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False
 
 
 def shipped_sm90_specs() -> list:
-    return ([Sm90FwdSpec(dtype, d, causal, tile, options, dropout)
+    return ([Sm90FwdSpec(dtype, d, causal, tile, options, dropout, persistent)
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
-             for causal in (False, True) for options, dropout in KERNEL_FAMILIES]
+             for causal in (False, True) for options, dropout in KERNEL_FAMILIES
+             for persistent in (False, True)]
             + [Sm90BwdSpec(dtype, d, causal, options, dropout, deterministic)
                for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
                for causal in (False, True) for options, dropout in KERNEL_FAMILIES

@@ -17,6 +17,7 @@ take (16-byte multiples), and in the backward pass head dims above 128.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import functools
 import hashlib
@@ -29,6 +30,7 @@ import numpy as np
 from . import _kernels, _nvrtc
 
 _MAX_GRID_YZ = 65535
+_MAX_TILES = (1 << 31) - (1 << 20)  # the forward's tile indices (int32) with room above
 _TENSOR_MAP = np.dtype((np.void, 128))
 
 #: Set False to run the portable kernels on Hopper too (tests and benchmarks compare them).
@@ -83,6 +85,15 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
                                   dropout_kernel)
     if spec is None or D % 8:
         return None
+    if packed is not None:
+        B, Lq, Lk = packed.batch, packed.max_seqlen_q, packed.max_seqlen_k
+    else:
+        Lk = k.shape[2]
+    tiles = math.ceil(Lq / spec.tile.block_m) * H * B
+    # persistent blocks where each tile is short
+    if (FWD_PERSISTENT and math.ceil(Lk / spec.tile.block_n) <= FWD_PERSISTENT_MAX_KEY_TILES
+            and tiles < _MAX_TILES):
+        spec = dataclasses.replace(spec, persistent=True)
     if not _tma_ready(q, k, v) or not _pair_writable(out):
         return None
     return spec
@@ -321,9 +332,46 @@ def forward(spec, q, k, v, out, lse, *, scale: float, option_args: tuple,
     fn = get_function(spec)
     os_ = tuple(s // 2 for s in out.strides)
     ls = tuple(s // 4 for s in lse.strides)
+    m_blocks = math.ceil(Lq / t.block_m)
+    num_tiles = m_blocks * Hq * B
+    if spec.persistent:  # one block a multiprocessor, each taking tiles from a counter
+        grid = (min(num_tiles, FWD_MAX_BLOCKS or _sm_count()), 1, 1)
+        sched = _tile_counters()
+    else:
+        grid = (m_blocks, Hq, B)
+        sched = np.uint64(0)
     args = (_encode(q, t.block_m), _encode(k, t.block_n), _encode(v, t.block_n), out, lse,
             np.int64(os_[0]), np.int64(os_[1]), np.int64(os_[2]), np.int64(ls[0]),
             np.int64(ls[1]), np.int32(Lq), np.int32(Lk), np.int32(D), np.int32(Hq // Hk),
-            np.float32(scale * math.log2(math.e)), *option_args, *cu)
-    fn((math.ceil(Lq / t.block_m), Hq, B), (spec.threads, 1, 1), args,
-       shared_mem=spec.smem_bytes)
+            np.float32(scale * math.log2(math.e)), *option_args, *cu, np.int32(m_blocks),
+            np.int32(Hq), np.int32(num_tiles), sched)
+    fn(grid, (spec.threads, 1, 1), args, shared_mem=spec.smem_bytes)
+
+
+#: Short sequences run the sm_90a forward with persistent blocks (one a multiprocessor,
+#: each taking tiles from a counter), so that one tile's start and end overlap another's:
+#: where a tile walks at most this many key tiles. Longer tiles run one a block, which is
+#: faster there (perf-log h18).
+#: ``CUFLASH_SM90_PERSISTENT=0`` turns the persistent blocks off.
+FWD_PERSISTENT = os.environ.get("CUFLASH_SM90_PERSISTENT", "1") != "0"
+FWD_PERSISTENT_MAX_KEY_TILES = 16
+#: The persistent forward's blocks (None: one a multiprocessor); tests set a few, so that
+#: each block walks many tiles.
+FWD_MAX_BLOCKS = None
+
+
+def _tile_counters():
+    """The persistent forward's two int32 counters for the current device and stream
+    (tiles taken, blocks done): zero before each launch, since each launch's last block
+    resets them, and launches on one stream run one after the other."""
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    key = (cupy.cuda.Device().id, stream.ptr)
+    buf = _TILE_COUNTERS.get(key)
+    if buf is None:  # (zeroed on this stream, before its first launch)
+        buf = _TILE_COUNTERS[key] = cupy.zeros(2, np.int32)
+    return buf
+
+
+_TILE_COUNTERS: dict = {}

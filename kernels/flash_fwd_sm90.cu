@@ -16,6 +16,13 @@
 //     then o_acc / l_i and lse are written from registers.
 // The score matrix never reaches global memory. The host encodes the tensor maps and
 // picks the template arguments (cuflash/_sm90.py).
+// kPersistent (short sequences, where a block's start and end weigh most): one block a
+// multiprocessor walks tiles (TileOrder, FwdTile), each the next one not yet taken from a
+// counter, which its producer takes once it has issued its current tile's last loads. Q
+// of the next tile loads as soon as the consumers' last S product of the current one has
+// landed (Q empty), and the K/V ring runs on across tiles, so a tile's loads overlap its
+// predecessor's last products and epilogue. (At long sequences the one-tile blocks are
+// faster: perf-log h18.)
 // Packed sequences (cu_seqlens_q/k not null, seqlens.cuh): the tensor maps span the packed
 // rows, and a tile that runs past its sequence reads the next one's rows, which the mask
 // hides (weight exactly 0: they must be finite, as every row of a packed batch is).
@@ -33,7 +40,7 @@ namespace cuflash {
 namespace sm90 {
 
 template <class Elem, int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_,
-          bool kOverlap_, bool kPingpong_>
+          bool kOverlap_, bool kPingpong_, bool kPersistent_>
 struct FwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
   static constexpr int kHeadDim = kHeadDim_;
@@ -45,6 +52,7 @@ struct FwdTraits {
   // turns issuing their products, so one's softmax overlaps the other's products.
   static constexpr bool kOverlap = kOverlap_;
   static constexpr bool kPingpong = kPingpong_ && kConsumers_ == 2;
+  static constexpr bool kPersistent = kPersistent_;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kNTiles = kBlockN / 8;    // n8 column tiles of S
@@ -52,12 +60,14 @@ struct FwdTraits {
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);  // Q full, 4 a stage
+  // Q full, 4 a stage; kPersistent: Q empty and two 4-byte tile slots
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages) + (kPersistent ? 16 : 0);
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
   // registers a thread: the producer warpgroup gives its registers to the consumers
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  // (the persistent producer walks its tiles in more registers: 56 beside three consumers)
+  static constexpr int kProducerRegs = kPersistent && kConsumers == 3 ? 56 : 24;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : kPersistent ? 152 : 160;
   static_assert(regs_split_fits(kConsumers, kConsumerRegs, kProducerRegs),
                 "setmaxnreg: the consumers take more registers than the producer frees");
 
@@ -82,6 +92,10 @@ struct FwdSmem {
   CUFLASH_DEVICE u32 k_empty(int st) const { return bar(2 + 4 * st); }
   CUFLASH_DEVICE u32 v_full(int st) const { return bar(3 + 4 * st); }
   CUFLASH_DEVICE u32 v_empty(int st) const { return bar(4 + 4 * st); }
+  // kPersistent: Q empty, and the index of a block's c-th tile, written by the producer
+  // before Q full's arrival
+  CUFLASH_DEVICE u32 q_empty() const { return bar(1 + 4 * T::kStages); }
+  CUFLASH_DEVICE u32 tile_slot(int c) const { return bar(2 + 4 * T::kStages) + 4 * (c & 1); }
 };
 
 // One consumer warpgroup's work on its 64 query rows: the products and the softmax steps
@@ -112,11 +126,17 @@ struct FwdConsumer {
   // S = Q K^T on stage st (issued, not awaited): kHeadDim / 16 products of k16, both
   // operands K-major.
   CUFLASH_DEVICE void issue_qk(float (&s)[1][T::kNTiles][4], int st) const {
+    // (persistent d192, d256: Q's address through an opaque move, else the compiler hoists
+    // its descriptors out of the tile loop, and the options kernels then spill them)
+    u32 q_base = q_rows;
+    if constexpr (T::kPersistent && T::kHeadDim >= 192) {
+      asm volatile("mov.b32 %0, %0;\n" : "+r"(q_base));
+    }
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
       const u32 col = (kk % 4) * 32;  // bytes into the 128-byte column block
-      const u64 da = smem_desc(q_rows + (kk / 4) * T::kBlockM * 128 + col, 16);
+      const u64 da = smem_desc(q_base + (kk / 4) * T::kBlockM * 128 + col, 16);
       const u64 db = smem_desc(sm.k(st) + (kk / 4) * T::kBlockN * 128 + col, 16);
       wgmma_ss<T::kBlockN, T::kIsBf16>(s[0], da, db, kk > 0);
     }
@@ -165,12 +185,23 @@ struct FwdConsumer {
     pack_frags<T::kIsBf16 ? kPrecBF16 : kPrecF16, 1, T::kBlockN>(p, s);
   }
 
+  // The K/V ring runs on across a persistent block's tiles: its load number r (ring, the
+  // loads of the block's earlier tiles, plus it) sits in stage r % kStages, in phase
+  // r / kStages. (One tile a block: ring 0.)
+  CUFLASH_DEVICE static int stage(int r) { return r % T::kStages; }
+  CUFLASH_DEVICE static u32 phase(int r) { return (r / T::kStages) & 1; }
+
+  // kPersistent: the producer may load the next tile's Q (this one's S products are done).
+  CUFLASH_DEVICE void release_q() const {
+    if constexpr (T::kPersistent) release(sm.q_empty());
+  }
+
   // Tiles n_block_max - 1 down to n_block_max - n_iters, one after the other: S, softmax,
   // P V.
-  CUFLASH_DEVICE void run_sequential(int n_block_max, int n_iters) {
+  CUFLASH_DEVICE void run_sequential(int n_block_max, int n_iters, int ring) {
     for (int it = 0; it < n_iters; ++it) {
-      const int n = n_block_max - 1 - it, st = it % T::kStages;
-      const u32 parity = (it / T::kStages) & 1;
+      const int n = n_block_max - 1 - it, st = stage(ring + it);
+      const u32 parity = phase(ring + it);
       float s[1][T::kNTiles][4];
       u32 p[1][T::kBlockN / 16][4];
       float alpha[1][2];
@@ -190,26 +221,27 @@ struct FwdConsumer {
       fence_regs(o_acc[0]);
       release(sm.v_empty(st));
     }
+    release_q();
   }
 
   // kOverlap: S_{j+1} and P_j V_j are issued together; the softmax of S_{j+1} runs while
   // P_j V_j is still in flight, and o_acc is rescaled once it has landed.
-  CUFLASH_DEVICE void run_overlapped(int n_block_max, int n_iters) {
+  CUFLASH_DEVICE void run_overlapped(int n_block_max, int n_iters, int ring) {
     float s[1][T::kNTiles][4];
     u32 p[1][T::kBlockN / 16][4];
     float alpha[1][2];
-    mbar_wait(sm.k_full(0), 0);
+    mbar_wait(sm.k_full(stage(ring)), phase(ring));
     wait_turn();
-    issue_qk(s, 0);
+    issue_qk(s, stage(ring));
     pass_turn();
     wgmma_wait<0>();
     fence_regs(s[0]);
-    release(sm.k_empty(0));
+    release(sm.k_empty(stage(ring)));
     softmax_scores(s, n_block_max - 1, alpha);  // (o_acc is 0: no rescale)
     pack_p(p, s);
     for (int it = 1; it < n_iters; ++it) {
-      const int n = n_block_max - 1 - it, st = it % T::kStages, prev = (it - 1) % T::kStages;
-      const u32 parity = (it / T::kStages) & 1, prev_parity = ((it - 1) / T::kStages) & 1;
+      const int n = n_block_max - 1 - it, st = stage(ring + it), prev = stage(ring + it - 1);
+      const u32 parity = phase(ring + it), prev_parity = phase(ring + it - 1);
       mbar_wait(sm.k_full(st), parity);
       mbar_wait(sm.v_full(prev), prev_parity);
       wait_turn();
@@ -227,8 +259,9 @@ struct FwdConsumer {
       softmax.rescale(o_acc, alpha);
       pack_p(p, s);
     }
-    const int last = (n_iters - 1) % T::kStages;
-    mbar_wait(sm.v_full(last), ((n_iters - 1) / T::kStages) & 1);
+    release_q();  // (the last S product has landed)
+    const int last = stage(ring + n_iters - 1);
+    mbar_wait(sm.v_full(last), phase(ring + n_iters - 1));
     wait_turn();
     issue_pv(p, last);
     pass_turn();
@@ -236,12 +269,252 @@ struct FwdConsumer {
     fence_regs(o_acc[0]);
     release(sm.v_empty(last));
   }
+
+  // Epilogue: o_acc / l_i and lse, straight from registers, to the rows of (batch, head)
+  // (tm_batch: its batch index in o and lse, 0 for packed sequences).
+  CUFLASH_DEVICE void store_output(u16* o, float* lse, i64 o_batch_stride, i64 o_head_stride,
+                                   i64 o_row_stride, i64 lse_batch_stride, i64 lse_head_stride,
+                                   int tm_batch, int head, int batch, const int* cu_seqlens_q,
+                                   const int* cu_seqlens_k, int seqlen_q, int head_dim,
+                                   float dropout_scale) {
+    float lse_rows[1][2];
+    softmax.finalize(o_acc, lse_rows, units(), dropout_scale);
+    // (the sequence's first row is read again here rather than held across the loop)
+    const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0).q_start;
+    u16* o_tile = o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
+                  i64(row0) * o_row_stride;
+    float* lse_tile =
+        lse + i64(tm_batch) * lse_batch_stride + i64(head) * lse_head_stride + row0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + (lane >> 2) + 8 * h;
+      if (row >= seqlen_q) continue;
+      u16* o_row = o_tile + i64(row) * o_row_stride;
+#pragma unroll
+      for (int d = 0; d < T::kDTiles; ++d) {
+        const int col = d * 8 + (lane & 3) * 2;
+        if (col < head_dim) {  // head dims are even here (16-byte rows for the copy engine)
+          const u32 pair = pack2<T::kIsBf16>(o_acc[0][d][2 * h], o_acc[0][d][2 * h + 1]);
+          *reinterpret_cast<u32*>(o_row + col) = pair;
+        }
+      }
+      if ((lane & 3) == 0) lse_tile[row] = lse_rows[0][h];
+    }
+  }
 };
+
+// kPersistent: the order of a launch's tiles, that of the one-tile blocks' grid: all the m
+// blocks of a (batch, head) pair (causal: counted from the last, so that the longest tiles
+// go first), then the next pair. (Pairs interleaved in groups, for the L2 cache, were no
+// faster: perf-log h18.)
+struct TileOrder {
+  int m_blocks, num_heads, num_tiles;
+
+  // tile index -> m block (before the causal reversal) and (batch, head) pair
+  CUFLASH_DEVICE void decode(int index, int& m_index, int& pair) const {
+    pair = index / m_blocks;
+    m_index = index - pair * m_blocks;
+  }
+};
+
+// kPersistent: a tile, query rows m0 .. m0 + kBlockM - 1 of one (batch, head).
+// n_iters: the key tiles to walk (n_block_max - 1 down), or -1 past a packed sequence's
+// end (no rows: nothing to load or write).
+template <bool kCausal, bool kOptions, int kBlockM, int kBlockN>
+struct FwdTile {
+  int m0, head, batch, n_block_max, n_iters;
+  SeqLens seq;
+  Mask<kCausal, kOptions> mask;
+
+  static CUFLASH_DEVICE FwdTile at(int index, const TileOrder& order, int seqlen_q,
+                                   int seqlen_k, int window_left, int window_right,
+                                   const int* cu_seqlens_q, const int* cu_seqlens_k) {
+    FwdTile t;
+    int m_index, pair;
+    order.decode(index, m_index, pair);
+    t.head = pair % order.num_heads;
+    t.batch = pair / order.num_heads;
+    t.m0 = (kCausal ? order.m_blocks - 1 - m_index : m_index) * kBlockM;
+    t.seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, t.batch, seqlen_q, seqlen_k);
+    t.mask = Mask<kCausal, kOptions>{t.seq.seqlen_q, t.seq.seqlen_k, window_left, window_right};
+    t.n_block_max = 0;
+    t.n_iters = -1;
+    if (t.m0 >= t.seq.seqlen_q) return t;  // packed: a shorter sequence than the longest
+    // key tiles n_block_max - 1 down to n_block_max - n_iters (a window's left edge)
+    t.n_block_max = t.mask.template n_block_max<kBlockN>(t.m0, kBlockM);
+    t.n_iters = kOptions ? max(t.n_block_max - t.mask.template n_block_min<kBlockN>(t.m0), 0)
+                         : t.n_block_max;
+    return t;
+  }
+};
+
+// The kernel's body with persistent blocks (kPersistent; its arguments are the kernel's).
+template <class T, bool kCausal, bool kOptions, bool kDropout>
+CUFLASH_DEVICE void flash_fwd_sm90_persistent(
+    const FwdSmem<T>& sm, const TensorMap& tm_q, const TensorMap& tm_k, const TensorMap& tm_v,
+    u16* __restrict__ o, float* __restrict__ lse, i64 o_batch_stride, i64 o_head_stride,
+    i64 o_row_stride, i64 lse_batch_stride, i64 lse_head_stride, int seqlen_q, int seqlen_k,
+    int head_dim, int heads_per_kv, float scale_log2, int window_left, int window_right,
+    float softcap_in, float softcap_out, const float* __restrict__ alibi_slopes,
+    i64 alibi_batch_stride, u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
+    u32 dropout_bh0, const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+    const TileOrder order, int* __restrict__ tile_sched) {
+  using Tile = FwdTile<kCausal, kOptions, T::kBlockM, T::kBlockN>;
+  constexpr int kStages = T::kStages, kBlockN = T::kBlockN;
+  const int warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.q_full(), 1);
+    mbar_init(sm.q_empty(), 4 * T::kConsumers);  // one arrival per consumer warp
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(sm.k_full(st), 1);
+      mbar_init(sm.v_full(st), 1);
+      mbar_init(sm.k_empty(st), 4 * T::kConsumers);
+      mbar_init(sm.v_empty(st), 4 * T::kConsumers);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer: tile loads, by one thread ----
+    regs_dealloc<T::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    prefetch_tensor_map(tm_q);
+    prefetch_tensor_map(tm_k);
+    prefetch_tensor_map(tm_v);
+    // (every tile from the counter, the first too: a block that starts late, after others
+    // have run out of work, takes what is left rather than a long tile of the first wave)
+    int index = atomicAdd(tile_sched, 1);
+    u32 ring = 0;  // K/V loads issued so far
+#pragma unroll 1
+    for (int c = 0;; ++c) {
+      // the consumers are past tile c - 1's S products (and so past its Q full and slot)
+      mbar_wait(sm.q_empty(), (c & 1) ^ 1);
+      st_shared_b32(sm.tile_slot(c), u32(index));
+      if (index >= order.num_tiles) {
+        mbar_arrive(sm.q_full());  // wakes the consumers to the end
+        break;
+      }
+      // (the producer has few registers: the tile's loads as six numbers)
+      int q_row, head, k_row, kv_head, tm_batch, n_iters;
+      {
+        const Tile t = Tile::at(index, order, seqlen_q, seqlen_k, window_left, window_right,
+                                cu_seqlens_q, cu_seqlens_k);
+        q_row = t.seq.q_start + t.m0;
+        head = t.head;
+        k_row = t.seq.k_start + (t.n_block_max - 1) * kBlockN;  // key tiles last first
+        kv_head = t.head / heads_per_kv;
+        tm_batch = t.seq.packed ? 0 : t.batch;  // the tensor maps' batch coordinate
+        n_iters = t.n_iters;
+      }
+      if (n_iters > 0) {
+        mbar_expect_tx(sm.q_full(), T::kQBytes);
+        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, q_row, head, tm_batch);
+      } else {
+        mbar_arrive(sm.q_full());  // nothing to load: the tile only goes to the consumers
+      }
+#pragma unroll 1
+      for (; n_iters > 0; --n_iters, k_row -= kBlockN, ++ring) {
+        const int st = int(ring % kStages);
+        const u32 parity = ((ring / kStages) & 1) ^ 1;
+        mbar_wait(sm.k_empty(st), parity);
+        mbar_expect_tx(sm.k_full(st), T::kKVBytes);
+        load_rows<T::kColBlocks>(sm.k(st), tm_k, sm.k_full(st), kBlockN, k_row, kv_head,
+                                 tm_batch);
+        mbar_wait(sm.v_empty(st), parity);
+        mbar_expect_tx(sm.v_full(st), T::kKVBytes);
+        load_rows<T::kColBlocks>(sm.v(st), tm_v, sm.v_full(st), kBlockN, k_row, kv_head,
+                                 tm_batch);
+      }
+      // The next tile, taken only now that this one's loads are all issued (about kStages
+      // key tiles before its consumers finish): taken early, a long tile could wait
+      // behind this one while other blocks run out of work.
+      index = atomicAdd(tile_sched, 1);
+    }
+    // the last block done resets the counters for the next launch
+    __threadfence();
+    if (atomicAdd(tile_sched + 1, 1) == int(gridDim.x) - 1) {
+      tile_sched[0] = 0;
+      tile_sched[1] = 0;
+    }
+    return;
+  }
+
+  // ---- consumers: 64 query rows a warpgroup ----
+  regs_alloc<T::kConsumerRegs>();
+  const int tid = threadIdx.x - 128 * warpgroup;  // within the warpgroup
+  int ring = 0;  // K/V loads consumed so far
+#pragma unroll 1
+  for (int c = 0;; ++c) {
+    mbar_wait(sm.q_full(), c & 1);
+    const int index = int(ld_shared_b32(sm.tile_slot(c)));
+    if (index >= order.num_tiles) break;
+    const Tile t = Tile::at(index, order, seqlen_q, seqlen_k, window_left, window_right,
+                            cu_seqlens_q, cu_seqlens_k);
+    FwdConsumer<T, kCausal, kOptions, kDropout> w;  // this warpgroup's work on the tile
+    w.sm = sm;
+    w.mask = t.mask;
+    w.scale_log2 = scale_log2;
+    w.wg = warpgroup - 1;
+    w.lane = tid & 31;
+    if (t.n_iters < 0) {  // past its sequence's end: no rows
+      w.release_q();
+      continue;
+    }
+    if constexpr (kOptions) {
+      const float slope =
+          alibi_slopes ? alibi_slopes[t.batch * alibi_batch_stride + t.head] : 0.f;
+      w.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
+                                          t.seq.seqlen_k - t.seq.seqlen_q);
+      w.units_ = w.scores.units_or(scale_log2);
+    }
+    w.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+                                        dropout_bh0 + u32(t.batch) * order.num_heads + t.head);
+    w.m0 = t.m0;
+    w.warp_row0 = t.m0 + w.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
+    w.q_rows = sm.q() + w.wg * 64 * 128;
+#pragma unroll
+    for (int d = 0; d < T::kDTiles; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w.o_acc[0][d][e] = 0.f;
+    w.softmax.init();
+
+    // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
+    if (T::kPingpong && w.wg == 1) w.pass_turn();
+    if (t.n_iters > 0) {
+      if constexpr (T::kOverlap) {
+        w.run_overlapped(t.n_block_max, t.n_iters, ring);
+      } else {
+        w.run_sequential(t.n_block_max, t.n_iters, ring);
+      }
+      ring += t.n_iters;
+    } else {
+      w.release_q();
+    }
+    if (T::kPingpong && w.wg == 0) w.wait_turn();
+
+    // ---- epilogue ----
+    // (the tile's head and batch are found again here rather than held across the loop)
+    int m_index, pair;
+    order.decode(index, m_index, pair);
+    const int head = pair % order.num_heads, batch = pair / order.num_heads;
+    w.store_output(o, lse, o_batch_stride, o_head_stride, o_row_stride, lse_batch_stride,
+                   lse_head_stride, cu_seqlens_q ? 0 : batch, head, batch, cu_seqlens_q,
+                   cu_seqlens_k, w.mask.seqlen_q, head_dim,
+                   kDropout && w.dropout.active() ? dropout_scale : 1.f);
+  }
+}
 
 // kOptions: window, softcap and ALiBi (run-time values; a window runs with kCausal off,
 // its right edge bounding the keys); kDropout (with kOptions): dropout of P.
+// One tile a block (grid: m blocks, heads, batch), or kPersistent: m_blocks .. num_tiles
+// give the tiles and their order (TileOrder), and tile_sched two counters, zero at the
+// launch (and again at its end: the last block done resets them): the tiles taken, and
+// the blocks done.
 template <class Elem, int kHeadDim, int kBlockN, int kConsumers, int kStages, bool kOverlap,
-          bool kPingpong, bool kCausal, bool kOptions, bool kDropout>
+          bool kPingpong, bool kCausal, bool kOptions, bool kDropout, bool kPersistent>
 __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
     flash_fwd_sm90_kernel(const __grid_constant__ TensorMap tm_q,
                           const __grid_constant__ TensorMap tm_k,
@@ -254,12 +527,24 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
                           const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                           u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
                           u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
-                          const int* __restrict__ cu_seqlens_k) {
+                          const int* __restrict__ cu_seqlens_k, int m_blocks, int num_heads,
+                          int num_tiles, int* __restrict__ tile_sched) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
-  using T = FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong>;
+  using T =
+      FwdTraits<Elem, kHeadDim, kBlockN, kConsumers, kStages, kOverlap, kPingpong, kPersistent>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const FwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
   check_dynamic_smem(T::kSmemBytes);  // the host's launch (Sm90FwdSpec.smem_bytes) agrees
+  if constexpr (kPersistent) {
+    flash_fwd_sm90_persistent<T, kCausal, kOptions, kDropout>(
+        sm, tm_q, tm_k, tm_v, o, lse, o_batch_stride, o_head_stride, o_row_stride,
+        lse_batch_stride, lse_head_stride, seqlen_q, seqlen_k, head_dim, heads_per_kv,
+        scale_log2, window_left, window_right, softcap_in, softcap_out, alibi_slopes,
+        alibi_batch_stride, dropout_threshold, dropout_scale, dropout_seed, dropout_bh0,
+        cu_seqlens_q, cu_seqlens_k, TileOrder{m_blocks, num_heads, num_tiles},
+        tile_sched);
+    return;
+  }
 
   // Causal blocks are launched heaviest (last query rows) first.
   const int m_block = kCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
@@ -351,38 +636,17 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   if (n_iters > 0) {
     mbar_wait(sm.q_full(), 0);
     if constexpr (kOverlap) {
-      c.run_overlapped(n_block_max, n_iters);
+      c.run_overlapped(n_block_max, n_iters, 0);
     } else {
-      c.run_sequential(n_block_max, n_iters);
+      c.run_sequential(n_block_max, n_iters, 0);
     }
   }
   if (T::kPingpong && c.wg == 0) c.wait_turn();
 
-  // ---- epilogue: o_acc / l_i and lse, straight from registers ----
-  const int lane = c.lane;
-  float lse_rows[1][2];
-  c.softmax.finalize(c.o_acc, lse_rows, c.units(),
-                     kDropout && c.dropout.active() ? dropout_scale : 1.f);
-  // (the sequence's first row is read again here rather than held across the loop)
-  const int row0 = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0).q_start;
-  u16* o_tile = o + i64(tm_batch) * o_batch_stride + i64(head) * o_head_stride +
-                i64(row0) * o_row_stride;
-  float* lse_tile = lse + i64(tm_batch) * lse_batch_stride + i64(head) * lse_head_stride + row0;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = c.warp_row0 + (lane >> 2) + 8 * h;
-    if (row >= seqlen_q) continue;
-    u16* o_row = o_tile + i64(row) * o_row_stride;
-#pragma unroll
-    for (int d = 0; d < T::kDTiles; ++d) {
-      const int col = d * 8 + (lane & 3) * 2;
-      if (col < head_dim) {  // head dims are even here (16-byte rows for the copy engine)
-        const u32 pair = pack2<T::kIsBf16>(c.o_acc[0][d][2 * h], c.o_acc[0][d][2 * h + 1]);
-        *reinterpret_cast<u32*>(o_row + col) = pair;
-      }
-    }
-    if ((lane & 3) == 0) lse_tile[row] = lse_rows[0][h];
-  }
+  // ---- epilogue ----
+  c.store_output(o, lse, o_batch_stride, o_head_stride, o_row_stride, lse_batch_stride,
+                 lse_head_stride, tm_batch, head, batch, cu_seqlens_q, cu_seqlens_k, seqlen_q,
+                 head_dim, kDropout && c.dropout.active() ? dropout_scale : 1.f);
 }
 
 }  // namespace sm90

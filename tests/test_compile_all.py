@@ -88,7 +88,7 @@ def _smem_layout_asserts(specs) -> list[str]:
             t = s.tile
             traits = (f"cuflash::sm90::FwdTraits<{tag}, {s.head_dim}, {t.block_n}, "
                       f"{t.consumers}, {t.stages}, {_kernels._cbool(t.overlap)}, "
-                      f"{_kernels._cbool(t.pingpong)}>")
+                      f"{_kernels._cbool(t.pingpong)}, {_kernels._cbool(s.persistent)}>")
         else:
             traits = f"cuflash::sm90::BwdTraits<{tag}, {s.head_dim}>"
         asserts.append(f'static_assert({traits}::kSmemBytes == {s.smem_bytes}, '

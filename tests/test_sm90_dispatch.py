@@ -60,13 +60,24 @@ def test_option_calls_take_the_hopper_kernels(dropout):
                  bwd(q, options_kernel=True, dropout_kernel=dropout)):
         assert spec is not None and spec.options and spec.dropout == dropout
         tag = "true, true" if dropout else "true, false"  # (options, dropout)
-        assert (f"{tag}>" if spec.kind == "fwd90" else f"{tag}, false>") in spec.name_expression
+        assert f"{tag}, " in spec.name_expression
     assert not fwd(q).options and not bwd(q).dropout
+
+
+def test_short_sequences_take_the_persistent_forward(monkeypatch):
+    """Persistent blocks where a tile walks at most FWD_PERSISTENT_MAX_KEY_TILES key tiles
+    (d128: 128 keys each), one tile a block beyond, or with CUFLASH_SM90_PERSISTENT=0."""
+    short, long = FakeArray((2, 4, 2048, 128), "bfloat16"), FakeArray((2, 4, 2049, 128), "bfloat16")
+    assert fwd(short).persistent and not fwd(long).persistent
+    assert "true>" in fwd(short).name_expression and "false>" in fwd(long).name_expression
+    assert fwd(short).smem_bytes == fwd(long).smem_bytes + 16  # Q empty, two tile slots
+    monkeypatch.setattr(_sm90, "FWD_PERSISTENT", False)
+    assert not fwd(short).persistent
 
 
 def test_packed_calls_take_the_hopper_kernels():
     q = FakeArray((1, 4, 3000, 64), "bfloat16")  # (1, H, total, D) views of packed rows
-    packed = type("Packed", (), {"batch": 7})()
+    packed = type("Packed", (), {"batch": 7, "max_seqlen_q": 1000, "max_seqlen_k": 1000})()
     assert fwd(q, packed=packed) is not None and bwd(q, packed=packed) is not None
     packed.batch = 70000  # one grid row per sequence: past the grid's limit
     assert fwd(q, packed=packed) is None and bwd(q, packed=packed) is None
