@@ -4,9 +4,10 @@ backward modes, the options kernels (window, softcap, ALiBi, dropout), packed se
 float32 (tf32) and the dropout-mask kernels. On sm_90 devices the forward cases run on
 both kernel families (the Hopper kernels, where they cover a call, and the portable ones).
 
-    python3 tools/sanitize_cases.py [--small | --hopper]
+    python3 tools/sanitize_cases.py [--small | --hopper] [--few-blocks]
     (--small: a few cases, for racecheck; --hopper: the sm_90a kernels only: plain, GQA
-     split over blocks, the options, dropout, packed sequences)
+     split over blocks, the options, dropout, packed sequences; --few-blocks: the
+     persistent sm_90a forward with two blocks, each walking many tiles)
 """
 
 import sys
@@ -38,6 +39,8 @@ if "--hopper" in sys.argv:
 if "--small" in sys.argv:
     cases = [cases[0], cases[2], cases[4], cases[7], cases[10], cases[12]]
 HOPPER_ONLY = "--hopper" in sys.argv
+if "--few-blocks" in sys.argv:
+    _sm90.FWD_MAX_BLOCKS = 2
 for dtype in ("float16", "bfloat16") if HOPPER_ONLY else ("float16", "bfloat16", "float32"):
     for sq, sk, causal, opts in cases:
         q = _bench.random_array(sq, dtype, rs)
