@@ -191,9 +191,11 @@ struct FwdConsumer {
   CUFLASH_DEVICE static int stage(int r) { return r % T::kStages; }
   CUFLASH_DEVICE static u32 phase(int r) { return (r / T::kStages) & 1; }
 
-  // kPersistent: the producer may load the next tile's Q (this one's S products are done).
+  // kPersistent: the producer may load the next tile's Q (this one's S products are done)
+  // and write the next tile slot. (Every thread arrives, having read this tile's slot:
+  // compute-sanitizer's racecheck then sees each read ordered before the slot's reuse.)
   CUFLASH_DEVICE void release_q() const {
-    if constexpr (T::kPersistent) release(sm.q_empty());
+    if constexpr (T::kPersistent) mbar_arrive(sm.q_empty());
   }
 
   // Tiles n_block_max - 1 down to n_block_max - n_iters, one after the other: S, softmax,
@@ -365,7 +367,7 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
-    mbar_init(sm.q_empty(), 4 * T::kConsumers);  // one arrival per consumer warp
+    mbar_init(sm.q_empty(), 128 * T::kConsumers);  // one arrival per consumer thread
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(sm.k_full(st), 1);
