@@ -4,31 +4,7 @@ the tree on PYTHONPATH, optionally torch's cuDNN backend beside it:
     PYTHONPATH=TREE python3 tools/ab_backward.py TAG [--cudnn] [--det] [--seqlens 1024,4096]
 
 For same-call A/B runs of two trees (docs/results/bwd-ab-*.txt). --det times the
-deterministic mode instead."""
-import argparse
+deterministic mode instead; tools/ab_timing.py."""
+from ab_timing import main
 
-from cuflash import _bench
-
-p = argparse.ArgumentParser()
-p.add_argument("tag")
-p.add_argument("--cudnn", action="store_true")
-p.add_argument("--det", action="store_true")
-p.add_argument("--seqlens", default="1024,4096,16384")
-p.add_argument("--head-dims", default="64,128")
-a = p.parse_args()
-for d in map(int, a.head_dims.split(",")):
-    for L in map(int, a.seqlens.split(",")):
-        for causal in (False, True):
-            case = _bench.Case("bfloat16", d, causal, L, max(1, 16384 // L), 2048 // d, "bwd")
-            q, k, v = _bench.make_inputs(case)
-            impls = [(a.tag, lambda *x: _bench.impl_cuflash_bwd(*x, deterministic=a.det))]
-            if a.cudnn:
-                impls.append(("cudnn", _bench._torch_sdpa("CUDNN_ATTENTION", backward=True)))
-            for name, make in impls:
-                try:
-                    t = _bench.time_fn(make(q, k, v, causal))
-                except _bench.Skip as e:
-                    print(f"{name:6s} d{d} L{L} {'causal' if causal else 'full'}: skip {e}")
-                    continue
-                print(f"{name:6s} d{d:<3d} L{L:<5d} {'causal' if causal else 'full  '} "
-                      f"{case.flops / t / 1e9:7.1f} TFLOP/s", flush=True)
+main("bwd", "64,128")

@@ -1,0 +1,36 @@
+"""The same-call A/B timing of one tree (the one on PYTHONPATH), for tools/ab_forward.py
+and tools/ab_backward.py: the bench's cases (bf16, batch * L = 16k tokens, 2048 / d
+heads; _bench.standard_cases) timed by _bench.run, one line per (implementation, case),
+cuflash's lines under TAG, torch's cuDNN backend beside them on request."""
+import argparse
+
+from cuflash import _bench
+
+
+def main(direction: str, default_head_dims: str) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("tag")
+    p.add_argument("--cudnn", action="store_true", help="torch's cuDNN backend too")
+    p.add_argument("--seqlens", default="1024,4096,16384")
+    p.add_argument("--head-dims", default=default_head_dims)
+    if direction == "bwd":
+        p.add_argument("--det", action="store_true", help="the deterministic mode instead")
+    else:
+        p.add_argument("--max-blocks", type=int, help="the persistent forward's blocks (_sm90)")
+    a = p.parse_args()
+    if getattr(a, "max_blocks", None):
+        from cuflash import _sm90
+
+        _sm90.FWD_MAX_BLOCKS = a.max_blocks
+    ours = _bench.CUFLASH_DET if getattr(a, "det", False) else _bench.CUFLASH
+    cases = _bench.standard_cases(tuple(map(int, a.seqlens.split(","))),
+                                  tuple(map(int, a.head_dims.split(","))), ("bfloat16",),
+                                  direction=direction)
+    rows = _bench.run(cases, [ours] + ([_bench.CUDNN] if a.cudnn else []), progress=False)
+    for r in rows:
+        c = r["case"]
+        name = a.tag if r["impl"] == ours else "cudnn"
+        what = (f"{r['tflops']:7.1f} TFLOP/s" if r["tflops"] is not None
+                else f"skip {r['note']}")
+        print(f"{name:6s} d{c.head_dim:<3d} L{c.seqlen:<5d} "
+              f"{'causal' if c.causal else 'full  '} {what}", flush=True)
