@@ -455,6 +455,9 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
     if (index >= order.num_tiles) break;
     const Tile t = Tile::at(index, order, seqlen_q, seqlen_k, window_left, window_right,
                             cu_seqlens_q, cu_seqlens_k);
+    // (the same setup as the one-tile body's, written twice on purpose: a shared function
+    // changed ptxas's schedule of one kernel family or the other, and the one-tile kernels
+    // are kept instruction for instruction as measured; merge with a device run at hand)
     FwdConsumer<T, kCausal, kOptions, kDropout> w;  // this warpgroup's work on the tile
     w.sm = sm;
     w.mask = t.mask;
