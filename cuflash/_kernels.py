@@ -562,7 +562,9 @@ class Sm90BwdSpec:
     """One sm_90a backward kernel (kernels/flash_bwd_sm90.cu): 128 keys a block in two
     consumer warpgroups, 64-query steps, dQ by atomics in the portable kernel's fragment
     order; ``options`` and ``dropout`` as in :class:`Sm90FwdSpec`; ``deterministic``: the
-    blocks add to each dQ tile in a fixed order (their turns in an int32 buffer)."""
+    blocks add to each dQ tile in a fixed order (their turns in an int32 buffer).
+    Head dim 256 (``wide``, plain and causal only): 64 keys a block, whose dK and dV
+    columns the two warpgroups split (flash_bwd_sm90_wide_kernel)."""
 
     dtype: str
     head_dim: int
@@ -575,18 +577,30 @@ class Sm90BwdSpec:
     kind = "bwd90"
     arch = "90a"
     threads = 384
-    block_n = 128
     #: (block_m, mrep, cols, warps_m) of its dQ fragments (BwdSpec.dq_layout)
     dq_layout = (64, 1, 64, 4)
 
     @property
+    def wide(self) -> bool:
+        return self.head_dim > 128
+
+    @property
+    def block_n(self) -> int:
+        return 64 if self.wide else 128
+
+    @property
     def smem_bytes(self) -> int:
-        d = self.head_dim
-        # K, V; two stages of Q_i, dO_i and their lse, delta; two dS^T buffers; barriers
-        return 1024 + 2 * 128 * d * 2 + 2 * 2 * (64 * d * 2 + 64 * 4) + 2 * 128 * 64 * 2 + 64
+        d, n = self.head_dim, self.block_n
+        # K, V; two stages of Q_i, dO_i and their lse, delta; two dS^T buffers (wide: with
+        # P^T beside each); barriers
+        ds = 2 * n * 64 * 2 * (2 if self.wide else 1)
+        return 1024 + 2 * n * d * 2 + 2 * 2 * (64 * d * 2 + 64 * 4) + ds + 64
 
     @property
     def name_expression(self) -> str:
+        if self.wide:
+            return (f"cuflash::sm90::flash_bwd_sm90_wide_kernel<{_ELEM_TAG[self.dtype]}, "
+                    f"{self.head_dim}, {_cbool(self.causal)}>")
         return (f"cuflash::sm90::flash_bwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, "
                 f"{self.head_dim}, {_cbool(self.causal)}, {_cbool(self.options)}, "
                 f"{_cbool(self.dropout)}, {_cbool(self.deterministic)}>")
@@ -594,22 +608,28 @@ class Sm90BwdSpec:
     @property
     def label(self) -> str:
         return (f"{self.kind} {self.dtype:8s} d{self.head_dim:<3d} "
-                f"{'causal' if self.causal else 'full  '} sm_{self.arch} 64x128 wg2+1"
+                f"{'causal' if self.causal else 'full  '} sm_{self.arch} "
+                f"64x{self.block_n} wg2+1"
                 f"{_option_tag(self.options, self.dropout)}"
                 f"{' deterministic' if self.deterministic else ''}")
 
 
-SM90_BWD_HEAD_DIMS = (64, 128)
+SM90_BWD_HEAD_DIMS = (64, 128, 256)
 
 
 def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
                   dropout: bool = False, deterministic: bool = False) -> Sm90BwdSpec | None:
+    """The sm_90a backward kernel for real head dim ``head_dim``, or None where the portable
+    kernels run (float32; above 128, the options, dropout and the deterministic mode)."""
     if dtype not in ("float16", "bfloat16"):
         return None
     for d in SM90_BWD_HEAD_DIMS:
         if head_dim <= d:
-            return Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout),
+            spec = Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout),
                                bool(deterministic))
+            if spec.wide and (options or dropout or deterministic):
+                return None
+            return spec
     return None
 
 
@@ -618,10 +638,11 @@ def shipped_sm90_specs() -> list:
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
              for causal in (False, True) for options, dropout in KERNEL_FAMILIES
              for persistent in (False, True)]
-            + [Sm90BwdSpec(dtype, d, causal, options, dropout, deterministic)
-               for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
+            + [spec for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
                for causal in (False, True) for options, dropout in KERNEL_FAMILIES
-               for deterministic in (False, True)])
+               for deterministic in (False, True)
+               if (spec := sm90_bwd_spec(dtype, d, causal, options, dropout, deterministic))
+               is not None and spec.head_dim == d])
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:

@@ -56,6 +56,29 @@ struct BwdTraits {
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
 
+// The wide kernel (head dim 256; flash_bwd_sm90_wide_kernel): 64 keys a block, whose dK and
+// dV (64 x 256 each) the two consumer warpgroups split by columns. kDSBytes holds a step's
+// dS^T and P^T tiles (64 x 64 each, in that order).
+template <class Elem, int kHeadDim_>
+struct BwdWideTraits {
+  static constexpr bool kIsBf16 = Elem::kIsBf16;
+  static constexpr int kPrec = kIsBf16 ? kPrecBF16 : kPrecF16;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 64;  // keys a block, both warpgroups'
+  static constexpr int kBlockM = 64;  // queries a step (32 a warpgroup in S^T and dP^T)
+  static constexpr int kStages = 2;
+  static constexpr int kColBlocks = kHeadDim / 64;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kPBytes = kBlockN * kBlockM * 2;  // dS^T or P^T
+  static constexpr int kDSBytes = 2 * kPBytes;
+  static constexpr int kStatBytes = kBlockM * 4;
+  static constexpr int kSmemBytes =
+      1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
+  static_assert(kHeadDim == 256, "the wide backward: head dim 256");
+  static_assert(Elem::kWords == 1, "16-bit inputs only");
+};
+
 template <class T>
 struct BwdSmem {
   u32 base;
@@ -95,8 +118,9 @@ CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {
 // The plain kernels take it too (no transform, no dropout; `scores` unused).
 // key0: the warp's first key; m0: the tile's first query; lse_tile: the tile's lse * log2(e)
 // in shared memory; units: those of the raw products (scale * log2(e)) without a transform.
-template <bool kIsBf16, bool kDropout, bool kSoftcap, bool kAlibi, bool kMasked, class MaskT>
-CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
+template <bool kIsBf16, bool kDropout, bool kSoftcap, bool kAlibi, bool kMasked, class MaskT,
+          int kQ>
+CUFLASH_DEVICE void probabilities_as(float (&s)[kQ][4], u32 (&pf)[kQ / 2][4],
                                      const ScoreMod<true>& scores, float raw_units,
                                      const MaskT& mask, bool dropout, u32 keep, u32 lse_tile,
                                      int key0, int m0, int lane) {
@@ -104,7 +128,7 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
   // ALiBi's i + offset - j: a per-thread float plus a compile-time step (exact below 2^24)
   const float dist0 = float(m0 + scores.offset + (lane & 3) * 2 - key0 - (lane >> 2));
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < kQ; ++j) {
     float lse[2];
     ld_shared_f2(lse[0], lse[1], lse_tile + (j * 8 + (lane & 3) * 2) * 4);
 #pragma unroll
@@ -137,8 +161,8 @@ CUFLASH_DEVICE void probabilities_as(float (&s)[8][4], u32 (&pf)[4][4],
 
 // probabilities_as with the run-time choices (transform, mask) taken once, outside its
 // loops.
-template <bool kIsBf16, bool kDropout, bool kSoftcap, bool kAlibi, class MaskT>
-CUFLASH_DEVICE void probabilities_masked_or_not(float (&s)[8][4], u32 (&pf)[4][4],
+template <bool kIsBf16, bool kDropout, bool kSoftcap, bool kAlibi, class MaskT, int kQ>
+CUFLASH_DEVICE void probabilities_masked_or_not(float (&s)[kQ][4], u32 (&pf)[kQ / 2][4],
                                                 const ScoreMod<true>& scores, float raw_units,
                                                 const MaskT& mask, bool masked, bool dropout,
                                                 u32 keep, u32 lse_tile, int key0, int m0,
@@ -231,6 +255,71 @@ struct DqTurn {
   }
 };
 
+// A block's keys and the query tiles that see them: key tile n_block (kBlockN keys) of one
+// (batch, kv head), blockIdx.y = kv head * kv_splits + split, whose query heads head0 ..
+// head0 + heads_per_kv / kv_splits - 1 it walks; steps: query tiles m_begin .. m_end - 1 of
+// each of them.
+template <class T, bool kCausal, bool kOptions>
+struct BwdBlock {
+  int batch, kv_head, head0, n0, tm_batch, m_begin, m_end, steps;
+  bool has_keys;  // false past a packed sequence's end
+  SeqLens seq;
+  i64 stats0;     // row of this sequence's statistics, head 0 (seqlens.cuh)
+  Mask<kCausal, kOptions> mask;
+
+  CUFLASH_DEVICE BwdBlock(int n_block, int kv_splits, int heads_per_kv, int num_heads_q,
+                          int seqlen_q, int seqlen_k, int seqlen_q_pad, int window_left,
+                          int window_right, const int* cu_seqlens_q, const int* cu_seqlens_k) {
+    batch = blockIdx.z;
+    kv_head = blockIdx.y / kv_splits;
+    const int split = blockIdx.y - kv_head * kv_splits;
+    const int heads = heads_per_kv / kv_splits;  // query heads of this block
+    head0 = kv_head * heads_per_kv + split * heads;
+    seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k);
+    n0 = n_block * T::kBlockN;
+    has_keys = n0 < seq.seqlen_k;
+    tm_batch = seq.packed ? 0 : batch;  // the tensor maps' batch coordinate
+    stats0 = seq.stats_start(batch, num_heads_q, seqlen_q_pad);
+    mask = Mask<kCausal, kOptions>{seq.seqlen_q, seq.seqlen_k, window_left, window_right};
+    m_begin = mask.template m_block_min<T::kBlockM>(n0);
+    m_end = mask.template m_block_end<T::kBlockM, T::kBlockN>(n0);
+    steps = max(m_end - m_begin, 0) * heads;
+  }
+};
+
+// The producer's one thread: K_j and V_j of the block's kBlockN keys once, then Q_i and
+// dO_i (with their rows' lse and delta) of each step into the ring of kStages stages.
+template <class T>
+CUFLASH_DEVICE void produce_steps(const BwdSmem<T>& sm, const TensorMap& tm_q,
+                                  const TensorMap& tm_k, const TensorMap& tm_v,
+                                  const TensorMap& tm_do, const float* lse_log2,
+                                  const float* delta, const SeqLens& seq, int n0, int kv_head,
+                                  int tm_batch, int head0, int m_begin, int m_end, int steps,
+                                  i64 stats0, int seqlen_q_pad) {
+  prefetch_tensor_map(tm_q);
+  prefetch_tensor_map(tm_do);
+  mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
+  load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
+                           tm_batch);
+  load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
+                           tm_batch);
+  for (int it = 0; it < steps; ++it) {
+    const int st = it % T::kStages;
+    const int head = head0 + it / (m_end - m_begin);
+    const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
+    mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
+    mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes + 2 * T::kStatBytes);
+    load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
+                             head, tm_batch);
+    // (the statistics have seqlen_q_pad rows a head: whole tiles, 16-byte aligned)
+    const i64 stats = stats0 + i64(head) * seqlen_q_pad + m0;
+    bulk_load(sm.lse(st), lse_log2 + stats, T::kStatBytes, sm.qdo_full(st));
+    bulk_load(sm.delta(st), delta + stats, T::kStatBytes, sm.qdo_full(st));
+    load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
+                             head, tm_batch);
+  }
+}
+
 // dP^T = V dO^T (64 keys x 64 queries), issued and committed, not awaited.
 template <class T>
 CUFLASH_DEVICE void issue_dp(float (&dp)[8][4], u32 v_rows, u32 dout_tile) {
@@ -282,23 +371,18 @@ __global__ void __launch_bounds__(384, 1)
   // dQ buffer's fragment order, 64-key tiles) for a conversion pass to finish.
   // (the deterministic mode launches the last key tile first: DqTurn)
   const int n_block = kDeterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int batch = blockIdx.z;
-  const int kv_head = blockIdx.y / kv_splits, split = blockIdx.y - kv_head * kv_splits;
-  const int heads = heads_per_kv / kv_splits;  // query heads of this block
-  const int head0 = kv_head * heads_per_kv + split * heads;
-  const SeqLens seq = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k);
-  if (n_block * T::kBlockN >= seq.seqlen_k) return;  // packed: a shorter sequence
+  const BwdBlock<T, kCausal, kOptions> blk(n_block, kv_splits, heads_per_kv, num_heads_q,
+                                           seqlen_q, seqlen_k, seqlen_q_pad, window_left,
+                                           window_right, cu_seqlens_q, cu_seqlens_k);
+  if (!blk.has_keys) return;  // packed: a shorter sequence
+  const int batch = blk.batch, kv_head = blk.kv_head, head0 = blk.head0, n0 = blk.n0;
+  const int tm_batch = blk.tm_batch, m_begin = blk.m_begin, m_end = blk.m_end;
+  const int steps = blk.steps;
+  const SeqLens seq = blk.seq;
+  const i64 stats0 = blk.stats0;
+  const auto mask = blk.mask;
   seqlen_q = seq.seqlen_q;
   seqlen_k = seq.seqlen_k;
-  const int tm_batch = seq.packed ? 0 : batch;  // the tensor maps' batch coordinate
-  // row of this sequence's statistics, head 0 (seqlens.cuh)
-  const i64 stats0 = seq.stats_start(batch, num_heads_q, seqlen_q_pad);
-  const int n0 = n_block * T::kBlockN;
-  const Mask<kCausal, kOptions> mask{seqlen_q, seqlen_k, window_left, window_right};
-  // query tiles m_begin .. m_end - 1 of every query head of the group
-  const int m_begin = mask.template m_block_min<T::kBlockM>(n0);
-  const int m_end = mask.template m_block_end<T::kBlockM, T::kBlockN>(n0);
-  const int steps = max(m_end - m_begin, 0) * heads;
   // (the successor's range, as m_begin and m_end for n0 + kBlockN)
   const bool has_succ = n0 + T::kBlockN < seqlen_k;
   DqTurn turn{dq_sem, n_block,
@@ -322,28 +406,8 @@ __global__ void __launch_bounds__(384, 1)
     // ---- producer ----
     regs_dealloc<kProducerRegs>();
     if (threadIdx.x == 0 && steps > 0) {
-      prefetch_tensor_map(tm_q);
-      prefetch_tensor_map(tm_do);
-      mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
-      load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
-                               tm_batch);
-      load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
-                               tm_batch);
-      for (int it = 0; it < steps; ++it) {
-        const int st = it % T::kStages;
-        const int head = head0 + it / (m_end - m_begin);
-        const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
-        mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
-        mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes + 2 * T::kStatBytes);
-        load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
-                                 head, tm_batch);
-        // (the statistics have seqlen_q_pad rows a head: whole tiles, 16-byte aligned)
-        const i64 stats = stats0 + i64(head) * seqlen_q_pad + m0;
-        bulk_load(sm.lse(st), lse_log2 + stats, T::kStatBytes, sm.qdo_full(st));
-        bulk_load(sm.delta(st), delta + stats, T::kStatBytes, sm.qdo_full(st));
-        load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM,
-                                 seq.q_start + m0, head, tm_batch);
-      }
+      produce_steps<T>(sm, tm_q, tm_k, tm_v, tm_do, lse_log2, delta, seq, n0, kv_head, tm_batch,
+                       head0, m_begin, m_end, steps, stats0, seqlen_q_pad);
     }
     return;
   }
@@ -562,6 +626,230 @@ __global__ void __launch_bounds__(384, 1)
             pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
         *reinterpret_cast<u32*>(dv_row + col) =
             pack2<T::kIsBf16>(dv_acc[j][2 * h] * dv_scale, dv_acc[j][2 * h + 1] * dv_scale);
+      }
+    }
+  }
+}
+
+// The backward at head dim 256 (plain and causal): the dK and dV of 64 keys take 256
+// registers a thread in one warpgroup, so a block owns 64 keys and its two consumer
+// warpgroups split their columns. Per query tile of 64 rows, warpgroup w:
+//   S^T, dP^T of all 64 keys x its 32 queries (32 w ..)    wgmma, m64n32, from shared memory
+//   P^T, dS^T of those, in float32; both, in 16 bits, to shared memory
+//   (named barrier: both warpgroups' halves in place)
+//   dV[:, 128 w ..] += P^T dO[:, 128 w ..]                  wgmma, A and B in shared memory
+//   dK[:, 128 w ..] += dS^T Q[:, 128 w ..]
+//   dQ[:, 128 w ..]  = dS K[:, 128 w ..], added to the float32 buffer by atomics
+// The producer and the block's tiles are those of flash_bwd_sm90_kernel.
+template <class Elem, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_sm90_wide_kernel(const __grid_constant__ TensorMap tm_q,
+                               const __grid_constant__ TensorMap tm_k,
+                               const __grid_constant__ TensorMap tm_v,
+                               const __grid_constant__ TensorMap tm_do,
+                               const float* __restrict__ lse_log2,
+                               const float* __restrict__ delta, float* __restrict__ dq_accum,
+                               u16* __restrict__ dk, u16* __restrict__ dv, i64 dk_batch_stride,
+                               i64 dk_head_stride, i64 dk_row_stride, i64 dv_batch_stride,
+                               i64 dv_head_stride, i64 dv_row_stride,
+                               float* __restrict__ dk_accum, float* __restrict__ dv_accum,
+                               int kv_splits, int seqlen_q, int seqlen_k, int seqlen_q_pad,
+                               int num_heads_q, int head_dim, int heads_per_kv,
+                               float scale_log2, float scale, int window_left,
+                               int window_right, float, float, const float* __restrict__, i64,
+                               u32, float, u64, u32, const int* __restrict__ cu_seqlens_q,
+                               const int* __restrict__ cu_seqlens_k, int* __restrict__) {
+  using T = BwdWideTraits<Elem, kHeadDim>;
+  constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  constexpr int kHalf = kHeadDim / 2;  // dK, dV and dQ columns a warpgroup
+  static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),
+                "setmaxnreg: the consumers take more registers than the producer frees");
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
+  check_dynamic_smem(T::kSmemBytes);  // the host's launch (Sm90BwdSpec.smem_bytes) agrees
+  const int n_block = blockIdx.x;
+  const BwdBlock<T, kCausal, false> blk(n_block, kv_splits, heads_per_kv, num_heads_q, seqlen_q,
+                                        seqlen_k, seqlen_q_pad, window_left, window_right,
+                                        cu_seqlens_q, cu_seqlens_k);
+  if (!blk.has_keys) return;  // packed: a shorter sequence
+  const int warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.kv_full(), 1);
+#pragma unroll
+    for (int st = 0; st < T::kStages; ++st) {
+      mbar_init(sm.qdo_full(st), 1);
+      mbar_init(sm.qdo_empty(st), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    regs_dealloc<kProducerRegs>();
+    if (threadIdx.x == 0 && blk.steps > 0) {
+      produce_steps<T>(sm, tm_q, tm_k, tm_v, tm_do, lse_log2, delta, blk.seq, blk.n0,
+                       blk.kv_head, blk.tm_batch, blk.head0, blk.m_begin, blk.m_end, blk.steps,
+                       blk.stats0, seqlen_q_pad);
+    }
+    return;
+  }
+
+  // ---- consumers: all 64 keys; 32 queries of a step, and half the columns, a warpgroup ----
+  regs_alloc<kConsumerRegs>();
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x - 128 * warpgroup;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int q_half = 32 * wg;  // this warpgroup's queries of a step
+  const int n0 = blk.n0, m_rows = blk.m_end - blk.m_begin;
+  const int seqlen_k_seq = blk.seq.seqlen_k;
+
+  float dk_acc[kHalf / 8][4], dv_acc[kHalf / 8][4];  // columns kHalf * wg ..
+#pragma unroll
+  for (int j = 0; j < kHalf / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[j][e] = dv_acc[j][e] = 0.f;
+
+  if (blk.steps > 0) mbar_wait(sm.kv_full(), 0);
+  for (int it = 0; it < blk.steps; ++it) {
+    const int st = it % T::kStages;
+    const int head = blk.head0 + it / m_rows;
+    const int m0 = (blk.m_begin + it % m_rows) * T::kBlockM;
+    const i64 stats = blk.stats0 + i64(head) * seqlen_q_pad;
+    mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
+
+    // S^T = K Q_i^T and dP^T = V dO_i^T: 64 keys x this warpgroup's 32 queries
+    float s[4][4], dp[4][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
+      const u32 qcol = (kk / 4) * T::kBlockM * 128 + q_half * 128 + (kk % 4) * 32;
+      wgmma_ss<32, T::kIsBf16>(s, smem_desc(sm.k() + col, 16), smem_desc(sm.q(st) + qcol, 16),
+                               kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
+      const u32 qcol = (kk / 4) * T::kBlockM * 128 + q_half * 128 + (kk % 4) * 32;
+      wgmma_ss<32, T::kIsBf16>(dp, smem_desc(sm.v() + col, 16),
+                               smem_desc(sm.dout(st) + qcol, 16), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(s);
+
+    // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
+    u32 pf[2][4];
+    const bool masked = n0 + T::kBlockN > seqlen_k_seq ||
+                        (kCausal && n0 + T::kBlockN - 1 > m0 + q_half + blk.mask.offset());
+    probabilities_masked_or_not<T::kIsBf16, false, false, false>(
+        s, pf, ScoreMod<true>{}, scale_log2, blk.mask, masked, false, 0u,
+        sm.lse(st) + q_half * 4, n0 + warp * 16, m0 + q_half, lane);
+    wgmma_wait<0>();
+    fence_regs(dp);
+
+    // dS^T = P^T (dP^T - delta), in place of dP^T
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float delta_j[2];
+      ld_shared_f2(delta_j[0], delta_j[1],
+                   sm.delta(st) + (q_half + j * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - delta_j[e & 1]);
+    }
+    // P^T and dS^T of this warpgroup's queries into shared memory (rows: the keys)
+    const u32 ds_tile = sm.ds(it & 1), pt_tile = ds_tile + T::kPBytes;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp * 16 + (lane >> 2) + h * 8;
+        const int col = q_half + j * 8 + (lane & 3) * 2;
+        st_shared_b32(swizzled(pt_tile, row, col), pf[j >> 1][2 * (j & 1) + h]);
+        st_shared_b32(swizzled(ds_tile, row, col),
+                      pack2<T::kIsBf16>(dp[j][2 * h], dp[j][2 * h + 1]));
+      }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups' queries in place
+
+    // dV += P^T dO_i and dK += dS^T Q_i on this warpgroup's columns (k = the 64 queries;
+    // dO_i and Q_i MN-major: their rows are the k dimension)
+    const u32 cols = wg * (kHalf / 64) * T::kBlockM * 128;  // its first column block
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < T::kBlockM / 16; ++kk) {
+      wgmma_ss_bt<kHalf, T::kIsBf16>(dv_acc, smem_desc(pt_tile + kk * 32, 16),
+                                     smem_desc(sm.dout(st) + cols + kk * 16 * 128,
+                                               T::kBlockM * 128),
+                                     true);
+    }
+#pragma unroll
+    for (int kk = 0; kk < T::kBlockM / 16; ++kk) {
+      wgmma_ss_bt<kHalf, T::kIsBf16>(dk_acc, smem_desc(ds_tile + kk * 32, 16),
+                                     smem_desc(sm.q(st) + cols + kk * 16 * 128,
+                                               T::kBlockM * 128),
+                                     true);
+    }
+    wgmma_commit();
+    // dQ_i = dS K on this warpgroup's columns (k = the 64 keys; dS^T and K MN-major)
+    float dq[kHalf / 8][4];
+#pragma unroll
+    for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+      wgmma_ss_tt<kHalf, T::kIsBf16>(
+          dq, smem_desc(ds_tile + kk * 16 * 128, T::kBlockN * 128),
+          smem_desc(sm.k() + wg * (kHalf / 64) * T::kBlockN * 128 + kk * 16 * 128,
+                    T::kBlockN * 128),
+          kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+    fence_regs(dk_acc);
+    fence_regs(dv_acc);
+    // fragment order of the portable kernel's dQ buffer (as flash_bwd_sm90_kernel's)
+    float* tile = dq_accum + (stats + m0) * kHeadDim;
+#pragma unroll
+    for (int j = 0; j < kHalf / 8; ++j) {
+      const int cb = wg * (kHalf / 64) + j / 8;  // dQ's 64-column block
+      red_add_f32x4(tile + ((warp + cb * 4) * 8 + j % 8) * 128 + lane * 4, dq[j]);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.qdo_empty(st));
+  }
+
+  // ---- epilogue: dK * scale and dV, from registers ----
+  if (kv_splits > 1) {  // partial sums; the conversion pass scales them
+    const i64 tile =
+        ((i64(blk.batch) * gridDim.y / kv_splits + blk.kv_head) * gridDim.x + n_block) * 64 *
+        kHeadDim;
+#pragma unroll
+    for (int j = 0; j < kHalf / 8; ++j) {
+      const int jj = wg * (kHalf / 8) + j;  // the column tile in the whole row
+      const i64 frag = tile + (((warp + (jj / 8) * 4) * 8 + jj % 8) * 32 + lane) * 4;
+      red_add_f32x4(dk_accum + frag, dk_acc[j]);
+      red_add_f32x4(dv_accum + frag, dv_acc[j]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int key = n0 + warp * 16 + (lane >> 2) + h * 8;
+    if (key >= seqlen_k_seq) continue;
+    const i64 row = blk.seq.k_start + key;
+    u16* dk_row = dk + i64(blk.tm_batch) * dk_batch_stride + i64(blk.kv_head) * dk_head_stride +
+                  row * dk_row_stride;
+    u16* dv_row = dv + i64(blk.tm_batch) * dv_batch_stride + i64(blk.kv_head) * dv_head_stride +
+                  row * dv_row_stride;
+#pragma unroll
+    for (int j = 0; j < kHalf / 8; ++j) {
+      const int col = wg * kHalf + j * 8 + (lane & 3) * 2;
+      if (col < head_dim) {
+        *reinterpret_cast<u32*>(dk_row + col) =
+            pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
+        *reinterpret_cast<u32*>(dv_row + col) = pack2<T::kIsBf16>(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
       }
     }
   }

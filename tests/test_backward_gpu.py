@@ -56,9 +56,26 @@ def check_backward(cp, q, k, v, name, causal, rng, *, scale=None, dout=None, out
 def test_backward_grid(cp, path, name, causal, head_dim, seqlens):
     with kernel_path(cp, path) as launched:
         check_grid_case(cp, name, causal, head_dim, seqlens)
-    if path == "sm90":  # the Hopper backward covers head dims up to 128 in 16-byte rows
-        bwd = [s for kind, s in launched if kind == "bwd"]
-        assert bool(bwd) == (head_dim <= 128 and head_dim % 8 == 0)
+    if path == "sm90":  # the Hopper backward covers head dims of 16-byte rows (above 128:
+        bwd = [s for kind, s in launched if kind == "bwd"]  # the wide kernel)
+        assert bool(bwd) == (head_dim % 8 == 0)
+        assert all(s.wide == (head_dim > 128) for s in bwd)
+
+
+@pytest.mark.parametrize("head_dim", (160, 256))
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_backward_wide_gqa_split(cp, causal, head_dim):
+    """The sm_90a wide backward (head dims above 128) with GQA 4:1 on few key tiles, so that
+    each group is split over several blocks (float32 partial dK and dV, then converted), on
+    (B, L, H, D) views; 160 rounds up to 256, whose last column block lies past the rows."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (2, 300, 8, head_dim), (2, 333, 2, head_dim),
+                         (2, 333, 2, head_dim), "bfloat16", rng)
+    tr = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    with kernel_path(cp, "sm90") as launched:
+        check_backward(cp, tr(q), tr(k), tr(v), "bfloat16", causal, rng)
+    bwd = [s for kind, s in launched if kind == "bwd"]
+    assert bwd and all(s.wide for s in bwd)
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)

@@ -4,7 +4,7 @@ needed. Everything else must fall back to the portable kernels."""
 import numpy as np
 import pytest
 
-from cuflash import _sm90
+from cuflash import _kernels, _sm90
 
 
 class FakeArray:
@@ -116,8 +116,19 @@ def test_other_calls_fall_back(why):
     assert bwd(q, k, **kw) is None
 
 
-def test_backward_limits():
-    assert bwd(FakeArray((2, 4, 300, 192))) is None  # d192/d256: portable backward
+def test_backward_wide_head_dims():
+    """Above d128 the wide kernel (64 keys a block) takes plain calls; the options, dropout
+    and the deterministic mode run the portable kernels there."""
+    for d in (136, 192, 256):
+        spec = bwd(FakeArray((2, 4, 300, d)))
+        assert spec is not None and spec.wide and spec.head_dim == 256 and spec.block_n == 64
+        assert "flash_bwd_sm90_wide_kernel" in spec.name_expression
+        assert spec.smem_bytes <= 227 * 1024
+    assert bwd(FakeArray((2, 4, 300, 128))).block_n == 128
+    assert bwd(FakeArray((2, 4, 300, 264))) is None
+    assert bwd(FakeArray((2, 4, 300, 256)), deterministic=True) is None
+    for options, dropout in ((True, False), (True, True)):
+        assert _kernels.sm90_bwd_spec("bfloat16", 256, False, options, dropout) is None
 
 
 def test_deterministic_backward_takes_the_hopper_kernel_unsplit(monkeypatch):

@@ -87,6 +87,32 @@ def test_varlen_equals_each_sequence(cp, path, name, causal, head_dim, lengths, 
                         ruled=GRADS if rk.stop - rk.start > 1 else ("dv",), **opts)
 
 
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_varlen_wide_backward(cp, causal):
+    """Packed sequences on the sm_90a wide backward (head dim 256): each sequence's
+    gradients against the float64 reference (lengths 0 and 1 among them)."""
+    rng = np.random.default_rng()
+    lq, lk = LENGTHS["mixed"]
+    name = "bfloat16"
+    q, k, v, cu_q, cu_k, hcu_q, hcu_k = packed(cp, name, lq, lk, 4, 2, 256, rng)
+    with kernel_path(cp, "sm90") as launched:
+        out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk),
+                                            causal=causal, return_lse=True)
+        dout = random_array(cp, out.shape, name, rng)
+        grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                  max(lq), max(lk), causal=causal)
+    assert [s.wide for kind, s in launched if kind == "bwd"] == [True]
+    for b in range(len(lq)):
+        rq, rk = slice(int(hcu_q[b]), int(hcu_q[b + 1])), slice(int(hcu_k[b]), int(hcu_k[b + 1]))
+        if rq.stop == rq.start and rk.stop == rk.start:
+            continue
+        qs, ks, vs = seq_view(q, rq), seq_view(k, rk), seq_view(v, rk)
+        o1 = cuflash.attention(qs, ks, vs, causal=causal)
+        check_grads(cp, [seq_view(g, rows) for g, rows in zip(grads, (rq, rk, rk))], qs, ks,
+                    vs, seq_view(dout, rq), o1, name, causal,
+                    ruled=GRADS if rk.stop - rk.start > 1 else ("dv",))
+
+
 def test_varlen_many_sequences_and_alibi(cp):
     """300 sequences of 0..40 rows with per-(sequence, head) ALiBi slopes."""
     rng = np.random.default_rng()

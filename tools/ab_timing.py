@@ -1,7 +1,7 @@
 """The same-call A/B timing of one tree (the one on PYTHONPATH), for tools/ab_forward.py
 and tools/ab_backward.py: the bench's cases (bf16, batch * L = 16k tokens, 2048 / d
 heads; _bench.standard_cases) timed by _bench.run, one line per (implementation, case),
-cuflash's lines under TAG, torch's cuDNN backend beside them on request."""
+cuflash's lines under TAG, torch's cuDNN and flash (FA2) backends beside them on request."""
 import argparse
 
 from cuflash import _bench
@@ -11,25 +11,34 @@ def main(direction: str, default_head_dims: str) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("tag")
     p.add_argument("--cudnn", action="store_true", help="torch's cuDNN backend too")
+    p.add_argument("--flash", action="store_true", help="torch's flash backend (FA2) too")
     p.add_argument("--seqlens", default="1024,4096,16384")
     p.add_argument("--head-dims", default=default_head_dims)
     if direction == "bwd":
         p.add_argument("--det", action="store_true", help="the deterministic mode instead")
     else:
         p.add_argument("--max-blocks", type=int, help="the persistent forward's blocks (_sm90)")
+        p.add_argument("--max-key-tiles", type=int,
+                       help="persistent blocks up to this many key tiles a tile (_sm90)")
     a = p.parse_args()
-    if getattr(a, "max_blocks", None):
+    if getattr(a, "max_blocks", None) or getattr(a, "max_key_tiles", None):
         from cuflash import _sm90
 
-        _sm90.FWD_MAX_BLOCKS = a.max_blocks
+        if a.max_blocks:
+            _sm90.FWD_MAX_BLOCKS = a.max_blocks
+        if a.max_key_tiles:
+            _sm90.FWD_PERSISTENT_MAX_KEY_TILES = a.max_key_tiles
     ours = _bench.CUFLASH_DET if getattr(a, "det", False) else _bench.CUFLASH
     cases = _bench.standard_cases(tuple(map(int, a.seqlens.split(","))),
                                   tuple(map(int, a.head_dims.split(","))), ("bfloat16",),
                                   direction=direction)
-    rows = _bench.run(cases, [ours] + ([_bench.CUDNN] if a.cudnn else []), progress=False)
+    others = {_bench.CUDNN: "cudnn", _bench.FLASH: "fa2"}
+    impls = ([ours] + ([_bench.CUDNN] if a.cudnn else [])
+             + ([_bench.FLASH] if a.flash else []))
+    rows = _bench.run(cases, impls, progress=False)
     for r in rows:
         c = r["case"]
-        name = a.tag if r["impl"] == ours else "cudnn"
+        name = a.tag if r["impl"] == ours else others[r["impl"]]
         what = (f"{r['tflops']:7.1f} TFLOP/s" if r["tflops"] is not None
                 else f"skip {r['note']}")
         print(f"{name:6s} d{c.head_dim:<3d} L{c.seqlen:<5d} "

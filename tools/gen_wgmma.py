@@ -22,6 +22,8 @@ HEADER = """\
 // wgmma_rs<N>: the same with A from registers (four 16-bit pairs a thread, mma.sync's A
 //   layout) and B MN-major in shared memory (O += P V, V stored row by row).
 // wgmma_ss_tt<N>: A and B both MN-major in shared memory (dQ = dS K from dS^T and K).
+// wgmma_ss_bt<N>: A K-major, B MN-major, both in shared memory (the wide backward's
+//   dV += P^T dO and dK += dS^T Q, with P^T and dS^T stored row by row).
 // D is a thread's accumulators in the m16n8 C layout: d[j][0..3] for columns 8j..8j+7.
 // `accumulate` false overwrites D. The product is asynchronous: wgmma_commit and
 // wgmma_wait (wgmma.cuh) before D is read.
@@ -43,9 +45,9 @@ def _regs(n: int, first: int = 0) -> str:
 
 def _one(n: int, kind: str, ty: str) -> str:
     acc = n // 2
-    if kind in ("ss", "ss_tt"):
+    if kind in ("ss", "ss_tt", "ss_bt"):
         ops = f"%{acc}, %{acc + 1}"
-        tail = "p, 1, 1, 0, 0" if kind == "ss" else "p, 1, 1, 1, 1"
+        tail = {"ss": "p, 1, 1, 0, 0", "ss_tt": "p, 1, 1, 1, 1", "ss_bt": "p, 1, 1, 0, 1"}[kind]
         pred = acc + 2
         inputs = '"l"(desc_a), "l"(desc_b), "r"(int(accumulate))'
     else:
@@ -64,7 +66,7 @@ def _one(n: int, kind: str, ty: str) -> str:
 
 
 def _function(kind: str) -> str:
-    if kind in ("ss", "ss_tt"):
+    if kind in ("ss", "ss_tt", "ss_bt"):
         sig = ("template <int kN, bool kIsBf16>\n"
                f"CUFLASH_DEVICE void wgmma_{kind}(float (&d)[kN / 8][4], u64 desc_a, u64 desc_b,\n"
                "                             bool accumulate) {\n")
@@ -85,7 +87,7 @@ def _function(kind: str) -> str:
 
 def render() -> str:
     return (HEADER + "\n" + _function("ss") + "\n" + _function("rs") + "\n" + _function("ss_tt")
-            + "\n}  // namespace sm90\n}  // namespace cuflash\n")
+            + "\n" + _function("ss_bt") + "\n}  // namespace sm90\n}  // namespace cuflash\n")
 
 
 def main() -> int:
