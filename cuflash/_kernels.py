@@ -563,8 +563,8 @@ class Sm90BwdSpec:
     consumer warpgroups, 64-query steps, dQ by atomics in the portable kernel's fragment
     order; ``options`` and ``dropout`` as in :class:`Sm90FwdSpec`; ``deterministic``: the
     blocks add to each dQ tile in a fixed order (their turns in an int32 buffer).
-    Head dim 256 (``wide``, plain and causal only): 64 keys a block, whose dK and dV
-    columns the two warpgroups split (flash_bwd_sm90_wide_kernel)."""
+    Head dim 256 (``wide``): 64 keys a block, whose dK and dV columns the two warpgroups
+    split (flash_bwd_sm90_wide_kernel)."""
 
     dtype: str
     head_dim: int
@@ -598,10 +598,8 @@ class Sm90BwdSpec:
 
     @property
     def name_expression(self) -> str:
-        if self.wide:
-            return (f"cuflash::sm90::flash_bwd_sm90_wide_kernel<{_ELEM_TAG[self.dtype]}, "
-                    f"{self.head_dim}, {_cbool(self.causal)}>")
-        return (f"cuflash::sm90::flash_bwd_sm90_kernel<{_ELEM_TAG[self.dtype]}, "
+        kernel = "flash_bwd_sm90_wide_kernel" if self.wide else "flash_bwd_sm90_kernel"
+        return (f"cuflash::sm90::{kernel}<{_ELEM_TAG[self.dtype]}, "
                 f"{self.head_dim}, {_cbool(self.causal)}, {_cbool(self.options)}, "
                 f"{_cbool(self.dropout)}, {_cbool(self.deterministic)}>")
 
@@ -620,16 +618,13 @@ SM90_BWD_HEAD_DIMS = (64, 128, 256)
 def sm90_bwd_spec(dtype: str, head_dim: int, causal: bool, options: bool = False,
                   dropout: bool = False, deterministic: bool = False) -> Sm90BwdSpec | None:
     """The sm_90a backward kernel for real head dim ``head_dim``, or None where the portable
-    kernels run (float32; above 128, the options, dropout and the deterministic mode)."""
+    kernels run (float32, head dims above 256)."""
     if dtype not in ("float16", "bfloat16"):
         return None
     for d in SM90_BWD_HEAD_DIMS:
         if head_dim <= d:
-            spec = Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout),
+            return Sm90BwdSpec(dtype, d, bool(causal), bool(options), bool(dropout),
                                bool(deterministic))
-            if spec.wide and (options or dropout or deterministic):
-                return None
-            return spec
     return None
 
 
@@ -638,11 +633,10 @@ def shipped_sm90_specs() -> list:
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
              for causal in (False, True) for options, dropout in KERNEL_FAMILIES
              for persistent in (False, True)]
-            + [spec for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
+            + [Sm90BwdSpec(dtype, d, causal, options, dropout, deterministic)
+               for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
                for causal in (False, True) for options, dropout in KERNEL_FAMILIES
-               for deterministic in (False, True)
-               if (spec := sm90_bwd_spec(dtype, d, causal, options, dropout, deterministic))
-               is not None and spec.head_dim == d])
+               for deterministic in (False, True)])
 
 
 def shipped_specs(archs=SHIPPED_ARCHS) -> list:

@@ -10,7 +10,8 @@ The kernels take the score options (window, softcap, ALiBi), dropout, GQA, packe
 sequences and, in the backward pass, the deterministic mode. Calls that they do not cover
 run the portable kernels: other devices, float32, head dims that are not a whole number
 of 16-byte rows, Dv != D, views whose strides or base addresses the copy engine cannot
-take (16-byte multiples), and in the backward pass head dims above 128.
+take (16-byte multiples). Head dims above 128 run a backward kernel of their own (64 keys a
+block, ``Sm90BwdSpec.wide``).
 ``CUFLASH_SM90=0`` turns this path off.
 """
 
@@ -171,7 +172,8 @@ def kv_splits(spec, q, k, packed=None) -> int:
 
 def dq_sem_size(stats_rows: int) -> int:
     """int32 entries of the deterministic mode's dQ turns: one per 64-row tile of the
-    statistics (``stats_rows`` rows in all, a multiple of 64) and 64-column block of dQ."""
+    statistics (``stats_rows`` rows in all, a multiple of 64) and warpgroup's share of dQ's
+    columns (a 64-column block, or a half in the wide kernel)."""
     return stats_rows // 64 * 2
 
 

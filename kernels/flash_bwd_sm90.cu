@@ -108,7 +108,7 @@ CUFLASH_DEVICE u32 swizzled(u32 tile, int row, int col) {
   return tile + row * 128 + ((((col >> 3) ^ (row & 7)) << 4) | ((col & 7) << 1));
 }
 
-// P^T of a warp's 16 keys x 64 queries with the options (kOptions), one entry at a time:
+// P^T of a warp's 16 keys x 8 kQ queries with the options (kOptions), one entry at a time:
 // the score transform (kSoftcap, kAlibi; scores.cuh), exp2 against lse, the mask and
 // (kDropout, `dropout` on) the dropout of the entries whose `keep` bit is clear
 // (Dropout::keep_bits_transposed), which are negated: the backward's sign mark.
@@ -176,8 +176,8 @@ CUFLASH_DEVICE void probabilities_masked_or_not(float (&s)[kQ][4], u32 (&pf)[kQ 
   }
 }
 
-template <bool kIsBf16, bool kDropout, class MaskT>
-CUFLASH_DEVICE void probabilities_with_options(float (&s)[8][4], u32 (&pf)[4][4],
+template <bool kIsBf16, bool kDropout, class MaskT, int kQ>
+CUFLASH_DEVICE void probabilities_with_options(float (&s)[kQ][4], u32 (&pf)[kQ / 2][4],
                                                const ScoreMod<true>& scores, float raw_units,
                                                const MaskT& mask, bool masked, bool dropout,
                                                u32 keep, u32 lse_tile, int key0, int m0,
@@ -285,6 +285,16 @@ struct BwdBlock {
     m_end = mask.template m_block_end<T::kBlockM, T::kBlockN>(n0);
     steps = max(m_end - m_begin, 0) * heads;
   }
+
+  // The deterministic mode's turns of key tile n_block (its successor's query tiles, as
+  // m_begin and m_end for n0 + kBlockN).
+  CUFLASH_DEVICE DqTurn dq_turn(int* dq_sem, int n_block) const {
+    const bool has_succ = n0 + T::kBlockN < seq.seqlen_k;
+    return DqTurn{
+        dq_sem, n_block, has_succ ? mask.template m_block_min<T::kBlockM>(n0 + T::kBlockN) : 0,
+        has_succ ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 + T::kBlockN) : 0,
+        nullptr};
+  }
 };
 
 // The producer's one thread: K_j and V_j of the block's kBlockN keys once, then Q_i and
@@ -383,12 +393,7 @@ __global__ void __launch_bounds__(384, 1)
   const auto mask = blk.mask;
   seqlen_q = seq.seqlen_q;
   seqlen_k = seq.seqlen_k;
-  // (the successor's range, as m_begin and m_end for n0 + kBlockN)
-  const bool has_succ = n0 + T::kBlockN < seqlen_k;
-  DqTurn turn{dq_sem, n_block,
-              has_succ ? mask.template m_block_min<T::kBlockM>(n0 + T::kBlockN) : 0,
-              has_succ ? mask.template m_block_end<T::kBlockM, T::kBlockN>(n0 + T::kBlockN) : 0,
-              nullptr};
+  DqTurn turn = blk.dq_turn(dq_sem, n_block);
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -631,17 +636,20 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-// The backward at head dim 256 (plain and causal): the dK and dV of 64 keys take 256
-// registers a thread in one warpgroup, so a block owns 64 keys and its two consumer
-// warpgroups split their columns. Per query tile of 64 rows, warpgroup w:
+// The backward at head dim 256: the dK and dV of 64 keys take 256 registers a thread in
+// one warpgroup, so a block owns 64 keys and its two consumer warpgroups split their
+// columns. Per query tile of 64 rows, warpgroup w:
 //   S^T, dP^T of all 64 keys x its 32 queries (32 w ..)    wgmma, m64n32, from shared memory
-//   P^T, dS^T of those, in float32; both, in 16 bits, to shared memory
+//   P^T, dS^T of those, in float32 (options, dropout as in flash_bwd_sm90_kernel); both,
+//   in 16 bits, to shared memory
 //   (named barrier: both warpgroups' halves in place)
 //   dV[:, 128 w ..] += P^T dO[:, 128 w ..]                  wgmma, A and B in shared memory
 //   dK[:, 128 w ..] += dS^T Q[:, 128 w ..]
 //   dQ[:, 128 w ..]  = dS K[:, 128 w ..], added to the float32 buffer by atomics
-// The producer and the block's tiles are those of flash_bwd_sm90_kernel.
-template <class Elem, int kHeadDim, bool kCausal>
+//   (deterministic: in turns, DqTurn, a flag per warpgroup's column half)
+// The arguments, the producer and the block's tiles are those of flash_bwd_sm90_kernel.
+template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout,
+          bool kDeterministic>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_wide_kernel(const __grid_constant__ TensorMap tm_q,
                                const __grid_constant__ TensorMap tm_k,
@@ -656,9 +664,12 @@ __global__ void __launch_bounds__(384, 1)
                                int kv_splits, int seqlen_q, int seqlen_k, int seqlen_q_pad,
                                int num_heads_q, int head_dim, int heads_per_kv,
                                float scale_log2, float scale, int window_left,
-                               int window_right, float, float, const float* __restrict__, i64,
-                               u32, float, u64, u32, const int* __restrict__ cu_seqlens_q,
-                               const int* __restrict__ cu_seqlens_k, int* __restrict__) {
+                               int window_right, float softcap_in, float softcap_out,
+                               const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
+                               u32 dropout_threshold, float dropout_scale, u64 dropout_seed,
+                               u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
+                               const int* __restrict__ cu_seqlens_k, int* __restrict__ dq_sem) {
+  static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = BwdWideTraits<Elem, kHeadDim>;
   constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   constexpr int kHalf = kHeadDim / 2;  // dK, dV and dQ columns a warpgroup
@@ -667,10 +678,11 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const BwdSmem<T> sm{(smem_addr(smem_raw) + 1023u) & ~1023u};
   check_dynamic_smem(T::kSmemBytes);  // the host's launch (Sm90BwdSpec.smem_bytes) agrees
-  const int n_block = blockIdx.x;
-  const BwdBlock<T, kCausal, false> blk(n_block, kv_splits, heads_per_kv, num_heads_q, seqlen_q,
-                                        seqlen_k, seqlen_q_pad, window_left, window_right,
-                                        cu_seqlens_q, cu_seqlens_k);
+  // (the deterministic mode launches the last key tile first: DqTurn)
+  const int n_block = kDeterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const BwdBlock<T, kCausal, kOptions> blk(n_block, kv_splits, heads_per_kv, num_heads_q,
+                                           seqlen_q, seqlen_k, seqlen_q_pad, window_left,
+                                           window_right, cu_seqlens_q, cu_seqlens_k);
   if (!blk.has_keys) return;  // packed: a shorter sequence
   const int warpgroup = threadIdx.x / 128;
 
@@ -703,7 +715,8 @@ __global__ void __launch_bounds__(384, 1)
   const int lane = tid & 31, warp = tid >> 5;
   const int q_half = 32 * wg;  // this warpgroup's queries of a step
   const int n0 = blk.n0, m_rows = blk.m_end - blk.m_begin;
-  const int seqlen_k_seq = blk.seq.seqlen_k;
+  const int key0 = n0 + warp * 16;  // this warp's first key
+  DqTurn turn = blk.dq_turn(dq_sem, n_block);
 
   float dk_acc[kHalf / 8][4], dv_acc[kHalf / 8][4];  // columns kHalf * wg ..
 #pragma unroll
@@ -721,6 +734,8 @@ __global__ void __launch_bounds__(384, 1)
 
     // S^T = K Q_i^T and dP^T = V dO_i^T: 64 keys x this warpgroup's 32 queries
     float s[4][4], dp[4][4];
+    const auto dropout = Dropout<kDropout>::make(
+        dropout_threshold, dropout_seed, dropout_bh0 + u32(blk.batch) * num_heads_q + u32(head));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -738,27 +753,53 @@ __global__ void __launch_bounds__(384, 1)
                                smem_desc(sm.dout(st) + qcol, 16), kk > 0);
     }
     wgmma_commit();
+    u32 keep = 0u;  // kDropout: the keep mask, computed while S^T is on the tensor cores
+    if constexpr (kDropout) {
+      if (dropout.active()) {
+        keep = dropout.template keep_bits_transposed<1, 4>(key0, m0 + q_half, lane);
+      }
+    }
     wgmma_wait<1>();
     fence_regs(s);
 
     // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
     u32 pf[2][4];
-    const bool masked = n0 + T::kBlockN > seqlen_k_seq ||
-                        (kCausal && n0 + T::kBlockN - 1 > m0 + q_half + blk.mask.offset());
-    probabilities_masked_or_not<T::kIsBf16, false, false, false>(
-        s, pf, ScoreMod<true>{}, scale_log2, blk.mask, masked, false, 0u,
-        sm.lse(st) + q_half * 4, n0 + warp * 16, m0 + q_half, lane);
+    if constexpr (kOptions) {
+      const float slope =
+          alibi_slopes ? alibi_slopes[blk.batch * alibi_batch_stride + head] : 0.f;
+      const auto scores = ScoreMod<true>::make(scale_log2, softcap_in, softcap_out, slope,
+                                               blk.mask.offset());
+      probabilities_with_options<T::kIsBf16, kDropout>(
+          s, pf, scores, scale_log2, blk.mask,
+          blk.mask.template tile_needs_mask<T::kBlockN, T::kBlockM>(n_block, m0),
+          dropout.active(), keep, sm.lse(st) + q_half * 4, key0, m0 + q_half, lane);
+    } else {
+      const bool masked = n0 + T::kBlockN > blk.seq.seqlen_k ||
+                          (kCausal && n0 + T::kBlockN - 1 > m0 + q_half + blk.mask.offset());
+      probabilities_masked_or_not<T::kIsBf16, false, false, false>(
+          s, pf, ScoreMod<true>{}, scale_log2, blk.mask, masked, false, 0u,
+          sm.lse(st) + q_half * 4, key0, m0 + q_half, lane);
+    }
     wgmma_wait<0>();
     fence_regs(dp);
 
-    // dS^T = P^T (dP^T - delta), in place of dP^T
+    // dS^T = P^T (dP^T - delta), in place of dP^T (dropout: as flash_bwd_sm90_kernel's)
+    const bool dropped = kDropout && dropout_threshold != 0u;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       float delta_j[2];
       ld_shared_f2(delta_j[0], delta_j[1],
                    sm.delta(st) + (q_half + j * 8 + (lane & 3) * 2) * 4);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - delta_j[e & 1]);
+      for (int e = 0; e < 4; ++e) {
+        const float d = delta_j[e & 1];
+        if (dropped) {
+          const float dpz = s[j][e] >= 0.f ? dp[j][e] * dropout_scale : 0.f;
+          dp[j][e] = fabsf(s[j][e]) * (dpz - d);
+        } else {
+          dp[j][e] = s[j][e] * (dp[j][e] - d);
+        }
+      }
     }
     // P^T and dS^T of this warpgroup's queries into shared memory (rows: the keys)
     const u32 ds_tile = sm.ds(it & 1), pt_tile = ds_tile + T::kPBytes;
@@ -805,12 +846,19 @@ __global__ void __launch_bounds__(384, 1)
           kk > 0);
     }
     wgmma_commit();
+    int* flag = nullptr;
+    int seen = 0;
+    if constexpr (kDeterministic) {
+      flag = turn.flag(stats + m0, wg);
+      seen = turn.peek(flag, turn.must_wait(m0 / T::kBlockM), tid);
+    }
     wgmma_wait<0>();
     fence_regs(dq);
     fence_regs(dk_acc);
     fence_regs(dv_acc);
     // fragment order of the portable kernel's dQ buffer (as flash_bwd_sm90_kernel's)
     float* tile = dq_accum + (stats + m0) * kHeadDim;
+    if constexpr (kDeterministic) turn.wait(flag, seen, wg, tid);
 #pragma unroll
     for (int j = 0; j < kHalf / 8; ++j) {
       const int cb = wg * (kHalf / 64) + j / 8;  // dQ's 64-column block
@@ -820,7 +868,9 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
   }
 
-  // ---- epilogue: dK * scale and dV, from registers ----
+  if constexpr (kDeterministic) turn.pass_pending(wg, tid);
+
+  // ---- epilogue: dK * scale and dV, from registers (dropout: dV / (1 - p)) ----
   if (kv_splits > 1) {  // partial sums; the conversion pass scales them
     const i64 tile =
         ((i64(blk.batch) * gridDim.y / kv_splits + blk.kv_head) * gridDim.x + n_block) * 64 *
@@ -834,10 +884,11 @@ __global__ void __launch_bounds__(384, 1)
     }
     return;
   }
+  const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int key = n0 + warp * 16 + (lane >> 2) + h * 8;
-    if (key >= seqlen_k_seq) continue;
+    const int key = key0 + (lane >> 2) + h * 8;
+    if (key >= blk.seq.seqlen_k) continue;
     const i64 row = blk.seq.k_start + key;
     u16* dk_row = dk + i64(blk.tm_batch) * dk_batch_stride + i64(blk.kv_head) * dk_head_stride +
                   row * dk_row_stride;
@@ -849,7 +900,8 @@ __global__ void __launch_bounds__(384, 1)
       if (col < head_dim) {
         *reinterpret_cast<u32*>(dk_row + col) =
             pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
-        *reinterpret_cast<u32*>(dv_row + col) = pack2<T::kIsBf16>(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
+        *reinterpret_cast<u32*>(dv_row + col) =
+            pack2<T::kIsBf16>(dv_acc[j][2 * h] * dv_scale, dv_acc[j][2 * h + 1] * dv_scale);
       }
     }
   }

@@ -113,7 +113,7 @@ def test_backward_grid_deterministic(cp, path, name, causal, head_dim, seqlens):
     with kernel_path(cp, path) as launched:
         check_grid_case(cp, name, causal, head_dim, seqlens, deterministic=True)
     if path == "sm90":
-        assert any(kind == "bwd" for kind, _ in launched) == (head_dim <= 128)
+        assert any(kind == "bwd" for kind, _ in launched)
 
 
 @pytest.mark.parametrize("case", (

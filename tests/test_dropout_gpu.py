@@ -100,15 +100,17 @@ def test_dropout_batch_counter_of_views_walked_in_pieces(cp, name):
                 **ref_options(cp, opts, q.shape, k.shape[-2]))
 
 
+@pytest.mark.parametrize("head_dim", (96, 200))
 @pytest.mark.parametrize("deterministic", (False, True))
-def test_dropout_varlen_equals_the_masked_reference(cp, deterministic):
+def test_dropout_varlen_equals_the_masked_reference(cp, deterministic, head_dim):
     """Packed sequences (lengths 0, 1, 300 and 3 with 100x spread) with causal, softcap and
-    dropout: sequence b uses the corner mask[b, :, :lq_b, :lk_b]."""
+    dropout: sequence b uses the corner mask[b, :, :lq_b, :lk_b]. (On sm_90, head dim 200
+    runs the wide backward kernel.)"""
     rng = np.random.default_rng()
     lens_q, lens_k = [0, 1, 300, 3], [5, 1, 310, 300]
     cu_q = cp.asarray(np.cumsum([0] + lens_q), cp.int32)
     cu_k = cp.asarray(np.cumsum([0] + lens_k), cp.int32)
-    Hq, Hk, D = 4, 2, 96
+    Hq, Hk, D = 4, 2, head_dim
     q, k, v = random_qkv(cp, (sum(lens_q), Hq, D), (sum(lens_k), Hk, D), (sum(lens_k), Hk, D),
                          "float16", rng)
     opts = {"dropout_p": 0.2, "seed": 7, "softcap": 5.0}

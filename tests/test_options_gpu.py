@@ -101,7 +101,7 @@ def check_forward(cp, q, k, v, name, causal, opts, out=None):
 def check_case(cp, name, shape_q, shape_k, causal, opts, rng, path=None, **bwd_kwargs):
     """Forward and backward of one case; ``path``: run on that kernel family (gpu_util.
     kernel_path) and, for "sm90", check that the Hopper kernels ran where they cover the
-    call (head dims of whole 16-byte rows; the backward up to d128, atomic dQ)."""
+    call (head dims of whole 16-byte rows; the backward with atomic dQ)."""
     q, k, v = random_qkv(cp, shape_q, shape_k, shape_k, name, rng)
     opts = make_options(cp, opts, shape_q)
     family = kernel_path(cp, path) if path else contextlib.nullcontext([])
@@ -115,9 +115,7 @@ def check_case(cp, name, shape_q, shape_k, causal, opts, rng, path=None, **bwd_k
     if path == "sm90":
         d, kinds = shape_q[-1], [kind for kind, _ in launched]
         assert ("fwd" in kinds) == (d % 8 == 0), kinds
-        # (above d128, the wide kernel: plain calls only)
-        assert ("bwd" in kinds) == (d % 8 == 0 and not bwd_kwargs.get("deterministic")
-                                    and (d <= 128 or not opts)), kinds
+        assert ("bwd" in kinds) == (d % 8 == 0 and not bwd_kwargs.get("deterministic")), kinds
     return q, k, v, o, lse, dout, opts, grads
 
 
@@ -145,7 +143,7 @@ def test_options_grid(cp, path, name, option_set, head_dim, seqlens):
 
 @pytest.mark.parametrize("seqlens", ((113, 203), (239, 1), (1023, 1024)),
                          ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("head_dim", (64, 128, 256))
 @pytest.mark.parametrize("option_set", OPTION_SETS)
 @pytest.mark.parametrize("name", DTYPES)
 def test_options_grid_deterministic(cp, name, option_set, head_dim, seqlens):

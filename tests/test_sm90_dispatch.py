@@ -117,8 +117,7 @@ def test_other_calls_fall_back(why):
 
 
 def test_backward_wide_head_dims():
-    """Above d128 the wide kernel (64 keys a block) takes plain calls; the options, dropout
-    and the deterministic mode run the portable kernels there."""
+    """Above d128 the wide kernel (64 keys a block) runs, with every option."""
     for d in (136, 192, 256):
         spec = bwd(FakeArray((2, 4, 300, d)))
         assert spec is not None and spec.wide and spec.head_dim == 256 and spec.block_n == 64
@@ -126,9 +125,10 @@ def test_backward_wide_head_dims():
         assert spec.smem_bytes <= 227 * 1024
     assert bwd(FakeArray((2, 4, 300, 128))).block_n == 128
     assert bwd(FakeArray((2, 4, 300, 264))) is None
-    assert bwd(FakeArray((2, 4, 300, 256)), deterministic=True) is None
+    assert bwd(FakeArray((2, 4, 300, 256)), deterministic=True).wide
     for options, dropout in ((True, False), (True, True)):
-        assert _kernels.sm90_bwd_spec("bfloat16", 256, False, options, dropout) is None
+        spec = _kernels.sm90_bwd_spec("bfloat16", 256, False, options, dropout)
+        assert spec.wide and spec.options and spec.dropout == dropout
 
 
 def test_deterministic_backward_takes_the_hopper_kernel_unsplit(monkeypatch):

@@ -6,7 +6,8 @@ both kernel families (the Hopper kernels, where they cover a call, and the porta
 
     python3 tools/sanitize_cases.py [--small | --hopper] [--few-blocks]
     (--small: a few cases, for racecheck; --hopper: the sm_90a kernels only: plain, GQA
-     split over blocks, the options, dropout, packed sequences; --few-blocks: the
+     split over blocks, the options, dropout, packed sequences, the wide backward (d192,
+     d256); --few-blocks: the
      persistent sm_90a forward with two blocks, each walking many tiles)
 """
 
@@ -35,7 +36,10 @@ cases = [((1, 2, 113, 64), (1, 2, 203, 64), True, {}), ((1, 1, 1, 40), (1, 1, 23
 if "--hopper" in sys.argv:
     cases = [((1, 4, 300, 128), (1, 2, 500, 128), True, {}), ((2, 2, 130, 64), (2, 2, 77, 64), False, {}),
              ((1, 4, 300, 128), (1, 2, 260, 128), False, dict(options, alibi_slopes=slopes)),
-             ((1, 2, 77, 64), (1, 2, 99, 64), True, dict(options, dropout_p=0.1, seed=2))]
+             ((1, 2, 77, 64), (1, 2, 99, 64), True, dict(options, dropout_p=0.1, seed=2)),
+             # the wide backward: GQA split over blocks; 192 (a column block past the rows)
+             ((1, 4, 130, 256), (1, 2, 200, 256), True, {}),
+             ((1, 2, 77, 192), (1, 2, 99, 192), False, dict(options, dropout_p=0.1, seed=2))]
 if "--small" in sys.argv:
     cases = [cases[0], cases[2], cases[4], cases[7], cases[10], cases[12]]
 HOPPER_ONLY = "--hopper" in sys.argv
