@@ -816,10 +816,22 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups' queries in place
 
+    // dQ_i = dS K on this warpgroup's columns (k = the 64 keys; dS^T and K MN-major), first:
+    // its atomics then run while dV and dK are on the tensor cores
+    float dq[kHalf / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+      wgmma_ss_tt<kHalf, T::kIsBf16>(
+          dq, smem_desc(ds_tile + kk * 16 * 128, T::kBlockN * 128),
+          smem_desc(sm.k() + wg * (kHalf / 64) * T::kBlockN * 128 + kk * 16 * 128,
+                    T::kBlockN * 128),
+          kk > 0);
+    }
+    wgmma_commit();
     // dV += P^T dO_i and dK += dS^T Q_i on this warpgroup's columns (k = the 64 queries;
     // dO_i and Q_i MN-major: their rows are the k dimension)
     const u32 cols = wg * (kHalf / 64) * T::kBlockM * 128;  // its first column block
-    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < T::kBlockM / 16; ++kk) {
       wgmma_ss_bt<kHalf, T::kIsBf16>(dv_acc, smem_desc(pt_tile + kk * 32, 16),
@@ -835,27 +847,14 @@ __global__ void __launch_bounds__(384, 1)
                                      true);
     }
     wgmma_commit();
-    // dQ_i = dS K on this warpgroup's columns (k = the 64 keys; dS^T and K MN-major)
-    float dq[kHalf / 8][4];
-#pragma unroll
-    for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
-      wgmma_ss_tt<kHalf, T::kIsBf16>(
-          dq, smem_desc(ds_tile + kk * 16 * 128, T::kBlockN * 128),
-          smem_desc(sm.k() + wg * (kHalf / 64) * T::kBlockN * 128 + kk * 16 * 128,
-                    T::kBlockN * 128),
-          kk > 0);
-    }
-    wgmma_commit();
     int* flag = nullptr;
     int seen = 0;
     if constexpr (kDeterministic) {
       flag = turn.flag(stats + m0, wg);
       seen = turn.peek(flag, turn.must_wait(m0 / T::kBlockM), tid);
     }
-    wgmma_wait<0>();
+    wgmma_wait<1>();  // dQ has landed
     fence_regs(dq);
-    fence_regs(dk_acc);
-    fence_regs(dv_acc);
     // fragment order of the portable kernel's dQ buffer (as flash_bwd_sm90_kernel's)
     float* tile = dq_accum + (stats + m0) * kHeadDim;
     if constexpr (kDeterministic) turn.wait(flag, seen, wg, tid);
@@ -864,6 +863,9 @@ __global__ void __launch_bounds__(384, 1)
       const int cb = wg * (kHalf / 64) + j / 8;  // dQ's 64-column block
       red_add_f32x4(tile + ((warp + cb * 4) * 8 + j % 8) * 128 + lane * 4, dq[j]);
     }
+    wgmma_wait<0>();
+    fence_regs(dk_acc);
+    fence_regs(dv_acc);
     __syncwarp();
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
   }
