@@ -125,7 +125,11 @@ def test_backward_grid_deterministic(cp, path, name, causal, head_dim, seqlens):
     # more queries than keys (the first 500 rows see none), and a window to the right only
     ("bfloat16", True, (1, 4, 1500, 64), (1, 4, 1000, 64), {}),
     ("float16", False, (1, 4, 1000, 128), (1, 4, 1500, 128), {"window": (0, 300)}),
-), ids=("causal", "gqa", "long", "gqa-window", "lq-gt-lk", "right-window"))
+    # the wide kernel (sm_90): turns per warpgroup's column half
+    ("bfloat16", True, (1, 4, 1000, 256), (1, 4, 1100, 256), {}),
+    ("float16", False, (2, 4, 700, 192), (2, 2, 900, 192), {"softcap": 5.0}),
+), ids=("causal", "gqa", "long", "gqa-window", "lq-gt-lk", "right-window", "wide",
+        "wide-gqa-softcap"))
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_backward_deterministic_bitwise(cp, path, case):
     """deterministic=True: dq, dk, dv bit-identical over 10 runs, on both kernel families."""
