@@ -297,6 +297,82 @@ struct BwdBlock {
   }
 };
 
+// The barriers: K/V full; per stage, Q/dO full (the producer's expect_tx) and empty (one
+// arrival per consumer warp).
+template <class T>
+CUFLASH_DEVICE void init_bwd_barriers(const BwdSmem<T>& sm) {
+  mbar_init(sm.kv_full(), 1);
+#pragma unroll
+  for (int st = 0; st < T::kStages; ++st) {
+    mbar_init(sm.qdo_full(st), 1);
+    mbar_init(sm.qdo_empty(st), 8);
+  }
+  mbar_init_fence();
+}
+
+// dS^T = P^T (dP^T - delta), in place of dP^T, over a warp's kQ column tiles of queries
+// (delta_tile: their delta in shared memory); with dropout (`dropped`), P^T < 0 marks a
+// dropped entry, whose dP^T counts as 0, and kept ones take dP^T / (1 - p).
+template <int kQ>
+CUFLASH_DEVICE void ds_in_place(float (&dp)[kQ][4], const float (&s)[kQ][4], u32 delta_tile,
+                                bool dropped, float dropout_scale, int lane) {
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    float delta_j[2];
+    ld_shared_f2(delta_j[0], delta_j[1], delta_tile + (j * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float d = delta_j[e & 1];
+      if (dropped) {
+        const float dpz = s[j][e] >= 0.f ? dp[j][e] * dropout_scale : 0.f;
+        dp[j][e] = fabsf(s[j][e]) * (dpz - d);
+      } else {
+        dp[j][e] = s[j][e] * (dp[j][e] - d);
+      }
+    }
+  }
+}
+
+// The epilogue of a warpgroup's dK and dV, kTiles column tiles from column 8 j0:
+// add_dkv_partial adds them to a split GQA group's float32 partial sums (dk_tile, dv_tile:
+// the 64-key tile, in the dQ buffer's fragment order); store_dkv writes dK * scale and
+// dV * dv_scale as 16-bit rows key, key + 8 (dk_rows, dv_rows: the sequence's first row)
+// where they lie inside the sequence and the head dim.
+template <int kTiles>
+CUFLASH_DEVICE void add_dkv_partial(const float (&dk_acc)[kTiles][4],
+                                    const float (&dv_acc)[kTiles][4], float* dk_tile,
+                                    float* dv_tile, int j0, int warp, int lane) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    const int jj = j0 + j;  // the column tile in the whole row
+    const i64 frag = (((warp + (jj / 8) * 4) * 8 + jj % 8) * 32 + lane) * 4;
+    red_add_f32x4(dk_tile + frag, dk_acc[j]);
+    red_add_f32x4(dv_tile + frag, dv_acc[j]);
+  }
+}
+template <bool kIsBf16, int kTiles>
+CUFLASH_DEVICE void store_dkv(const float (&dk_acc)[kTiles][4], const float (&dv_acc)[kTiles][4],
+                              u16* dk_rows, u16* dv_rows, i64 dk_row_stride, i64 dv_row_stride,
+                              int key, int seqlen_k, int j0, int head_dim, float scale,
+                              float dv_scale, int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (key + h * 8 >= seqlen_k) continue;
+    u16* dk_row = dk_rows + i64(key + h * 8) * dk_row_stride;
+    u16* dv_row = dv_rows + i64(key + h * 8) * dv_row_stride;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const int col = (j0 + j) * 8 + (lane & 3) * 2;
+      if (col < head_dim) {
+        *reinterpret_cast<u32*>(dk_row + col) =
+            pack2<kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
+        *reinterpret_cast<u32*>(dv_row + col) =
+            pack2<kIsBf16>(dv_acc[j][2 * h] * dv_scale, dv_acc[j][2 * h + 1] * dv_scale);
+      }
+    }
+  }
+}
+
 // The producer's one thread: K_j and V_j of the block's kBlockN keys once, then Q_i and
 // dO_i (with their rows' lse and delta) of each step into the ring of kStages stages.
 template <class T>
@@ -396,15 +472,7 @@ __global__ void __launch_bounds__(384, 1)
   DqTurn turn = blk.dq_turn(dq_sem, n_block);
   const int warpgroup = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    mbar_init(sm.kv_full(), 1);
-#pragma unroll
-    for (int st = 0; st < T::kStages; ++st) {
-      mbar_init(sm.qdo_full(st), 1);
-      mbar_init(sm.qdo_empty(st), 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  if (threadIdx.x == 0) init_bwd_barriers(sm);
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -493,24 +561,8 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_wait<1>();  // dP^T has landed
     fence_regs(dp);
 
-    // dS^T = P^T (dP^T - delta), in place of dP^T; with dropout, P^T < 0 marks a dropped
-    // entry, whose dP^T counts as 0, and kept ones take dP^T / (1 - p)
-    const bool dropped = kDropout && dropout_threshold != 0u;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      float delta_j[2];
-      ld_shared_f2(delta_j[0], delta_j[1], sm.delta(st) + (j * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float d = delta_j[e & 1];
-        if (dropped) {
-          const float dpz = s[j][e] >= 0.f ? dp[j][e] * dropout_scale : 0.f;
-          dp[j][e] = fabsf(s[j][e]) * (dpz - d);
-        } else {
-          dp[j][e] = s[j][e] * (dp[j][e] - d);
-        }
-      }
-    }
+    // dS^T = P^T (dP^T - delta), in place of dP^T (dropout: P^T < 0 marks a dropped entry)
+    ds_in_place(dp, s, sm.delta(st), kDropout && dropout_threshold != 0u, dropout_scale, lane);
     u32 dsf[4][4];
     {
       u32 tmp[1][4][4];
@@ -602,38 +654,18 @@ __global__ void __launch_bounds__(384, 1)
   if (kv_splits > 1) {  // partial sums; the conversion pass scales them
     const i64 tile = ((i64(batch) * gridDim.y / kv_splits + kv_head) * (gridDim.x * 2) +
                       n_block * 2 + wg) * 64 * kHeadDim;
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      const i64 frag = tile + (((warp + (j / 8) * 4) * 8 + j % 8) * 32 + lane) * 4;
-      red_add_f32x4(dk_accum + frag, dk_acc[j]);
-      red_add_f32x4(dv_accum + frag, dv_acc[j]);
-    }
+    add_dkv_partial(dk_acc, dv_acc, dk_accum + tile, dv_accum + tile, 0, warp, lane);
     return;
   }
-  const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int key = key_row0 + h * 8;
-    if (key >= seqlen_k) continue;
-    // (the sequence's first key is read again here rather than held across the loop)
-    const SeqLens at = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0);
-    const i64 row = at.k_start + key;
-    const int b = at.packed ? 0 : batch;
-    u16* dk_row = dk + i64(b) * dk_batch_stride + i64(kv_head) * dk_head_stride +
-                  row * dk_row_stride;
-    u16* dv_row = dv + i64(b) * dv_batch_stride + i64(kv_head) * dv_head_stride +
-                  row * dv_row_stride;
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      if (col < head_dim) {
-        *reinterpret_cast<u32*>(dk_row + col) =
-            pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
-        *reinterpret_cast<u32*>(dv_row + col) =
-            pack2<T::kIsBf16>(dv_acc[j][2 * h] * dv_scale, dv_acc[j][2 * h + 1] * dv_scale);
-      }
-    }
-  }
+  // (the sequence's first key is read again here rather than held across the loop)
+  const SeqLens at = SeqLens::get(cu_seqlens_q, cu_seqlens_k, batch, 0, 0);
+  const int b = at.packed ? 0 : batch;
+  store_dkv<T::kIsBf16>(
+      dk_acc, dv_acc,
+      dk + i64(b) * dk_batch_stride + i64(kv_head) * dk_head_stride + at.k_start * dk_row_stride,
+      dv + i64(b) * dv_batch_stride + i64(kv_head) * dv_head_stride + at.k_start * dv_row_stride,
+      dk_row_stride, dv_row_stride, key_row0, seqlen_k, 0, head_dim, scale,
+      kDropout && dropout_threshold != 0u ? dropout_scale : 1.f, lane);
 }
 
 // The backward at head dim 256: the dK and dV of 64 keys take 256 registers a thread in
@@ -686,15 +718,7 @@ __global__ void __launch_bounds__(384, 1)
   if (!blk.has_keys) return;  // packed: a shorter sequence
   const int warpgroup = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    mbar_init(sm.kv_full(), 1);
-#pragma unroll
-    for (int st = 0; st < T::kStages; ++st) {
-      mbar_init(sm.qdo_full(st), 1);
-      mbar_init(sm.qdo_empty(st), 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  if (threadIdx.x == 0) init_bwd_barriers(sm);
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -783,24 +807,9 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_wait<0>();
     fence_regs(dp);
 
-    // dS^T = P^T (dP^T - delta), in place of dP^T (dropout: as flash_bwd_sm90_kernel's)
-    const bool dropped = kDropout && dropout_threshold != 0u;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float delta_j[2];
-      ld_shared_f2(delta_j[0], delta_j[1],
-                   sm.delta(st) + (q_half + j * 8 + (lane & 3) * 2) * 4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float d = delta_j[e & 1];
-        if (dropped) {
-          const float dpz = s[j][e] >= 0.f ? dp[j][e] * dropout_scale : 0.f;
-          dp[j][e] = fabsf(s[j][e]) * (dpz - d);
-        } else {
-          dp[j][e] = s[j][e] * (dp[j][e] - d);
-        }
-      }
-    }
+    // dS^T = P^T (dP^T - delta), in place of dP^T (dropout: P^T < 0 marks a dropped entry)
+    ds_in_place(dp, s, sm.delta(st) + q_half * 4, kDropout && dropout_threshold != 0u,
+                dropout_scale, lane);
     // P^T and dS^T of this warpgroup's queries into shared memory (rows: the keys)
     const u32 ds_tile = sm.ds(it & 1), pt_tile = ds_tile + T::kPBytes;
 #pragma unroll
@@ -877,36 +886,19 @@ __global__ void __launch_bounds__(384, 1)
     const i64 tile =
         ((i64(blk.batch) * gridDim.y / kv_splits + blk.kv_head) * gridDim.x + n_block) * 64 *
         kHeadDim;
-#pragma unroll
-    for (int j = 0; j < kHalf / 8; ++j) {
-      const int jj = wg * (kHalf / 8) + j;  // the column tile in the whole row
-      const i64 frag = tile + (((warp + (jj / 8) * 4) * 8 + jj % 8) * 32 + lane) * 4;
-      red_add_f32x4(dk_accum + frag, dk_acc[j]);
-      red_add_f32x4(dv_accum + frag, dv_acc[j]);
-    }
+    add_dkv_partial(dk_acc, dv_acc, dk_accum + tile, dv_accum + tile, wg * (kHalf / 8), warp,
+                    lane);
     return;
   }
-  const float dv_scale = kDropout && dropout_threshold != 0u ? dropout_scale : 1.f;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int key = key0 + (lane >> 2) + h * 8;
-    if (key >= blk.seq.seqlen_k) continue;
-    const i64 row = blk.seq.k_start + key;
-    u16* dk_row = dk + i64(blk.tm_batch) * dk_batch_stride + i64(blk.kv_head) * dk_head_stride +
-                  row * dk_row_stride;
-    u16* dv_row = dv + i64(blk.tm_batch) * dv_batch_stride + i64(blk.kv_head) * dv_head_stride +
-                  row * dv_row_stride;
-#pragma unroll
-    for (int j = 0; j < kHalf / 8; ++j) {
-      const int col = wg * kHalf + j * 8 + (lane & 3) * 2;
-      if (col < head_dim) {
-        *reinterpret_cast<u32*>(dk_row + col) =
-            pack2<T::kIsBf16>(dk_acc[j][2 * h] * scale, dk_acc[j][2 * h + 1] * scale);
-        *reinterpret_cast<u32*>(dv_row + col) =
-            pack2<T::kIsBf16>(dv_acc[j][2 * h] * dv_scale, dv_acc[j][2 * h + 1] * dv_scale);
-      }
-    }
-  }
+  const i64 row0 = blk.seq.k_start;
+  store_dkv<T::kIsBf16>(
+      dk_acc, dv_acc,
+      dk + i64(blk.tm_batch) * dk_batch_stride + i64(blk.kv_head) * dk_head_stride +
+          row0 * dk_row_stride,
+      dv + i64(blk.tm_batch) * dv_batch_stride + i64(blk.kv_head) * dv_head_stride +
+          row0 * dv_row_stride,
+      dk_row_stride, dv_row_stride, key0 + (lane >> 2), blk.seq.seqlen_k, wg * (kHalf / 8),
+      head_dim, scale, kDropout && dropout_threshold != 0u ? dropout_scale : 1.f, lane);
 }
 
 }  // namespace sm90
