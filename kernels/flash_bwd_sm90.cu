@@ -37,45 +37,27 @@
 namespace cuflash {
 namespace sm90 {
 
+// kWide (head dim 256, flash_bwd_sm90_wide_kernel): 64 keys a block, both warpgroups', whose
+// dK and dV columns they split; a dS^T buffer holds the step's P^T tile too, after it.
 template <class Elem, int kHeadDim_>
 struct BwdTraits {
   static constexpr bool kIsBf16 = Elem::kIsBf16;
   static constexpr int kPrec = kIsBf16 ? kPrecBF16 : kPrecF16;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockN = 128;  // keys a block (64 a consumer warpgroup)
-  static constexpr int kBlockM = 64;   // queries a step
+  static constexpr bool kWide = kHeadDim > 128;
+  static constexpr int kBlockN = kWide ? 64 : 128;  // keys a block (else 64 a warpgroup)
+  static constexpr int kBlockM = 64;   // queries a step (wide: 32 a warpgroup in S^T, dP^T)
   static constexpr int kStages = 2;
   static constexpr int kColBlocks = kHeadDim / 64;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;    // Q_i or dO_i
-  static constexpr int kDSBytes = kBlockN * kBlockM * 2;    // dS^T, one buffer
+  static constexpr int kPBytes = kBlockN * kBlockM * 2;     // dS^T (or P^T), one tile
+  static constexpr int kDSBytes = (kWide ? 2 : 1) * kPBytes;  // one buffer
   static constexpr int kStatBytes = kBlockM * 4;            // lse_log2 or delta of Q_i's rows
   static constexpr int kSmemBytes =
       1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "sm_90a backward: head dims 64 and 128");
-  static_assert(Elem::kWords == 1, "16-bit inputs only");
-};
-
-// The wide kernel (head dim 256; flash_bwd_sm90_wide_kernel): 64 keys a block, whose dK and
-// dV (64 x 256 each) the two consumer warpgroups split by columns. kDSBytes holds a step's
-// dS^T and P^T tiles (64 x 64 each, in that order).
-template <class Elem, int kHeadDim_>
-struct BwdWideTraits {
-  static constexpr bool kIsBf16 = Elem::kIsBf16;
-  static constexpr int kPrec = kIsBf16 ? kPrecBF16 : kPrecF16;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockN = 64;  // keys a block, both warpgroups'
-  static constexpr int kBlockM = 64;  // queries a step (32 a warpgroup in S^T and dP^T)
-  static constexpr int kStages = 2;
-  static constexpr int kColBlocks = kHeadDim / 64;
-  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
-  static constexpr int kPBytes = kBlockN * kBlockM * 2;  // dS^T or P^T
-  static constexpr int kDSBytes = 2 * kPBytes;
-  static constexpr int kStatBytes = kBlockM * 4;
-  static constexpr int kSmemBytes =
-      1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
-  static_assert(kHeadDim == 256, "the wide backward: head dim 256");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "sm_90a backward: head dims 64, 128 and 256");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
 
@@ -441,6 +423,7 @@ __global__ void __launch_bounds__(384, 1)
                           const int* __restrict__ cu_seqlens_k, int* __restrict__ dq_sem) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
   using T = BwdTraits<Elem, kHeadDim>;
+  static_assert(!T::kWide, "head dims above 128: flash_bwd_sm90_wide_kernel");
   // The options kernels at d128 have no registers for an in-flight dP^T beside the score
   // transform: there dP^T = V dO^T is issued after P^T, together with dV's product.
   constexpr bool kLateDP = kOptions && kHeadDim == 128;
@@ -702,7 +685,8 @@ __global__ void __launch_bounds__(384, 1)
                                u32 dropout_bh0, const int* __restrict__ cu_seqlens_q,
                                const int* __restrict__ cu_seqlens_k, int* __restrict__ dq_sem) {
   static_assert(!kDropout || kOptions, "the dropout kernels are options kernels");
-  using T = BwdWideTraits<Elem, kHeadDim>;
+  using T = BwdTraits<Elem, kHeadDim>;
+  static_assert(T::kWide, "head dims up to 128: flash_bwd_sm90_kernel");
   constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   constexpr int kHalf = kHeadDim / 2;  // dK, dV and dQ columns a warpgroup
   static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),

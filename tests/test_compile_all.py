@@ -90,8 +90,7 @@ def _smem_layout_asserts(specs) -> list[str]:
                       f"{t.consumers}, {t.stages}, {_kernels._cbool(t.overlap)}, "
                       f"{_kernels._cbool(t.pingpong)}, {_kernels._cbool(s.persistent)}>")
         else:
-            traits = (f"cuflash::sm90::{'BwdWideTraits' if s.wide else 'BwdTraits'}"
-                      f"<{tag}, {s.head_dim}>")
+            traits = f"cuflash::sm90::BwdTraits<{tag}, {s.head_dim}>"
         asserts.append(f'static_assert({traits}::kSmemBytes == {s.smem_bytes}, '
                        f'"{s.label.strip()}: host and kernel disagree on shared memory");')
     return sorted(set(asserts))
