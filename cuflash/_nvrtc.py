@@ -89,6 +89,13 @@ _RE_REGS = re.compile(r"Used (\d+) registers")
 _RE_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def diagnostics(log: str) -> list[str]:
+    """The warnings of a compile log, and ptxas's numbered notes (``(C7514)`` and kin):
+    ptxas reports a serialised ``wgmma`` pipeline as an ``info`` line, not a warning."""
+    return [ln for ln in log.splitlines()
+            if "warning" in ln.lower() or re.search(r"\(C\d{4}\)", ln)]
+
+
 def compile_spec(spec, *, source: str | None = None) -> CompileResult:
     """Compile one specialisation to a cubin for ``spec.arch`` and parse ``ptxas -v``."""
     return _compile(spec, source)[0]
@@ -142,7 +149,7 @@ def _compile(spec, source: str | None, keep: bool = False):
     stacks = [tuple(map(int, x)) for x in _RE_STACK.findall(log)]
     if not regs or not stacks:
         raise NvrtcError(f"no ptxas resource report for {spec.name_expression}:\n{log}")
-    warnings = [ln for ln in log.splitlines() if "warning" in ln.lower()]
+    warnings = diagnostics(log)
     result = CompileResult(spec, cubin_bytes, log, seconds, max(regs),
                            max(x[0] for x in stacks), max(x[1] for x in stacks),
                            max(x[2] for x in stacks), warnings)

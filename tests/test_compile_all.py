@@ -41,8 +41,9 @@ def test_compile_all_specialisations_without_spills(capsys):
     assert all(r.cubin_bytes > 0 for r in results)
 
 
-#: ptxas warnings that make an sm_90a kernel slow without failing it: setmaxnreg ignored
-#: (C7508) and wgmma serialised (C7510 and its kin: C75xx naming wgmma).
+#: ptxas diagnostics that make an sm_90a kernel slow without failing it: setmaxnreg ignored
+#: (C7508) and wgmma serialised or waited for by the compiler (C7510 and its kin: C75xx
+#: naming wgmma; ptxas prints some of them as `info`, which _nvrtc.diagnostics keeps).
 def _hopper_problems(result) -> list[str]:
     return [w for w in result.warnings
             if "C7508" in w or ("C75" in w and "wgmma" in w.lower()) or "serializ" in w.lower()]
@@ -60,11 +61,18 @@ def test_sm90_kernels_keep_wgmma_async_and_setmaxnreg(capsys):
 
 
 def test_hopper_warning_filter_catches_the_warnings():
-    fake = type("R", (), {"warnings": [
+    log = "\n".join([
         "ptxas warning : (C7508) Potential Performance Loss: 'setmaxnreg' ignored",
         "ptxas warning : (C7510) Potential Performance Loss: wgmma.mma_async instructions "
-        "are serialized due to ...", "ptxas warning : something else"]})()
-    assert len(_hopper_problems(fake)) == 2
+        "are serialized due to ...", "ptxas warning : something else",
+        "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to non wgmma instructions reading accumulator registers ...",
+        "ptxas info    : (C7517) wgmma.wait_group is injected in around line 2608 by compiler",
+        "ptxas info    : Used 168 registers, used 2 barriers",
+        "ptxas info    : Compiling entry function '_Z6kernel' for 'sm_90a'"])
+    fake = type("R", (), {"warnings": _nvrtc.diagnostics(log)})()
+    assert len(fake.warnings) == 5
+    assert len(_hopper_problems(fake)) == 4
 
 
 def test_wgmma_wrappers_are_generated_from_the_script():
