@@ -254,11 +254,19 @@ struct FwdConsumer {
       fence_regs(s[0]);
       release(sm.k_empty(st));
       softmax_scores(s, n, alpha);
-      wgmma_wait<0>();
-      fence_regs(o_acc[0]);
+      // The wait for P_j V_j sits in both arms of a branch on the softmax's result (no row
+      // of the warp raised its max: no rescale), so that ptxas cannot hoist it above the
+      // exponentials, which then run beside the product (perf-log h16, h20).
+      if (__all_sync(~0u, alpha[0][0] == 1.f && alpha[0][1] == 1.f)) {
+        wgmma_wait<0>();
+        fence_regs(o_acc[0]);
+      } else {
+        wgmma_wait<0>();
+        fence_regs(o_acc[0]);
+        softmax.rescale(o_acc, alpha);
+      }
       fence_regs(p[0]);
       release(sm.v_empty(prev));
-      softmax.rescale(o_acc, alpha);
       pack_p(p, s);
     }
     release_q();  // (the last S product has landed)
