@@ -92,9 +92,10 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
         Lk = k.shape[2]
     tiles = math.ceil(Lq / spec.tile.block_m) * H * B
     # persistent blocks where each tile is short
-    if (FWD_PERSISTENT and math.ceil(Lk / spec.tile.block_n) <= FWD_PERSISTENT_MAX_KEY_TILES
-            and tiles < _MAX_TILES):
-        spec = dataclasses.replace(spec, persistent=True)
+    key_tiles = math.ceil(Lk / spec.tile.block_n)
+    if FWD_PERSISTENT and key_tiles <= FWD_PERSISTENT_MAX_KEY_TILES and tiles < _MAX_TILES:
+        spec = dataclasses.replace(spec, persistent=True,
+                                   tile=_kernels.sm90_fwd_tile(spec.head_dim, True, key_tiles))
     if not _tma_ready(q, k, v) or not _pair_writable(out):
         return None
     return spec

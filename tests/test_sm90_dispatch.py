@@ -71,6 +71,14 @@ def test_short_sequences_take_the_persistent_forward(monkeypatch):
     assert fwd(short).persistent and not fwd(long).persistent
     assert "true>" in fwd(short).name_expression and "false>" in fwd(long).name_expression
     assert fwd(short).smem_bytes == fwd(long).smem_bytes + 16  # Q empty, two tile slots
+    # d64: persistent blocks over at most 8 key tiles have a tile of their own (two
+    # warpgroups, the overlap); longer ones the regular tile
+    shortest, short64, long64 = (FakeArray((2, 4, n, 64), "bfloat16") for n in (1024, 1025, 2049))
+    assert fwd(shortest).tile == _kernels.SM90_FWD_SHORT_TILES[64][1] != _kernels.SM90_FWD_TILES[64]
+    assert fwd(short64).persistent and fwd(short64).tile == _kernels.SM90_FWD_TILES[64]
+    assert not fwd(long64).persistent and fwd(long64).tile == _kernels.SM90_FWD_TILES[64]
+    shipped = _kernels.shipped_sm90_specs()
+    assert all(fwd(x) in shipped for x in (shortest, short64, long64))
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT", False)
     assert not fwd(short).persistent
 
