@@ -495,12 +495,11 @@ SM90_FWD_SHORT_TILES = {
 }
 
 
-def sm90_fwd_tile(head_dim: int, persistent: bool = False,
-                  key_tiles: int | None = None) -> Sm90FwdTile:
-    """The sm_90a forward tile of head-dim bucket ``head_dim``; persistent blocks over
-    ``key_tiles`` key tiles may take one of SM90_FWD_SHORT_TILES."""
+def sm90_persistent_fwd_tile(head_dim: int, key_tiles: int) -> Sm90FwdTile:
+    """The tile of persistent sm_90a forward blocks of head-dim bucket ``head_dim`` whose
+    tiles walk ``key_tiles`` key tiles: one of SM90_FWD_SHORT_TILES, else the regular one."""
     short = SM90_FWD_SHORT_TILES.get(head_dim)
-    if persistent and short is not None and key_tiles is not None and key_tiles <= short[0]:
+    if short is not None and key_tiles <= short[0]:
         return short[1]
     return SM90_FWD_TILES[head_dim]
 

@@ -90,12 +90,15 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
         B, Lq, Lk = packed.batch, packed.max_seqlen_q, packed.max_seqlen_k
     else:
         Lk = k.shape[2]
-    tiles = math.ceil(Lq / spec.tile.block_m) * H * B
-    # persistent blocks where each tile is short
+    # persistent blocks where each tile is short (their tile indices counted with the tile
+    # that runs)
     key_tiles = math.ceil(Lk / spec.tile.block_n)
-    if FWD_PERSISTENT and key_tiles <= FWD_PERSISTENT_MAX_KEY_TILES and tiles < _MAX_TILES:
-        spec = dataclasses.replace(spec, persistent=True,
-                                   tile=_kernels.sm90_fwd_tile(spec.head_dim, True, key_tiles))
+    if FWD_PERSISTENT and key_tiles <= FWD_PERSISTENT_MAX_KEY_TILES:
+        walker = dataclasses.replace(
+            spec, persistent=True,
+            tile=_kernels.sm90_persistent_fwd_tile(spec.head_dim, key_tiles))
+        if math.ceil(Lq / walker.tile.block_m) * H * B < _MAX_TILES:
+            spec = walker
     if not _tma_ready(q, k, v) or not _pair_writable(out):
         return None
     return spec

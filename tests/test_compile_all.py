@@ -128,12 +128,12 @@ def test_overlap_kernels_exponentiate_while_p_v_runs():
     workers = max(1, min(8, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         cubins = list(pool.map(lambda s: _nvrtc.build_cubin(s)[0], specs))
-    hoisted = []
+    hoisted, nvdisasm = [], _nvdisasm()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         for spec, cubin in zip(specs, cubins):
             path.write_bytes(cubin)
-            sass = subprocess.run([_nvdisasm(), str(path)], capture_output=True, text=True,
+            sass = subprocess.run([nvdisasm, str(path)], capture_output=True, text=True,
                                   check=True).stdout
             if not _SOFTMAX_BESIDE_PV.search(_wait_and_exp_order(sass)):
                 hoisted.append(spec.label.strip())
