@@ -388,17 +388,17 @@ CUFLASH_DEVICE void produce_steps(const BwdSmem<T>& sm, const TensorMap& tm_q,
   }
 }
 
-// dP^T = V dO^T (64 keys x 64 queries), issued and committed, not awaited.
+// X^T = rows tile^T, 64 keys x 64 queries (S^T = K Q_i^T, dP^T = V dO_i^T; both operands
+// K-major), issued, not committed or awaited.
 template <class T>
-CUFLASH_DEVICE void issue_dp(float (&dp)[8][4], u32 v_rows, u32 dout_tile) {
+CUFLASH_DEVICE void issue_transposed(float (&acc)[8][4], u32 key_rows, u32 query_tile) {
 #pragma unroll
   for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
     const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
     const u32 qcol = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
-    wgmma_ss<64, T::kIsBf16>(dp, smem_desc(v_rows + col, 16), smem_desc(dout_tile + qcol, 16),
-                             kk > 0);
+    wgmma_ss<64, T::kIsBf16>(acc, smem_desc(key_rows + col, 16),
+                             smem_desc(query_tile + qcol, 16), kk > 0);
   }
-  wgmma_commit();
 }
 
 template <class Elem, int kHeadDim, bool kCausal, bool kOptions, bool kDropout,
@@ -429,6 +429,10 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kLateDP = kOptions && kHeadDim == 128;
   // d64: the consumer warpgroups take turns at dQ (below)
   constexpr bool kDqTurns = kHeadDim == 64;
+  // The plain kernels at d128 issue the next step's S^T at the end of a step, beside its
+  // dQ atomics (+3-7%, perf-log b12; at d64, whose warpgroups take turns at dQ, it lost
+  // 0-7%; the options kernels have no registers for it).
+  constexpr bool kEarlyS = !kOptions && kHeadDim == 128;
   // registers a thread: the producer warpgroup gives its registers to the two consumers
   constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),
@@ -482,36 +486,59 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[j][e] = dv_acc[j][e] = 0.f;
 
+  // S^T = K Q_i^T of step `it` issued (not committed) once its stage has landed; kEarlyS:
+  // at the end of the step before, which awaits it before the loop's back edge, so that
+  // no product stays in flight across it. Past the last step (`exists` false) S^T is
+  // issued all the same, on whatever the stage holds, and never read: a product issued on
+  // one path only would serialise the kernel's products (ptxas C7519).
+  const auto issue_s = [&](int it, bool exists, float (&s)[8][4]) {
+    const int st = it % T::kStages;
+    if (exists) mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
+    wgmma_fence();
+    issue_transposed<T>(s, k_rows, sm.q(st));
+  };
+
+  float s_next[8][4];  // kEarlyS: S^T of the next step, carried over the back edge
   if (steps > 0) mbar_wait(sm.kv_full(), 0);
   for (int it = 0; it < steps; ++it) {
     const int st = it % T::kStages;
     const int head = head0 + it / (m_end - m_begin);
     const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
     const i64 stats = stats0 + i64(head) * seqlen_q_pad;
-    mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
 
-    // S^T = K Q_i^T and dP^T = V dO_i^T (64 keys x 64 queries each)
-    float s[8][4], dp[8][4];
+    // S^T = K Q_i^T and dP^T = V dO_i^T (64 keys x 64 queries each; kLateDP: dP^T later,
+    // beside dV's product)
+    float s_here[8][4];
+    float (&s)[8][4] = kEarlyS ? s_next : s_here;
+    if constexpr (kEarlyS) {
+      if (it == 0) {  // (later steps: issued and landed in the step before)
+        issue_s(it, true, s);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+      }
+    } else {
+      issue_s(it, true, s);
+      wgmma_commit();
+    }
+    float dp[8][4];
+    if constexpr (!kLateDP) {
+      if constexpr (kEarlyS) wgmma_fence();
+      issue_transposed<T>(dp, v_rows, sm.dout(st));
+      wgmma_commit();
+    }
     const auto dropout = Dropout<kDropout>::make(
         dropout_threshold, dropout_seed, dropout_bh0 + u32(batch) * num_heads_q + u32(head));
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const u32 col = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
-      const u32 qcol = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
-      wgmma_ss<64, T::kIsBf16>(s, smem_desc(k_rows + col, 16), smem_desc(sm.q(st) + qcol, 16),
-                               kk > 0);
-    }
-    wgmma_commit();
-    if constexpr (!kLateDP) issue_dp<T>(dp, v_rows, sm.dout(st));
     u32 keep = 0u;  // kDropout: the keep mask, computed while S^T is on the tensor cores
     if constexpr (kDropout) {
       if (dropout.active()) {
         keep = dropout.template keep_bits_transposed<1, 8>(n0 + wg * 64 + warp * 16, m0, lane);
       }
     }
-    wgmma_wait<kLateDP ? 0 : 1>();
-    fence_regs(s);
+    if constexpr (!kEarlyS) {
+      wgmma_wait<kLateDP ? 0 : 1>();
+      fence_regs(s);
+    }
 
     // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
     u32 pf[4][4];  // P^T as A fragments (k = queries)
@@ -533,7 +560,10 @@ __global__ void __launch_bounds__(384, 1)
     }
     // dV += P^T dO_i (dO_i MN-major: its rows are the k dimension)
     wgmma_fence();
-    if constexpr (kLateDP) issue_dp<T>(dp, v_rows, sm.dout(st));
+    if constexpr (kLateDP) {
+      issue_transposed<T>(dp, v_rows, sm.dout(st));
+      wgmma_commit();
+    }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       wgmma_rs<kHeadDim, T::kIsBf16>(dv_acc, pf[kk],
@@ -614,6 +644,13 @@ __global__ void __launch_bounds__(384, 1)
       fence_regs(dq);
       fence_regs(dk_acc);
       fence_regs(dv_acc);
+      // kEarlyS: the next step's S^T, beside the atomics (not queued behind this step's
+      // products: until those land, dV's and dK's A fragments hold the registers it needs)
+      if constexpr (kEarlyS) {
+        static_assert(!kDqTurns, "every step's dQ here");
+        issue_s(it + 1, it + 1 < steps, s_next);
+        wgmma_commit();
+      }
       // fragment order of the portable kernel's dQ buffer (flash_bwd_prep.cu,
       // DqAccumLayout with block_m 64, mrep 1, cols 64, warps_m 4)
       float* tile = dq_accum + (stats + m0) * kHeadDim;
@@ -629,6 +666,10 @@ __global__ void __launch_bounds__(384, 1)
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
+    if constexpr (kEarlyS) {
+      wgmma_wait<0>();  // the next step's S^T
+      fence_regs(s_next);
+    }
   }
 
   if constexpr (kDeterministic) turn.pass_pending(wg, tid);
