@@ -62,6 +62,19 @@ def test_backward_grid(cp, path, name, causal, head_dim, seqlens):
         assert all(s.wide == (head_dim > 128) for s in bwd)
 
 
+@pytest.mark.parametrize("head_dim", (64, 128, 256))
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_backward_long_sequences(cp, causal, head_dim):
+    """A long call on the sm_90a backward (the grid's lengths stay below 2k): blocks of
+    about 50 to 80 steps."""
+    rng = np.random.default_rng()
+    q, k, v = random_qkv(cp, (1, 2, 3000, head_dim), (1, 2, 5001, head_dim),
+                         (1, 2, 5001, head_dim), "bfloat16", rng)
+    with kernel_path(cp, "sm90") as launched:
+        check_backward(cp, q, k, v, "bfloat16", causal, rng)
+    assert [kind for kind, _ in launched] == ["fwd", "bwd"]
+
+
 @pytest.mark.parametrize("head_dim", (160, 256))
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 def test_backward_wide_gqa_split(cp, causal, head_dim):

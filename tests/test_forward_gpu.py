@@ -57,6 +57,21 @@ def test_forward_grid(cp, path, name, causal, head_dim, seqlens):
         assert bool(launched) == (head_dim % 8 == 0)
 
 
+@pytest.mark.parametrize("seqlens", [(4099, 4099), (3000, 5001)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("head_dim", (64, 128, 256))
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_forward_long_sequences(cp, causal, head_dim, seqlens):
+    """Long sequences on the sm_90a kernels (the grid's lengths stay below 2k): tiles of
+    30 to 40 key tiles, in persistent blocks."""
+    rng = np.random.default_rng()
+    Lq, Lk = seqlens
+    q, k, v = random_qkv(cp, (1, 2, Lq, head_dim), (1, 2, Lk, head_dim), (1, 2, Lk, head_dim),
+                         "bfloat16", rng)
+    with kernel_path(cp, "sm90") as launched:
+        check_forward(cp, q, k, v, "bfloat16", causal)
+    assert [spec.persistent for _, spec in launched] == [True]
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 def test_forward_gqa_strided_paths(cp, path, causal):

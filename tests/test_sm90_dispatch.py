@@ -64,23 +64,29 @@ def test_option_calls_take_the_hopper_kernels(dropout):
     assert not fwd(q).options and not bwd(q).dropout
 
 
-def test_short_sequences_take_the_persistent_forward(monkeypatch):
-    """Persistent blocks where a tile walks at most FWD_PERSISTENT_MAX_KEY_TILES key tiles
-    (d128: 128 keys each), one tile a block beyond, or with CUFLASH_SM90_PERSISTENT=0."""
+def test_forward_takes_persistent_blocks(monkeypatch):
+    """Persistent blocks at every length (FWD_PERSISTENT_MAX_KEY_TILES None; an int caps
+    the key tiles a tile may walk in them, d128: 128 keys each), one tile a block past the
+    cap or with CUFLASH_SM90_PERSISTENT=0."""
     short, long = FakeArray((2, 4, 2048, 128), "bfloat16"), FakeArray((2, 4, 2049, 128), "bfloat16")
+    longest = FakeArray((1, 4, 65536, 128), "bfloat16")
+    assert all(fwd(x).persistent for x in (short, long, longest))
+    assert "true>" in fwd(long).name_expression
+    monkeypatch.setattr(_sm90, "FWD_PERSISTENT_MAX_KEY_TILES", 16)
     assert fwd(short).persistent and not fwd(long).persistent
-    assert "true>" in fwd(short).name_expression and "false>" in fwd(long).name_expression
+    assert "false>" in fwd(long).name_expression
     assert fwd(short).smem_bytes == fwd(long).smem_bytes + 16  # Q empty, two tile slots
+    monkeypatch.setattr(_sm90, "FWD_PERSISTENT_MAX_KEY_TILES", None)
     # d64: persistent blocks over at most 8 key tiles have a tile of their own (two
     # warpgroups, the overlap); longer ones the regular tile
-    shortest, short64, long64 = (FakeArray((2, 4, n, 64), "bfloat16") for n in (1024, 1025, 2049))
+    shortest, short64, long64 = (FakeArray((2, 4, n, 64), "bfloat16") for n in (1024, 1025, 16384))
     assert fwd(shortest).tile == _kernels.SM90_FWD_SHORT_TILES[64][1] != _kernels.SM90_FWD_TILES[64]
     assert fwd(short64).persistent and fwd(short64).tile == _kernels.SM90_FWD_TILES[64]
-    assert not fwd(long64).persistent and fwd(long64).tile == _kernels.SM90_FWD_TILES[64]
+    assert fwd(long64).persistent and fwd(long64).tile == _kernels.SM90_FWD_TILES[64]
     shipped = _kernels.shipped_sm90_specs()
     assert all(fwd(x) in shipped for x in (shortest, short64, long64))
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT", False)
-    assert not fwd(short).persistent
+    assert not fwd(short).persistent and not fwd(long).persistent
 
 
 def test_packed_calls_take_the_hopper_kernels():
