@@ -430,9 +430,10 @@ __global__ void __launch_bounds__(384, 1)
   // d64: the consumer warpgroups take turns at dQ (below)
   constexpr bool kDqTurns = kHeadDim == 64;
   // The plain kernels at d128 issue the next step's S^T at the end of a step, beside its
-  // dQ atomics (+3-7%, perf-log b12; at d64, whose warpgroups take turns at dQ, it lost
-  // 0-7%; the options kernels have no registers for it).
-  constexpr bool kEarlyS = !kOptions && kHeadDim == 128;
+  // dQ atomics (+1-8%, perf-log b12; at d64, whose warpgroups take turns at dQ, it lost
+  // 0-7%, in the deterministic mode 5-10% without a mask; the options kernels have no
+  // registers for it).
+  constexpr bool kEarlyS = !kOptions && !kDeterministic && kHeadDim == 128;
   // registers a thread: the producer warpgroup gives its registers to the two consumers
   constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),
