@@ -115,6 +115,35 @@ struct FwdConsumer {
   float o_acc[1][T::kDTiles][4];
   OnlineSoftmax<1> softmax;
 
+  // The start of a tile: bind gives the warpgroup its shared memory, mask and place;
+  // start_tile the tile's query rows m0 .., its score transform (kOptions; slope: the
+  // head's ALiBi slope, offset: seqlen_k - seqlen_q) and dropout, o_acc = 0 and the
+  // softmax's running statistics.
+  CUFLASH_DEVICE void bind(const FwdSmem<T>& sm_, const Mask<kCausal, kOptions>& mask_,
+                           float scale_log2_, int warpgroup, int tid) {
+    sm = sm_;
+    mask = mask_;
+    scale_log2 = scale_log2_;
+    wg = warpgroup - 1;
+    lane = tid & 31;
+  }
+  CUFLASH_DEVICE void start_tile(float softcap_in, float softcap_out, float slope, int offset,
+                                 const Dropout<kDropout>& dropout_, int m0_, int tid) {
+    if constexpr (kOptions) {
+      scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope, offset);
+      units_ = scores.units_or(scale_log2);
+    }
+    dropout = dropout_;
+    m0 = m0_;
+    warp_row0 = m0 + wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
+    q_rows = sm.q() + wg * 64 * 128;
+#pragma unroll
+    for (int d = 0; d < T::kDTiles; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[0][d][e] = 0.f;
+    softmax.init();
+  }
+
   // Turns between the two consumer warpgroups (kPingpong): named barriers 1 and 2.
   CUFLASH_DEVICE void wait_turn() const {
     if constexpr (T::kPingpong) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
@@ -463,36 +492,19 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
     if (index >= order.num_tiles) break;
     const Tile t = Tile::at(index, order, seqlen_q, seqlen_k, window_left, window_right,
                             cu_seqlens_q, cu_seqlens_k);
-    // (the same setup as the one-tile body's, written twice on purpose: a shared function
-    // changed ptxas's schedule of one kernel family or the other, and the one-tile kernels
-    // are kept instruction for instruction as measured; merge with a device run at hand)
     FwdConsumer<T, kCausal, kOptions, kDropout> w;  // this warpgroup's work on the tile
-    w.sm = sm;
-    w.mask = t.mask;
-    w.scale_log2 = scale_log2;
-    w.wg = warpgroup - 1;
-    w.lane = tid & 31;
+    w.bind(sm, t.mask, scale_log2, warpgroup, tid);
     if (t.n_iters < 0) {  // past its sequence's end: no rows
       w.release_q();
       continue;
     }
-    if constexpr (kOptions) {
-      const float slope =
-          alibi_slopes ? alibi_slopes[t.batch * alibi_batch_stride + t.head] : 0.f;
-      w.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
-                                          t.seq.seqlen_k - t.seq.seqlen_q);
-      w.units_ = w.scores.units_or(scale_log2);
-    }
-    w.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
-                                        dropout_bh0 + u32(t.batch) * order.num_heads + t.head);
-    w.m0 = t.m0;
-    w.warp_row0 = t.m0 + w.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
-    w.q_rows = sm.q() + w.wg * 64 * 128;
-#pragma unroll
-    for (int d = 0; d < T::kDTiles; ++d)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) w.o_acc[0][d][e] = 0.f;
-    w.softmax.init();
+    w.start_tile(softcap_in, softcap_out,
+                 kOptions && alibi_slopes ? alibi_slopes[t.batch * alibi_batch_stride + t.head]
+                                          : 0.f,
+                 t.seq.seqlen_k - t.seq.seqlen_q,
+                 Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+                                         dropout_bh0 + u32(t.batch) * order.num_heads + t.head),
+                 t.m0, tid);
 
     // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
     if (T::kPingpong && w.wg == 1) w.pass_turn();
@@ -622,27 +634,13 @@ __global__ void __launch_bounds__(128 * (kConsumers + 1), 1)
   regs_alloc<T::kConsumerRegs>();
   const int tid = threadIdx.x - 128 * warpgroup;  // within the warpgroup
   FwdConsumer<T, kCausal, kOptions, kDropout> c;
-  c.sm = sm;
-  c.mask = mask;
-  c.scale_log2 = scale_log2;
-  if constexpr (kOptions) {
-    const float slope = alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f;
-    c.scores = ScoreMod<kOptions>::make(scale_log2, softcap_in, softcap_out, slope,
-                                        seqlen_k - seqlen_q);
-    c.units_ = c.scores.units_or(scale_log2);
-  }
-  c.dropout = Dropout<kDropout>::make(dropout_threshold, dropout_seed,
-                                      dropout_bh0 + u32(batch) * gridDim.y + head);
-  c.wg = warpgroup - 1;
-  c.lane = tid & 31;
-  c.m0 = m0;
-  c.warp_row0 = m0 + c.wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
-  c.q_rows = sm.q() + c.wg * 64 * 128;
-#pragma unroll
-  for (int d = 0; d < T::kDTiles; ++d)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) c.o_acc[0][d][e] = 0.f;
-  c.softmax.init();
+  c.bind(sm, mask, scale_log2, warpgroup, tid);
+  c.start_tile(softcap_in, softcap_out,
+               kOptions && alibi_slopes ? alibi_slopes[batch * alibi_batch_stride + head] : 0.f,
+               seqlen_k - seqlen_q,
+               Dropout<kDropout>::make(dropout_threshold, dropout_seed,
+                                       dropout_bh0 + u32(batch) * gridDim.y + head),
+               m0, tid);
 
   // kPingpong: warpgroup 0 goes first; warpgroup 1's extra turn is taken back at the end
   if (T::kPingpong && c.wg == 1) c.pass_turn();
