@@ -487,7 +487,7 @@ SM90_FWD_TILES = {
     192: Sm90FwdTile(96, 2, 2, overlap=True, pingpong=False),
     256: Sm90FwdTile(80, 2, 2, overlap=True, pingpong=False),
 }
-#: Persistent blocks (short sequences, cuflash/_sm90.py) over at most this many key tiles
+#: Persistent blocks (cuflash/_sm90.py) over at most this many key tiles
 #: take a tile of their own: at d64 two consumer warpgroups with the overlap, instead of
 #: three without (perf-log h21: +12% at L = 1k causal, but -6% at 2k).
 SM90_FWD_SHORT_TILES = {
@@ -516,7 +516,7 @@ class Sm90FwdSpec:
     tile: Sm90FwdTile
     options: bool = False
     dropout: bool = False
-    persistent: bool = False  # blocks that walk tiles from a counter (short sequences)
+    persistent: bool = False  # blocks that walk tiles from a counter
 
     source = "flash_fwd_sm90.cu"
     kind = "fwd90"

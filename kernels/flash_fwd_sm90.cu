@@ -16,13 +16,12 @@
 //     then o_acc / l_i and lse are written from registers.
 // The score matrix never reaches global memory. The host encodes the tensor maps and
 // picks the template arguments (cuflash/_sm90.py).
-// kPersistent (short sequences, where a block's start and end weigh most): one block a
-// multiprocessor walks tiles (TileOrder, FwdTile), each the next one not yet taken from a
-// counter, which its producer takes once it has issued its current tile's last loads. Q
-// of the next tile loads as soon as the consumers' last S product of the current one has
-// landed (Q empty), and the K/V ring runs on across tiles, so a tile's loads overlap its
-// predecessor's last products and epilogue. (At long sequences the one-tile blocks are
-// faster: perf-log h18.)
+// kPersistent (at every length since perf-log h22; one tile a block is the fallback): one
+// block a multiprocessor walks tiles (TileOrder, FwdTile), each the next one not yet taken
+// from a counter, which its producer takes once it has issued its current tile's last
+// loads. Q of the next tile loads as soon as the consumers' last S product of the current
+// one has landed (Q empty), and the K/V ring runs on across tiles, so a tile's loads
+// overlap its predecessor's last products and epilogue.
 // Packed sequences (cu_seqlens_q/k not null, seqlens.cuh): the tensor maps span the packed
 // rows, and a tile that runs past its sequence reads the next one's rows, which the mask
 // hides (weight exactly 0: they must be finite, as every row of a packed batch is).
