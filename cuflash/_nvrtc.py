@@ -101,6 +101,12 @@ def compile_spec(spec, *, source: str | None = None) -> CompileResult:
     return _compile(spec, source)[0]
 
 
+def compile_with_cubin(spec) -> tuple[CompileResult, bytes]:
+    """compile_spec, with the cubin kept: for checks that read the machine code."""
+    result, cubin, _ = _compile(spec, None, keep=True)
+    return result, cubin
+
+
 def build_cubin(spec) -> tuple[bytes, dict[str, str]]:
     """The cubin of ``spec`` and the lowered (mangled) name of each of its kernels: for
     targets that CuPy's own compile cannot name (sm_90a)."""
