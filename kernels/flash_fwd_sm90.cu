@@ -117,7 +117,9 @@ struct FwdConsumer {
   // The start of a tile: bind gives the warpgroup its shared memory, mask and place;
   // start_tile the tile's query rows m0 .., its score transform (kOptions; slope: the
   // head's ALiBi slope, offset: seqlen_k - seqlen_q) and dropout, o_acc = 0 and the
-  // softmax's running statistics.
+  // softmax's running statistics. (offset is mask.offset(), passed in from the caller's
+  // own sequence lengths: read back from the mask, it rescheduled the persistent options
+  // kernels, whose machine code is the one measured.)
   CUFLASH_DEVICE void bind(const FwdSmem<T>& sm_, const Mask<kCausal, kOptions>& mask_,
                            float scale_log2_, int warpgroup, int tid) {
     sm = sm_;
