@@ -528,13 +528,21 @@ class Sm90FwdSpec:
 
     @property
     def smem_bytes(self) -> int:
-        """FwdTraits::kSmemBytes: 1024 bytes of alignment slack, Q, the K/V ring, its
-        mbarriers and (persistent) Q empty's and two tile slots (the kernel traps on a
-        smaller launch)."""
+        """FwdTraits::kSmemBytes: 1024 bytes of alignment slack, Q (persistent at d64: two
+        Q buffers), the K/V ring, its mbarriers and (persistent) Q empty's, two tile
+        slots and the second Q buffer's two barriers (the kernel traps on a smaller
+        launch)."""
         t = self.tile
         kv = t.block_n * self.head_dim * 2
-        barriers = 8 * (1 + 4 * t.stages) + (16 if self.persistent else 0)
-        return 1024 + t.block_m * self.head_dim * 2 + 2 * t.stages * kv + barriers
+        q_buffers = self.q_buffers
+        barriers = 8 * (1 + 4 * t.stages) + (16 * q_buffers if self.persistent else 0)
+        return 1024 + q_buffers * t.block_m * self.head_dim * 2 + 2 * t.stages * kv + barriers
+
+    @property
+    def q_buffers(self) -> int:
+        """FwdTraits::kQBuffers: persistent blocks at d64 load the next tile's Q into a
+        second buffer while the current tile runs (perf-log h23)."""
+        return 2 if self.persistent and self.head_dim <= 64 else 1
 
     @property
     def name_expression(self) -> str:

@@ -59,10 +59,16 @@ struct FwdTraits {
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one K or V tile
-  // Q full, 4 a stage; kPersistent: Q empty and two 4-byte tile slots
-  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages) + (kPersistent ? 16 : 0);
+  // kPersistent at d64: two Q buffers, so that the next tile's Q loads while this tile
+  // runs (+2-9% at L <= 4k; at d128 1-2% slower, perf-log h23; above, no room)
+  static constexpr int kQBuffers = kPersistent && kHeadDim <= 64 ? 2 : 1;
+  // Q full, 4 a stage; kPersistent: Q empty and two 4-byte tile slots, and Q full and Q
+  // empty of a second Q buffer
+  static constexpr int kBarrierBytes =
+      8 * (1 + 4 * kStages) + (kPersistent ? 16 + 16 * (kQBuffers - 1) : 0);
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes =
+      1024 + kQBuffers * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
   // registers a thread: the producer warpgroup gives its registers to the consumers
   // (the persistent producer walks its tiles in more registers: 56 beside three consumers)
   static constexpr int kProducerRegs = kPersistent && kConsumers == 3 ? 56 : 24;
@@ -75,25 +81,30 @@ struct FwdTraits {
   static_assert(Elem::kWords == 1, "16-bit inputs only");
 };
 
-// Shared memory: [Q][K_0 .. K_{s-1}][V_0 .. V_{s-1}][barriers], 1024-byte aligned.
+// Shared memory: [Q_0 (, Q_1)][K_0 .. K_{s-1}][V_0 .. V_{s-1}][barriers], 1024-byte
+// aligned.
 template <class T>
 struct FwdSmem {
   u32 base;
-  CUFLASH_DEVICE u32 q() const { return base; }
-  CUFLASH_DEVICE u32 k(int st) const { return base + T::kQBytes + st * T::kKVBytes; }
-  CUFLASH_DEVICE u32 v(int st) const { return base + T::kQBytes + (T::kStages + st) * T::kKVBytes; }
-  CUFLASH_DEVICE u32 bar(int i) const {
-    return base + T::kQBytes + 2 * T::kStages * T::kKVBytes + 8 * i;
-  }
+  static constexpr int kQEnd = T::kQBuffers * T::kQBytes;
+  CUFLASH_DEVICE u32 q(int b = 0) const { return base + b * T::kQBytes; }
+  CUFLASH_DEVICE u32 k(int st) const { return base + kQEnd + st * T::kKVBytes; }
+  CUFLASH_DEVICE u32 v(int st) const { return base + kQEnd + (T::kStages + st) * T::kKVBytes; }
+  CUFLASH_DEVICE u32 bar(int i) const { return base + kQEnd + 2 * T::kStages * T::kKVBytes + 8 * i; }
   // barriers: Q full; then per stage K full, K empty, V full, V empty
-  CUFLASH_DEVICE u32 q_full() const { return bar(0); }
+  CUFLASH_DEVICE u32 q_full(int b = 0) const { return b == 0 ? bar(0) : bar(3 + 4 * T::kStages); }
   CUFLASH_DEVICE u32 k_full(int st) const { return bar(1 + 4 * st); }
   CUFLASH_DEVICE u32 k_empty(int st) const { return bar(2 + 4 * st); }
   CUFLASH_DEVICE u32 v_full(int st) const { return bar(3 + 4 * st); }
   CUFLASH_DEVICE u32 v_empty(int st) const { return bar(4 + 4 * st); }
   // kPersistent: Q empty, and the index of a block's c-th tile, written by the producer
-  // before Q full's arrival
-  CUFLASH_DEVICE u32 q_empty() const { return bar(1 + 4 * T::kStages); }
+  // before Q full's arrival; then Q full and Q empty of the second Q buffer. A block's
+  // c-th tile takes Q buffer c % kQBuffers, in that buffer's phase c / kQBuffers.
+  CUFLASH_DEVICE u32 q_empty(int b = 0) const {
+    return b == 0 ? bar(1 + 4 * T::kStages) : bar(4 + 4 * T::kStages);
+  }
+  static CUFLASH_DEVICE int q_buffer(int c) { return c % T::kQBuffers; }
+  static CUFLASH_DEVICE u32 q_phase(int c) { return u32(c / T::kQBuffers) & 1u; }
   CUFLASH_DEVICE u32 tile_slot(int c) const { return bar(2 + 4 * T::kStages) + 4 * (c & 1); }
 };
 
@@ -109,6 +120,7 @@ struct FwdConsumer {
   // kOptions: what the softmax's scores are in, relative to log2 units (units()).
   float units_;
   u32 q_rows;     // this warpgroup's 64 rows of the Q tile
+  int q_buf = 0;  // kPersistent: the tile's Q buffer
   int m0, warp_row0, wg, lane;
 
   float o_acc[1][T::kDTiles][4];
@@ -137,7 +149,7 @@ struct FwdConsumer {
     dropout = dropout_;
     m0 = m0_;
     warp_row0 = m0 + wg * 64 + (tid >> 5) * 16;  // this warp's 16 rows
-    q_rows = sm.q() + wg * 64 * 128;
+    q_rows = sm.q(q_buf) + wg * 64 * 128;
 #pragma unroll
     for (int d = 0; d < T::kDTiles; ++d)
 #pragma unroll
@@ -225,7 +237,7 @@ struct FwdConsumer {
   // and write the next tile slot. (Every thread arrives, having read this tile's slot:
   // compute-sanitizer's racecheck then sees each read ordered before the slot's reuse.)
   CUFLASH_DEVICE void release_q() const {
-    if constexpr (T::kPersistent) mbar_arrive(sm.q_empty());
+    if constexpr (T::kPersistent) mbar_arrive(sm.q_empty(q_buf));
   }
 
   // Tiles n_block_max - 1 down to n_block_max - n_iters, one after the other: S, softmax,
@@ -404,8 +416,11 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    mbar_init(sm.q_full(), 1);
-    mbar_init(sm.q_empty(), 128 * T::kConsumers);  // one arrival per consumer thread
+#pragma unroll
+    for (int b = 0; b < T::kQBuffers; ++b) {
+      mbar_init(sm.q_full(b), 1);
+      mbar_init(sm.q_empty(b), 128 * T::kConsumers);  // one arrival per consumer thread
+    }
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(sm.k_full(st), 1);
@@ -430,11 +445,14 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
     u32 ring = 0;  // K/V loads issued so far
 #pragma unroll 1
     for (int c = 0;; ++c) {
-      // the consumers are past tile c - 1's S products (and so past its Q full and slot)
-      mbar_wait(sm.q_empty(), (c & 1) ^ 1);
+      // the consumers are past the S products of tile c - kQBuffers, the last in this Q
+      // buffer (and so past its Q full and slot; with two buffers, past tile c - 2's slot
+      // too, which this one's shares)
+      const int qb = FwdSmem<T>::q_buffer(c);
+      mbar_wait(sm.q_empty(qb), FwdSmem<T>::q_phase(c) ^ 1u);
       st_shared_b32(sm.tile_slot(c), u32(index));
       if (index >= order.num_tiles) {
-        mbar_arrive(sm.q_full());  // wakes the consumers to the end
+        mbar_arrive(sm.q_full(qb));  // wakes the consumers to the end
         break;
       }
       // (the producer has few registers: the tile's loads as six numbers)
@@ -450,10 +468,11 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
         n_iters = t.n_iters;
       }
       if (n_iters > 0) {
-        mbar_expect_tx(sm.q_full(), T::kQBytes);
-        load_rows<T::kColBlocks>(sm.q(), tm_q, sm.q_full(), T::kBlockM, q_row, head, tm_batch);
+        mbar_expect_tx(sm.q_full(qb), T::kQBytes);
+        load_rows<T::kColBlocks>(sm.q(qb), tm_q, sm.q_full(qb), T::kBlockM, q_row, head,
+                                 tm_batch);
       } else {
-        mbar_arrive(sm.q_full());  // nothing to load: the tile only goes to the consumers
+        mbar_arrive(sm.q_full(qb));  // nothing to load: the tile only goes to the consumers
       }
 #pragma unroll 1
       for (; n_iters > 0; --n_iters, k_row -= kBlockN, ++ring) {
@@ -488,13 +507,14 @@ CUFLASH_DEVICE void flash_fwd_sm90_persistent(
   int ring = 0;  // K/V loads consumed so far
 #pragma unroll 1
   for (int c = 0;; ++c) {
-    mbar_wait(sm.q_full(), c & 1);
+    mbar_wait(sm.q_full(FwdSmem<T>::q_buffer(c)), FwdSmem<T>::q_phase(c));
     const int index = int(ld_shared_b32(sm.tile_slot(c)));
     if (index >= order.num_tiles) break;
     const Tile t = Tile::at(index, order, seqlen_q, seqlen_k, window_left, window_right,
                             cu_seqlens_q, cu_seqlens_k);
     FwdConsumer<T, kCausal, kOptions, kDropout> w;  // this warpgroup's work on the tile
     w.bind(sm, t.mask, scale_log2, warpgroup, tid);
+    w.q_buf = FwdSmem<T>::q_buffer(c);
     if (t.n_iters < 0) {  // past its sequence's end: no rows
       w.release_q();
       continue;

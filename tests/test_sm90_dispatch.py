@@ -75,6 +75,7 @@ def test_forward_takes_persistent_blocks(monkeypatch):
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT_MAX_KEY_TILES", 16)
     assert fwd(short).persistent and not fwd(long).persistent
     assert "false>" in fwd(long).name_expression
+    assert fwd(short).q_buffers == fwd(long).q_buffers == 1
     assert fwd(short).smem_bytes == fwd(long).smem_bytes + 16  # Q empty, two tile slots
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT_MAX_KEY_TILES", None)
     # d64: persistent blocks over at most 8 key tiles have a tile of their own (two
@@ -83,6 +84,15 @@ def test_forward_takes_persistent_blocks(monkeypatch):
     assert fwd(shortest).tile == _kernels.SM90_FWD_SHORT_TILES[64][1] != _kernels.SM90_FWD_TILES[64]
     assert fwd(short64).persistent and fwd(short64).tile == _kernels.SM90_FWD_TILES[64]
     assert fwd(long64).persistent and fwd(long64).tile == _kernels.SM90_FWD_TILES[64]
+    # d64 persistent blocks load the next tile's Q into a second buffer: its bytes and the
+    # barriers Q empty, two tile slots, the second buffer's Q full and Q empty
+    monkeypatch.setattr(_sm90, "FWD_PERSISTENT", False)
+    one_tile = fwd(long64)
+    assert not one_tile.persistent and fwd(shortest).persistent is False
+    monkeypatch.setattr(_sm90, "FWD_PERSISTENT", True)
+    spec = fwd(long64)
+    assert spec.q_buffers == 2 and one_tile.q_buffers == 1
+    assert spec.smem_bytes == one_tile.smem_bytes + spec.tile.block_m * 64 * 2 + 32
     shipped = _kernels.shipped_sm90_specs()
     assert all(fwd(x) in shipped for x in (shortest, short64, long64))
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT", False)
