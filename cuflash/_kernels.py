@@ -487,19 +487,21 @@ SM90_FWD_TILES = {
     192: Sm90FwdTile(96, 2, 2, overlap=True, pingpong=False),
     256: Sm90FwdTile(80, 2, 2, overlap=True, pingpong=False),
 }
-#: Persistent blocks (cuflash/_sm90.py) over at most this many key tiles
+#: Causal persistent blocks (cuflash/_sm90.py) over at most this many key tiles
 #: take a tile of their own: at d64 two consumer warpgroups with the overlap, instead of
-#: three without (perf-log h21: +12% at L = 1k causal, but -6% at 2k).
+#: three without (perf-log h21: +12% at L = 1k causal, but -6% at 2k; h24: with two Q
+#: buffers, a full call at 1k is 3% faster on the three).
 SM90_FWD_SHORT_TILES = {
     64: (8, Sm90FwdTile(128, 2, 2, overlap=True, pingpong=False)),
 }
 
 
-def sm90_persistent_fwd_tile(head_dim: int, key_tiles: int) -> Sm90FwdTile:
+def sm90_persistent_fwd_tile(head_dim: int, key_tiles: int, causal: bool) -> Sm90FwdTile:
     """The tile of persistent sm_90a forward blocks of head-dim bucket ``head_dim`` whose
-    tiles walk ``key_tiles`` key tiles: one of SM90_FWD_SHORT_TILES, else the regular one."""
+    tiles walk ``key_tiles`` key tiles: causal, one of SM90_FWD_SHORT_TILES, else the
+    regular one."""
     short = SM90_FWD_SHORT_TILES.get(head_dim)
-    if short is not None and key_tiles <= short[0]:
+    if causal and short is not None and key_tiles <= short[0]:
         return short[1]
     return SM90_FWD_TILES[head_dim]
 
@@ -656,9 +658,9 @@ def shipped_sm90_specs() -> list:
              for dtype in ("float16", "bfloat16") for d, tile in SM90_FWD_TILES.items()
              for causal in (False, True) for options, dropout in KERNEL_FAMILIES
              for persistent in (False, True)]
-            + [Sm90FwdSpec(dtype, d, causal, tile, options, dropout, True)
+            + [Sm90FwdSpec(dtype, d, True, tile, options, dropout, True)
                for dtype in ("float16", "bfloat16") for d, (_, tile) in SM90_FWD_SHORT_TILES.items()
-               for causal in (False, True) for options, dropout in KERNEL_FAMILIES]
+               for options, dropout in KERNEL_FAMILIES]
             + [Sm90BwdSpec(dtype, d, causal, options, dropout, deterministic)
                for dtype in ("float16", "bfloat16") for d in SM90_BWD_HEAD_DIMS
                for causal in (False, True) for options, dropout in KERNEL_FAMILIES

@@ -96,7 +96,7 @@ def fwd_spec_for(q, k, v, out, *, causal: bool, scale: float, options_kernel: bo
                            or key_tiles <= FWD_PERSISTENT_MAX_KEY_TILES):
         walker = dataclasses.replace(
             spec, persistent=True,
-            tile=_kernels.sm90_persistent_fwd_tile(spec.head_dim, key_tiles))
+            tile=_kernels.sm90_persistent_fwd_tile(spec.head_dim, key_tiles, spec.causal))
         if math.ceil(Lq / walker.tile.block_m) * H * B < _MAX_TILES:
             spec = walker
     if not _tma_ready(q, k, v) or not _pair_writable(out):

@@ -78,11 +78,14 @@ def test_forward_takes_persistent_blocks(monkeypatch):
     assert fwd(short).q_buffers == fwd(long).q_buffers == 1
     assert fwd(short).smem_bytes == fwd(long).smem_bytes + 16  # Q empty, two tile slots
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT_MAX_KEY_TILES", None)
-    # d64: persistent blocks over at most 8 key tiles have a tile of their own (two
-    # warpgroups, the overlap); longer ones the regular tile
+    # d64: causal persistent blocks over at most 8 key tiles have a tile of their own (two
+    # warpgroups, the overlap); longer ones and full calls the regular tile
     shortest, short64, long64 = (FakeArray((2, 4, n, 64), "bfloat16") for n in (1024, 1025, 16384))
-    assert fwd(shortest).tile == _kernels.SM90_FWD_SHORT_TILES[64][1] != _kernels.SM90_FWD_TILES[64]
+    assert (fwd(shortest, causal=True).tile == _kernels.SM90_FWD_SHORT_TILES[64][1]
+            != _kernels.SM90_FWD_TILES[64])
+    assert fwd(shortest).persistent and fwd(shortest).tile == _kernels.SM90_FWD_TILES[64]
     assert fwd(short64).persistent and fwd(short64).tile == _kernels.SM90_FWD_TILES[64]
+    assert fwd(short64, causal=True).tile == _kernels.SM90_FWD_TILES[64]
     assert fwd(long64).persistent and fwd(long64).tile == _kernels.SM90_FWD_TILES[64]
     # d64 persistent blocks load the next tile's Q into a second buffer: its bytes and the
     # barriers Q empty, two tile slots, the second buffer's Q full and Q empty
@@ -94,7 +97,8 @@ def test_forward_takes_persistent_blocks(monkeypatch):
     assert spec.q_buffers == 2 and one_tile.q_buffers == 1
     assert spec.smem_bytes == one_tile.smem_bytes + spec.tile.block_m * 64 * 2 + 32
     shipped = _kernels.shipped_sm90_specs()
-    assert all(fwd(x) in shipped for x in (shortest, short64, long64))
+    assert all(fwd(x, causal=c) in shipped for x in (shortest, short64, long64)
+               for c in (False, True))
     monkeypatch.setattr(_sm90, "FWD_PERSISTENT", False)
     assert not fwd(short).persistent and not fwd(long).persistent
 

@@ -20,7 +20,27 @@ def main(direction: str, default_head_dims: str) -> None:
         p.add_argument("--max-blocks", type=int, help="the persistent forward's blocks (_sm90)")
         p.add_argument("--max-key-tiles", type=int,
                        help="persistent blocks up to this many key tiles a tile (_sm90)")
+        p.add_argument("--stages", type=int,
+                       help="K/V ring stages of the sm_90a forward tiles of these head dims")
+        p.add_argument("--short-key-tiles", type=int,
+                       help="the short-launch tiles up to this many key tiles (0: none)")
     a = p.parse_args()
+    if getattr(a, "short_key_tiles", None) is not None:
+        from cuflash import _kernels
+
+        for d, (_, tile) in list(_kernels.SM90_FWD_SHORT_TILES.items()):
+            _kernels.SM90_FWD_SHORT_TILES[d] = (a.short_key_tiles, tile)
+    if getattr(a, "stages", None):
+        import dataclasses
+
+        from cuflash import _kernels
+
+        for d in map(int, a.head_dims.split(",")):
+            _kernels.SM90_FWD_TILES[d] = dataclasses.replace(_kernels.SM90_FWD_TILES[d],
+                                                            stages=a.stages)
+            if d in _kernels.SM90_FWD_SHORT_TILES:
+                n, tile = _kernels.SM90_FWD_SHORT_TILES[d]
+                _kernels.SM90_FWD_SHORT_TILES[d] = (n, dataclasses.replace(tile, stages=a.stages))
     if getattr(a, "max_blocks", None) or getattr(a, "max_key_tiles", None):
         from cuflash import _sm90
 
