@@ -11,7 +11,7 @@ their consumer warpgroups (_kernels.SM90_FWD_TILES), to measure what the turns d
 import argparse
 import dataclasses
 
-import numpy as np
+from bench_options import cuflash_fns, slopes_for
 
 from cuflash import _bench
 
@@ -25,7 +25,6 @@ def main() -> None:
     p.add_argument("--pingpong", action="store_true")
     p.add_argument("--no-bwd", action="store_true")
     a = p.parse_args()
-    import cuflash
     from cuflash import _kernels
 
     cp = _bench._cupy()
@@ -36,18 +35,14 @@ def main() -> None:
                                                             pingpong=True)
         rs = cp.random.RandomState(0)
         q, k, v = (_bench.random_array((B, H, L, d), "bfloat16", rs) for _ in range(3))
-        dout = _bench._dout_like(q)
-        slopes = cp.asarray(2.0 ** (-8.0 * np.arange(1, H + 1) / H), dtype=cp.float32)
         options = {"plain": {}, "softcap": {"softcap": 30.0},
-                   "alibi": {"alibi_slopes": slopes},
+                   "alibi": {"alibi_slopes": slopes_for(cp, H)},
                    "dropout": {"dropout_p": 0.1, "seed": 1}}
         times = {}
         for name, opts in options.items():
-            out, lse = cuflash.attention(q, k, v, causal=a.causal, return_lse=True, **opts)
-            fwd = _bench.time_fn(lambda: cuflash.attention(q, k, v, causal=a.causal, **opts))
-            bwd = None if a.no_bwd else _bench.time_fn(lambda: cuflash.attention_backward(
-                dout, q, k, v, out, lse, causal=a.causal, **opts))
-            times[name] = (fwd, bwd)
+            fwd_fn, bwd_fn = cuflash_fns(q, k, v, a.causal, opts)
+            times[name] = (_bench.time_fn(fwd_fn),
+                           None if a.no_bwd else _bench.time_fn(bwd_fn))
         for name, (fwd, bwd) in times.items():
             r_f = fwd / times["plain"][0]
             line = (f"{a.tag:10s} d{d:<3d} L{L} {'causal' if a.causal else 'full  '} "
