@@ -64,8 +64,7 @@ struct FwdTraits {
   static constexpr int kQBuffers = kPersistent && kHeadDim <= 64 ? 2 : 1;
   // Q full, 4 a stage; kPersistent: Q empty and two 4-byte tile slots, and Q full and Q
   // empty of a second Q buffer
-  static constexpr int kBarrierBytes =
-      8 * (1 + 4 * kStages) + (kPersistent ? 16 + 16 * (kQBuffers - 1) : 0);
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages) + (kPersistent ? 16 * kQBuffers : 0);
   // +1024: the dynamic shared memory is aligned to 1024 bytes by hand
   static constexpr int kSmemBytes =
       1024 + kQBuffers * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
