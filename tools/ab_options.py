@@ -5,9 +5,12 @@ plain call's (tools/bench_options.py's table 1, shorter):
 
     PYTHONPATH=TREE python3 tools/ab_options.py TAG [--head-dims 128] [--causal]
                                                     [--pingpong] [--no-bwd]
+                                                    [--tile BLOCK_N,CONSUMERS,OVERLAP]
 
 --pingpong gives the sm_90a forward's tiles of these head dims pingpong turns between
-their consumer warpgroups (_kernels.SM90_FWD_TILES), to measure what the turns do."""
+their consumer warpgroups (_kernels.SM90_FWD_TILES), to measure what the turns do;
+--tile replaces those tiles (keys a step, consumer warpgroups, 1 or 0: the overlap), for
+the plain kernels and the options kernels alike."""
 import argparse
 import dataclasses
 
@@ -24,12 +27,18 @@ def main() -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--pingpong", action="store_true")
     p.add_argument("--no-bwd", action="store_true")
+    p.add_argument("--tile", help="BLOCK_N,CONSUMERS,OVERLAP for the sm_90a forward")
     a = p.parse_args()
     from cuflash import _kernels
 
     cp = _bench._cupy()
     L, B, H = a.seqlen, 4, 16
     for d in map(int, a.head_dims.split(",")):
+        if a.tile:
+            block_n, consumers, overlap = map(int, a.tile.split(","))
+            _kernels.SM90_FWD_TILES[d] = dataclasses.replace(
+                _kernels.SM90_FWD_TILES[d], block_n=block_n, consumers=consumers,
+                overlap=bool(overlap))
         if a.pingpong:
             _kernels.SM90_FWD_TILES[d] = dataclasses.replace(_kernels.SM90_FWD_TILES[d],
                                                             pingpong=True)
