@@ -619,7 +619,7 @@ class Sm90BwdSpec:
         # K, V; two stages of Q_i, dO_i and their lse, delta; two dS^T buffers (wide: with
         # P^T beside each); barriers
         ds = 2 * n * 64 * 2 * (2 if self.wide else 1)
-        return 1024 + 2 * n * d * 2 + 2 * 2 * (64 * d * 2 + 64 * 4) + ds + 64
+        return 1024 + 2 * n * d * 2 + 2 * 2 * (64 * d * 2 + 64 * 4) + ds + 128
 
     @property
     def name_expression(self) -> str:

@@ -55,7 +55,7 @@ struct BwdTraits {
   static constexpr int kDSBytes = (kWide ? 2 : 1) * kPBytes;  // one buffer
   static constexpr int kStatBytes = kBlockM * 4;            // lse_log2 or delta of Q_i's rows
   static constexpr int kSmemBytes =
-      1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 64;
+      1024 + 2 * kKVBytes + 2 * kStages * (kQBytes + kStatBytes) + 2 * kDSBytes + 128;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
                 "sm_90a backward: head dims 64, 128 and 256");
   static_assert(Elem::kWords == 1, "16-bit inputs only");
@@ -82,6 +82,10 @@ struct BwdSmem {
   CUFLASH_DEVICE u32 kv_full() const { return bar(0); }
   CUFLASH_DEVICE u32 qdo_full(int st) const { return bar(1 + 2 * st); }
   CUFLASH_DEVICE u32 qdo_empty(int st) const { return bar(2 + 2 * st); }
+  // kDqGroup: a dS^T buffer's full (both consumer warpgroups have stored their halves)
+  // and empty (the dQ warpgroup has read it)
+  CUFLASH_DEVICE u32 ds_full(int buf) const { return bar(1 + 2 * T::kStages + 2 * buf); }
+  CUFLASH_DEVICE u32 ds_empty(int buf) const { return bar(2 + 2 * T::kStages + 2 * buf); }
 };
 
 // 16-bit pair (col, col + 1) of row `row` into a 128-byte-swizzled tile of 64 columns:
@@ -280,14 +284,22 @@ struct BwdBlock {
 };
 
 // The barriers: K/V full; per stage, Q/dO full (the producer's expect_tx) and empty (one
-// arrival per consumer warp).
-template <class T>
+// arrival per consumer warp); kDqGroup: per dS^T buffer, full (one arrival per consumer
+// thread) and empty (one per warp of the dQ warpgroup).
+template <class T, bool kDqGroup = false>
 CUFLASH_DEVICE void init_bwd_barriers(const BwdSmem<T>& sm) {
   mbar_init(sm.kv_full(), 1);
 #pragma unroll
   for (int st = 0; st < T::kStages; ++st) {
     mbar_init(sm.qdo_full(st), 1);
     mbar_init(sm.qdo_empty(st), 8);
+  }
+  if constexpr (kDqGroup) {
+#pragma unroll
+    for (int buf = 0; buf < 2; ++buf) {
+      mbar_init(sm.ds_full(buf), 256);
+      mbar_init(sm.ds_empty(buf), 4);
+    }
   }
   mbar_init_fence();
 }
@@ -311,6 +323,26 @@ CUFLASH_DEVICE void ds_in_place(float (&dp)[kQ][4], const float (&s)[kQ][4], u32
       } else {
         dp[j][e] = s[j][e] * (dp[j][e] - d);
       }
+    }
+  }
+}
+
+// dS^T = P^T (dP^T - delta) as ds_in_place, with P^T read back from its 16-bit A fragments
+// `pf` (as a plain fp16/bf16 implementation rounds P before dS), so that the float32 P^T
+// need not stay live beside dP^T.
+template <bool kIsBf16, int kQ>
+CUFLASH_DEVICE void ds_from_frags(float (&dp)[kQ][4], const u32 (&pf)[kQ / 2][4], u32 delta_tile,
+                                  int lane) {
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    float delta_j[2];
+    ld_shared_f2(delta_j[0], delta_j[1], delta_tile + (j * 8 + (lane & 3) * 2) * 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float p[2];
+      unpack2<kIsBf16>(pf[j >> 1][2 * (j & 1) + h], p[0], p[1]);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) dp[j][2 * h + e] = p[e] * (dp[j][2 * h + e] - delta_j[e]);
     }
   }
 }
@@ -355,6 +387,28 @@ CUFLASH_DEVICE void store_dkv(const float (&dk_acc)[kTiles][4], const float (&dv
   }
 }
 
+// The loads of step `it`: Q_i, dO_i and their rows' lse and delta, once its stage is free.
+template <class T>
+CUFLASH_DEVICE void produce_step(const BwdSmem<T>& sm, const TensorMap& tm_q,
+                                 const TensorMap& tm_do, const float* lse_log2,
+                                 const float* delta, const SeqLens& seq, int tm_batch,
+                                 int head0, int m_begin, int m_end, int it, i64 stats0,
+                                 int seqlen_q_pad) {
+  const int st = it % T::kStages;
+  const int head = head0 + it / (m_end - m_begin);
+  const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
+  mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
+  mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes + 2 * T::kStatBytes);
+  load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
+                           head, tm_batch);
+  // (the statistics have seqlen_q_pad rows a head: whole tiles, 16-byte aligned)
+  const i64 stats = stats0 + i64(head) * seqlen_q_pad + m0;
+  bulk_load(sm.lse(st), lse_log2 + stats, T::kStatBytes, sm.qdo_full(st));
+  bulk_load(sm.delta(st), delta + stats, T::kStatBytes, sm.qdo_full(st));
+  load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
+                           head, tm_batch);
+}
+
 // The producer's one thread: K_j and V_j of the block's kBlockN keys once, then Q_i and
 // dO_i (with their rows' lse and delta) of each step into the ring of kStages stages.
 template <class T>
@@ -372,19 +426,8 @@ CUFLASH_DEVICE void produce_steps(const BwdSmem<T>& sm, const TensorMap& tm_q,
   load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
                            tm_batch);
   for (int it = 0; it < steps; ++it) {
-    const int st = it % T::kStages;
-    const int head = head0 + it / (m_end - m_begin);
-    const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
-    mbar_wait(sm.qdo_empty(st), ((it / T::kStages) & 1) ^ 1);
-    mbar_expect_tx(sm.qdo_full(st), 2 * T::kQBytes + 2 * T::kStatBytes);
-    load_rows<T::kColBlocks>(sm.q(st), tm_q, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
-                             head, tm_batch);
-    // (the statistics have seqlen_q_pad rows a head: whole tiles, 16-byte aligned)
-    const i64 stats = stats0 + i64(head) * seqlen_q_pad + m0;
-    bulk_load(sm.lse(st), lse_log2 + stats, T::kStatBytes, sm.qdo_full(st));
-    bulk_load(sm.delta(st), delta + stats, T::kStatBytes, sm.qdo_full(st));
-    load_rows<T::kColBlocks>(sm.dout(st), tm_do, sm.qdo_full(st), T::kBlockM, seq.q_start + m0,
-                             head, tm_batch);
+    produce_step<T>(sm, tm_q, tm_do, lse_log2, delta, seq, tm_batch, head0, m_begin, m_end,
+                    it, stats0, seqlen_q_pad);
   }
 }
 
@@ -429,13 +472,16 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kLateDP = kOptions && kHeadDim == 128;
   // d64: the consumer warpgroups take turns at dQ (below)
   constexpr bool kDqTurns = kHeadDim == 64;
-  // The plain kernels at d128 issue the next step's S^T at the end of a step, beside its
-  // dQ atomics (+1-8%, perf-log b12; at d64, whose warpgroups take turns at dQ, it lost
-  // 0-7%, in the deterministic mode 5-10% without a mask; the options kernels have no
-  // registers for it).
-  constexpr bool kEarlyS = !kOptions && !kDeterministic && kHeadDim == 128;
+  // kDqGroup (the plain kernels at d128): the producer warpgroup computes each step's
+  // dQ = dS K and adds it, between its loads, so that the two consumer warpgroups never
+  // wait for each other: a dS^T buffer's full and empty mbarriers replace their barrier
+  // (+2-3%, perf-log b15; it replaced b12's next S^T beside the consumers' dQ atomics).
+  // Its consumers read P^T for dS^T back from P^T's 16-bit fragments, as a plain
+  // fp16/bf16 implementation rounds P, so that they fit in 224 registers beside it.
+  constexpr bool kDqGroup = !kOptions && !kDeterministic && kHeadDim == 128;
   // registers a thread: the producer warpgroup gives its registers to the two consumers
-  constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // (the pool is 168 a thread: 2 x 224 + 56, or 2 x 240 + 24)
+  constexpr int kProducerRegs = kDqGroup ? 56 : 24, kConsumerRegs = kDqGroup ? 224 : 240;
   static_assert(regs_split_fits(2, kConsumerRegs, kProducerRegs),
                 "setmaxnreg: the consumers take more registers than the producer frees");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -460,12 +506,86 @@ __global__ void __launch_bounds__(384, 1)
   DqTurn turn = blk.dq_turn(dq_sem, n_block);
   const int warpgroup = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) init_bwd_barriers(sm);
+  if (threadIdx.x == 0) init_bwd_barriers<T, kDqGroup>(sm);
   __syncthreads();
 
+  // kDqGroup: the step count, computed again in each warpgroup from its factors (an opaque
+  // move keeps the compiler from sharing it across them: held from before they split, it
+  // was spilled)
+  const auto steps_here = [&]() {
+    int heads = heads_per_kv / kv_splits;
+    asm volatile("mov.b32 %0, %0;\n" : "+r"(heads));
+    return max(m_end - m_begin, 0) * heads;
+  };
   if (warpgroup == 0) {
     // ---- producer ----
     regs_dealloc<kProducerRegs>();
+    if constexpr (kDqGroup) {
+      // ... and dQ: thread 0 loads K, V and the first kStages steps, then step it +
+      // kStages once step it's dQ is added; every thread computes dQ_i = dS K, 64 columns
+      // at a time (m64n64: its 32 accumulators), and adds it by atomics.
+      const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+      const int n_steps = steps_here();
+      if (n_steps == 0) return;
+      if (tid == 0) {
+        prefetch_tensor_map(tm_q);
+        prefetch_tensor_map(tm_do);
+        mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
+        load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, seq.k_start + n0,
+                                 kv_head, tm_batch);
+        load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0,
+                                 kv_head, tm_batch);
+        for (int it = 0; it < min(n_steps, T::kStages); ++it) {
+          produce_step<T>(sm, tm_q, tm_do, lse_log2, delta, seq, tm_batch, head0, m_begin,
+                          m_end, it, stats0, seqlen_q_pad);
+        }
+      }
+      mbar_wait(sm.kv_full(), 0);
+#pragma unroll 1
+      for (int it = 0; it < n_steps; ++it) {
+        const int buf = it & 1;
+        const int head = head0 + it / (m_end - m_begin);
+        const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
+        float* tile = dq_accum + (stats0 + i64(head) * seqlen_q_pad + m0) * kHeadDim;
+        const u32 ds_tile = sm.ds(buf);
+        mbar_wait(sm.ds_full(buf), (it >> 1) & 1);
+#pragma unroll
+        for (int cq = 0; cq < 4; ++cq) {
+          // A = dS^T (MN-major: queries contiguous), B = K (MN-major: columns contiguous),
+          // 32 columns at a time: 64-byte steps inside K's 128-byte column blocks
+          // (K's address through an opaque move: hoisted out of the loop, its descriptors
+          // would take half of the warpgroup's registers)
+          u32 k_cols = sm.k() + (cq / 2) * T::kBlockN * 128 + (cq % 2) * 64;
+          asm volatile("mov.b32 %0, %0;\n" : "+r"(k_cols));
+          float dq[4][4];
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+            wgmma_ss_tt<32, T::kIsBf16>(
+                dq, smem_desc(ds_tile + kk * 16 * 128, T::kBlockN * 128),
+                smem_desc(k_cols + kk * 16 * 128, T::kBlockN * 128), kk > 0);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(dq);
+          if (cq == 3) {  // dS^T read: the consumers may store step it + 2's
+            __syncwarp();
+            if (lane == 0) mbar_arrive(sm.ds_empty(buf));
+          }
+          // fragment order of the portable kernel's dQ buffer (as below)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            red_add_f32x4(tile + ((warp + (cq / 2) * 4) * 8 + (cq % 2) * 4 + j) * 128 + lane * 4,
+                          dq[j]);
+          }
+        }
+        if (tid == 0 && it + T::kStages < n_steps) {
+          produce_step<T>(sm, tm_q, tm_do, lse_log2, delta, seq, tm_batch, head0, m_begin,
+                          m_end, it + T::kStages, stats0, seqlen_q_pad);
+        }
+      }
+      return;
+    }
     if (threadIdx.x == 0 && steps > 0) {
       produce_steps<T>(sm, tm_q, tm_k, tm_v, tm_do, lse_log2, delta, seq, n0, kv_head, tm_batch,
                        head0, m_begin, m_end, steps, stats0, seqlen_q_pad);
@@ -487,21 +607,9 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[j][e] = dv_acc[j][e] = 0.f;
 
-  // S^T = K Q_i^T of step `it` issued (not committed) once its stage has landed; kEarlyS:
-  // at the end of the step before, which awaits it before the loop's back edge, so that
-  // no product stays in flight across it. Past the last step (`exists` false) S^T is
-  // issued all the same, on whatever the stage holds, and never read: a product issued on
-  // one path only would serialise the kernel's products (ptxas C7519).
-  const auto issue_s = [&](int it, bool exists, float (&s)[8][4]) {
-    const int st = it % T::kStages;
-    if (exists) mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
-    wgmma_fence();
-    issue_transposed<T>(s, k_rows, sm.q(st));
-  };
-
-  float s_next[8][4];  // kEarlyS: S^T of the next step, carried over the back edge
-  if (steps > 0) mbar_wait(sm.kv_full(), 0);
-  for (int it = 0; it < steps; ++it) {
+  const int n_steps = kDqGroup ? steps_here() : steps;
+  if (n_steps > 0) mbar_wait(sm.kv_full(), 0);
+  for (int it = 0; it < n_steps; ++it) {
     const int st = it % T::kStages;
     const int head = head0 + it / (m_end - m_begin);
     const int m0 = (m_begin + it % (m_end - m_begin)) * T::kBlockM;
@@ -509,22 +617,13 @@ __global__ void __launch_bounds__(384, 1)
 
     // S^T = K Q_i^T and dP^T = V dO_i^T (64 keys x 64 queries each; kLateDP: dP^T later,
     // beside dV's product)
-    float s_here[8][4];
-    float (&s)[8][4] = kEarlyS ? s_next : s_here;
-    if constexpr (kEarlyS) {
-      if (it == 0) {  // (later steps: issued and landed in the step before)
-        issue_s(it, true, s);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(s);
-      }
-    } else {
-      issue_s(it, true, s);
-      wgmma_commit();
-    }
+    float s[8][4];
+    mbar_wait(sm.qdo_full(st), (it / T::kStages) & 1);
+    wgmma_fence();
+    issue_transposed<T>(s, k_rows, sm.q(st));
+    wgmma_commit();
     float dp[8][4];
     if constexpr (!kLateDP) {
-      if constexpr (kEarlyS) wgmma_fence();
       issue_transposed<T>(dp, v_rows, sm.dout(st));
       wgmma_commit();
     }
@@ -536,10 +635,8 @@ __global__ void __launch_bounds__(384, 1)
         keep = dropout.template keep_bits_transposed<1, 8>(n0 + wg * 64 + warp * 16, m0, lane);
       }
     }
-    if constexpr (!kEarlyS) {
-      wgmma_wait<kLateDP ? 0 : 1>();
-      fence_regs(s);
-    }
+    wgmma_wait<kLateDP ? 0 : 1>();
+    fence_regs(s);
 
     // P^T = exp2(S^T scale log2 e - lse log2 e); hidden keys and padded queries give 0
     u32 pf[4][4];  // P^T as A fragments (k = queries)
@@ -576,7 +673,12 @@ __global__ void __launch_bounds__(384, 1)
     fence_regs(dp);
 
     // dS^T = P^T (dP^T - delta), in place of dP^T (dropout: P^T < 0 marks a dropped entry)
-    ds_in_place(dp, s, sm.delta(st), kDropout && dropout_threshold != 0u, dropout_scale, lane);
+    if constexpr (kDqGroup) {
+      ds_from_frags<T::kIsBf16>(dp, pf, sm.delta(st), lane);
+    } else {
+      ds_in_place(dp, s, sm.delta(st), kDropout && dropout_threshold != 0u, dropout_scale,
+                  lane);
+    }
     u32 dsf[4][4];
     {
       u32 tmp[1][4][4];
@@ -587,7 +689,9 @@ __global__ void __launch_bounds__(384, 1)
         for (int r = 0; r < 4; ++r) dsf[kk][r] = tmp[0][kk][r];
     }
     // dS^T into shared memory for dQ: rows are this block's keys, 64 query columns
+    // (kDqGroup: once the dQ warpgroup has read step it - 2's from this buffer)
     const u32 ds_tile = sm.ds(it & 1);
+    if constexpr (kDqGroup) mbar_wait(sm.ds_empty(it & 1), ((it >> 1) & 1) ^ 1);
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -597,6 +701,10 @@ __global__ void __launch_bounds__(384, 1)
         st_shared_b32(swizzled(ds_tile, row, col),
                       pack2<T::kIsBf16>(dp[j][2 * h], dp[j][2 * h + 1]));
       }
+    if constexpr (kDqGroup) {  // to the dQ warpgroup
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      mbar_arrive(sm.ds_full(it & 1));
+    }
     // dK += dS^T Q_i
     wgmma_fence();
 #pragma unroll
@@ -606,22 +714,25 @@ __global__ void __launch_bounds__(384, 1)
     }
     wgmma_commit();
     // dQ_i = dS K (64 queries x 64 columns; k = the block's 128 keys, both warpgroups'
-    // dS^T). d128: each warpgroup computes its 64 columns, once both halves of dS^T are in
+    // dS^T). kDqGroup: the dQ warpgroup's (above). Otherwise at d128 (the deterministic
+    // mode): each warpgroup computes its 64 columns, once both halves of dS^T are in
     // place. d64 (kDqTurns): the warpgroups take turns at the 64 columns; the step's owner
     // waits for the other's half of dS^T, the other only signals it and runs on into its
     // next step. (The owner releases the stage after its dQ product, so the other cannot
     // overwrite this dS^T buffer, two steps on, before it has been read.) Barrier ids: 1
     // for both warpgroups, or for turns 1 (warpgroup 0 waits) and 4 (warpgroup 1 waits).
     // (Turns at d128, the owner computing all 128 columns, were 10% slower: perf-log b7.)
-    const bool dq_here = kDqTurns ? (it & 1) == wg : true;
+    const bool dq_here = kDqGroup ? false : kDqTurns ? (it & 1) == wg : true;
     const int dq_cb = kDqTurns ? 0 : wg;  // dQ's 64-column block computed here
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    if (!kDqTurns) {
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    } else if (dq_here) {
-      asm volatile("bar.sync %0, 256;\n" ::"r"(1 + 3 * wg) : "memory");
-    } else {
-      asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - 3 * wg) : "memory");
+    if constexpr (!kDqGroup) {
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if (!kDqTurns) {
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      } else if (dq_here) {
+        asm volatile("bar.sync %0, 256;\n" ::"r"(1 + 3 * wg) : "memory");
+      } else {
+        asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - 3 * wg) : "memory");
+      }
     }
     if (dq_here) {
       // A = dS^T (MN-major: queries contiguous), B = K (MN-major: columns contiguous)
@@ -645,13 +756,6 @@ __global__ void __launch_bounds__(384, 1)
       fence_regs(dq);
       fence_regs(dk_acc);
       fence_regs(dv_acc);
-      // kEarlyS: the next step's S^T, beside the atomics (not queued behind this step's
-      // products: until those land, dV's and dK's A fragments hold the registers it needs)
-      if constexpr (kEarlyS) {
-        static_assert(!kDqTurns, "every step's dQ here");
-        issue_s(it + 1, it + 1 < steps, s_next);
-        wgmma_commit();
-      }
       // fragment order of the portable kernel's dQ buffer (flash_bwd_prep.cu,
       // DqAccumLayout with block_m 64, mrep 1, cols 64, warps_m 4)
       float* tile = dq_accum + (stats + m0) * kHeadDim;
@@ -667,10 +771,6 @@ __global__ void __launch_bounds__(384, 1)
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(sm.qdo_empty(st));
-    if constexpr (kEarlyS) {
-      wgmma_wait<0>();  // the next step's S^T
-      fence_regs(s_next);
-    }
   }
 
   if constexpr (kDeterministic) turn.pass_pending(wg, tid);
