@@ -20,6 +20,9 @@
 //                                 columns (d64: the two take turns), added to the float32
 //                                 buffer by atomics
 //   in the fragment order of the portable kernel, so the same conversion pass reads it.
+// The plain kernels at d128 (kDqGroup) leave dQ to the producer warpgroup: it computes
+// dQ_i = dS K and adds it between its loads, and the consumers hand it dS^T through a
+// full and an empty mbarrier per dS^T buffer, so that they never wait for each other.
 // Deterministic mode (kDeterministic, with dq_sem): the blocks add to each dQ tile in the
 // order of their key tiles (DqTurn, last first), so every run sums in the same order.
 // Scores and probabilities never reach global memory. Packed sequences as in
