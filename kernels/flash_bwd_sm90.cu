@@ -412,15 +412,12 @@ CUFLASH_DEVICE void produce_step(const BwdSmem<T>& sm, const TensorMap& tm_q,
                            head, tm_batch);
 }
 
-// The producer's one thread: K_j and V_j of the block's kBlockN keys once, then Q_i and
-// dO_i (with their rows' lse and delta) of each step into the ring of kStages stages.
+// The producer's first loads: K_j and V_j of the block's kBlockN keys, once.
 template <class T>
-CUFLASH_DEVICE void produce_steps(const BwdSmem<T>& sm, const TensorMap& tm_q,
-                                  const TensorMap& tm_k, const TensorMap& tm_v,
-                                  const TensorMap& tm_do, const float* lse_log2,
-                                  const float* delta, const SeqLens& seq, int n0, int kv_head,
-                                  int tm_batch, int head0, int m_begin, int m_end, int steps,
-                                  i64 stats0, int seqlen_q_pad) {
+CUFLASH_DEVICE void produce_kv(const BwdSmem<T>& sm, const TensorMap& tm_q,
+                               const TensorMap& tm_k, const TensorMap& tm_v,
+                               const TensorMap& tm_do, const SeqLens& seq, int n0, int kv_head,
+                               int tm_batch) {
   prefetch_tensor_map(tm_q);
   prefetch_tensor_map(tm_do);
   mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
@@ -428,6 +425,18 @@ CUFLASH_DEVICE void produce_steps(const BwdSmem<T>& sm, const TensorMap& tm_q,
                            tm_batch);
   load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0, kv_head,
                            tm_batch);
+}
+
+// The producer's one thread: K_j and V_j once, then Q_i and dO_i (with their rows' lse and
+// delta) of each step into the ring of kStages stages.
+template <class T>
+CUFLASH_DEVICE void produce_steps(const BwdSmem<T>& sm, const TensorMap& tm_q,
+                                  const TensorMap& tm_k, const TensorMap& tm_v,
+                                  const TensorMap& tm_do, const float* lse_log2,
+                                  const float* delta, const SeqLens& seq, int n0, int kv_head,
+                                  int tm_batch, int head0, int m_begin, int m_end, int steps,
+                                  i64 stats0, int seqlen_q_pad) {
+  produce_kv<T>(sm, tm_q, tm_k, tm_v, tm_do, seq, n0, kv_head, tm_batch);
   for (int it = 0; it < steps; ++it) {
     produce_step<T>(sm, tm_q, tm_do, lse_log2, delta, seq, tm_batch, head0, m_begin, m_end,
                     it, stats0, seqlen_q_pad);
@@ -525,19 +534,13 @@ __global__ void __launch_bounds__(384, 1)
     regs_dealloc<kProducerRegs>();
     if constexpr (kDqGroup) {
       // ... and dQ: thread 0 loads K, V and the first kStages steps, then step it +
-      // kStages once step it's dQ is added; every thread computes dQ_i = dS K, 64 columns
-      // at a time (m64n64: its 32 accumulators), and adds it by atomics.
+      // kStages once step it's dQ is added; every thread computes dQ_i = dS K, 32 columns
+      // at a time (m64n32: its 16 accumulators), and adds it by atomics.
       const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
       const int n_steps = steps_here();
       if (n_steps == 0) return;
       if (tid == 0) {
-        prefetch_tensor_map(tm_q);
-        prefetch_tensor_map(tm_do);
-        mbar_expect_tx(sm.kv_full(), 2 * T::kKVBytes);
-        load_rows<T::kColBlocks>(sm.k(), tm_k, sm.kv_full(), T::kBlockN, seq.k_start + n0,
-                                 kv_head, tm_batch);
-        load_rows<T::kColBlocks>(sm.v(), tm_v, sm.kv_full(), T::kBlockN, seq.k_start + n0,
-                                 kv_head, tm_batch);
+        produce_kv<T>(sm, tm_q, tm_k, tm_v, tm_do, seq, n0, kv_head, tm_batch);
         for (int it = 0; it < min(n_steps, T::kStages); ++it) {
           produce_step<T>(sm, tm_q, tm_do, lse_log2, delta, seq, tm_batch, head0, m_begin,
                           m_end, it, stats0, seqlen_q_pad);
